@@ -1,0 +1,87 @@
+"""NeoX self-attention: fused QKV, partial rotary, a pluggable kernel, per-head hook points."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from einops import einsum, rearrange
+from torch import nn
+
+from . import axes
+from .backends import AttnMask, FlashKernel, eager_attention, sdpa_attention
+from .config import NeoXConfig
+from .hook_points import HookPoint
+from .rotary import Rotary
+
+HEADS = "batch pos n_heads d_head"
+
+
+class Attention(nn.Module):
+    """One attention layer. `qkv` and `out` keep transformers' fused layout, so weights load as-is."""
+
+    def __init__(self, cfg: NeoXConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.n_heads = cfg.num_attention_heads
+        self.scale = cfg.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.flash = FlashKernel()
+        self._warned_fallback = False
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(HEADS), HookPoint(HEADS), HookPoint(HEADS)
+        self.hook_rot_q, self.hook_rot_k = HookPoint(HEADS), HookPoint(HEADS)
+        self.hook_attn_scores = HookPoint("batch n_heads query_pos key_pos")
+        self.hook_pattern = HookPoint("batch n_heads query_pos key_pos")
+        self.hook_z = HookPoint(HEADS)
+        self.hook_result = HookPoint("batch pos n_heads d_model")
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """Output projection per head, [n_heads d_head d_model]."""
+        return rearrange(self.out.weight, axes.W_O_PER_HEAD, n_heads=self.n_heads)
+
+    def needs_eager(self, output_attentions: bool) -> bool:
+        """Scores and pattern exist only in the eager kernel: any consumer of them forces it."""
+        return output_attentions or self.hook_attn_scores.active or self.hook_pattern.active
+
+    def forward(self, x, rotary: Rotary, cos, sin, mask: AttnMask, *, backend: str, kv_cache=None,
+                head_mask=None, output_attentions: bool = False):
+        """x [batch pos d_model] -> (attn_out [batch pos d_model], pattern or None)."""
+        q, k, v = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q = self.hook_rot_q(rotary.rotate(q, cos, sin))
+        k = self.hook_rot_k(rotary.rotate(k, cos, sin))
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        dropout_p = self.cfg.attention_dropout if self.training else 0.0
+        pattern = None
+        if backend != "eager" and self.needs_eager(output_attentions):
+            if not self._warned_fallback:
+                warnings.warn(
+                    f"layer {self.layer}: attention scores/pattern were requested, which the {backend!r} "
+                    "kernel never materialises; this layer runs the eager kernel for such calls",
+                    stacklevel=3,
+                )
+                self._warned_fallback = True
+            backend = "eager"
+        if backend == "eager":
+            z, pattern = eager_attention(
+                q, k, v, mask, scale=self.scale, head_mask=head_mask, dropout_p=dropout_p,
+                hook_scores=self.hook_attn_scores if self.hook_attn_scores.active else None,
+                hook_pattern=self.hook_pattern if self.hook_pattern.active else None,
+            )
+        else:
+            kernel = sdpa_attention if backend == "sdpa" else self.flash
+            z = kernel(q, k, v, mask, scale=self.scale, head_mask=head_mask, dropout_p=dropout_p)
+        z = self.hook_z(z)
+        if self.hook_result.active:
+            # Each head's write into the residual stream; large, so only built when someone asks.
+            result = self.hook_result(einsum(z, self.W_O.to(z.dtype), axes.HEAD_RESULT))
+            out = result.sum(-2)
+            if self.out.bias is not None:
+                out = out + self.out.bias
+        else:
+            out = self.out(rearrange(z, axes.MERGE_HEADS))
+        return out, (pattern if output_attentions else None)

@@ -1,0 +1,48 @@
+"""One NeoX transformer block, parallel or sequential residual."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .attention import Attention
+from .config import NeoXConfig
+from .hook_points import HookPoint
+from .layernorm import LayerNorm
+from .mlp import MLP
+
+D = "batch pos d_model"
+
+
+class Block(nn.Module):
+    """ln1 -> attention and ln2 -> MLP, combined by the parallel or the sequential residual."""
+
+    def __init__(self, cfg: NeoXConfig, layer: int):
+        super().__init__()
+        self.parallel = cfg.use_parallel_residual
+        self.ln1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.ln2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.attn_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.hook_resid_pre = HookPoint(D)
+        self.hook_attn_out = HookPoint(D)
+        self.hook_mlp_out = HookPoint(D)
+        self.hook_resid_post = HookPoint(D)
+        if not self.parallel:
+            # Only here is there a stream between attention and MLP.
+            self.hook_resid_mid = HookPoint(D)
+
+    def forward(self, resid_pre, rotary, cos, sin, mask, **attn_kwargs):
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out, pattern = self.attn(self.ln1(resid_pre), rotary, cos, sin, mask, **attn_kwargs)
+        attn_out = self.hook_attn_out(self.attn_dropout(attn_out))
+        if self.parallel:
+            # resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre)); summed in transformers' order.
+            mlp_out = self.hook_mlp_out(self.mlp_dropout(self.mlp(self.ln2(resid_pre))))
+            resid_post = mlp_out + attn_out + resid_pre
+        else:
+            resid_mid = self.hook_resid_mid(attn_out + resid_pre)
+            mlp_out = self.hook_mlp_out(self.mlp_dropout(self.mlp(self.ln2(resid_mid))))
+            resid_post = mlp_out + resid_mid
+        return self.hook_resid_post(resid_post), pattern

@@ -1,0 +1,35 @@
+"""`neox-lab` / `python -m neox_lab`: one entry point, one module per subcommand in `neox_lab.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module in neox_lab.commands defining `add_arguments(parser)` and `run(args) -> int`
+COMMANDS = {
+    "demo": "Run the interpretability demo (induction heads, patching, logit lens) and draw its figures.",
+    "generate": "Complete a prompt with a checkpoint.",
+    "cache": "Cache hook activations over a dataset to sharded safetensors on disk.",
+    "compare": "Compare two checkpoints (or a checkpoint and transformers) hook by hook.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neox-lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"neox_lab.commands.{name}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The registry of hook names: the public contract, written once, with each stream's shape.
+
+`hook_names(cfg)` lists every hook point a model built from `cfg` has; a test checks it against the
+hook points actually present on the module tree.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from .config import NeoXConfig
+
+D = "batch pos d_model"
+HEADS = "batch pos n_heads d_head"
+
+#: Hooks on the whole model (before/after the blocks).
+MODEL_HOOKS = {
+    "hook_embed": D,
+    "ln_final.hook_scale": "batch pos 1",
+    "ln_final.hook_standardized": D,
+    "ln_final.hook_normalized": D,
+}
+
+#: LayerNorm streams: scale = sqrt(var + eps); standardized = (x - mean) / scale, before the affine
+#: weight and bias; normalized = standardized * w + b, the output that feeds attention / MLP / unembed.
+LN_HOOKS = {"hook_scale": "batch pos 1", "hook_standardized": D, "hook_normalized": D}
+
+#: Hooks of every block, relative to `blocks.{L}.`.
+BLOCK_HOOKS = {
+    "hook_resid_pre": D,
+    **{f"ln1.{k}": v for k, v in LN_HOOKS.items()},
+    "attn.hook_q": HEADS,
+    "attn.hook_k": HEADS,
+    "attn.hook_v": HEADS,
+    "attn.hook_rot_q": HEADS,
+    "attn.hook_rot_k": HEADS,
+    "attn.hook_attn_scores": "batch n_heads query_pos key_pos",
+    "attn.hook_pattern": "batch n_heads query_pos key_pos",
+    "attn.hook_z": HEADS,
+    "attn.hook_result": "batch pos n_heads d_model",
+    "hook_attn_out": D,
+    **{f"ln2.{k}": v for k, v in LN_HOOKS.items()},
+    "mlp.hook_pre": "batch pos d_mlp",
+    "mlp.hook_post": "batch pos d_mlp",
+    "hook_mlp_out": D,
+    "hook_resid_post": D,
+}
+
+#: Only sequential-residual blocks have a stream between attention and MLP.
+SEQUENTIAL_ONLY = {"hook_resid_mid": D}
+
+#: Hooks of the task heads (the unembedding / classifier output, per position).
+HEAD_HOOKS = {"hook_logits": "batch pos d_vocab"}
+
+
+def block_hook_names(cfg: NeoXConfig) -> dict[str, str]:
+    """Hook names (relative to the block) and shapes of one block of this config."""
+    names = {}
+    for key, shape in BLOCK_HOOKS.items():
+        names[key] = shape
+        if key == "hook_attn_out" and not cfg.use_parallel_residual:
+            names.update(SEQUENTIAL_ONLY)
+    return names
+
+
+def hook_names(cfg: NeoXConfig, *, head: bool = True) -> dict[str, str]:
+    """Every hook name of a model built from `cfg`, mapped to its shape in the axis vocabulary."""
+    names = {"hook_embed": MODEL_HOOKS["hook_embed"]}
+    for layer in range(cfg.num_hidden_layers):
+        names.update({f"blocks.{layer}.{k}": v for k, v in block_hook_names(cfg).items()})
+    names.update({k: v for k, v in MODEL_HOOKS.items() if k.startswith("ln_final")})
+    if head:
+        names.update(HEAD_HOOKS)
+    return names
+
+
+def unknown_hook_message(name: str, known: list[str], parallel: bool) -> str:
+    """An error message for a hook name that does not exist, with the closest matches."""
+    if parallel and name.endswith("hook_resid_mid"):
+        return (
+            f"no hook point {name!r}: this model uses the parallel residual "
+            "(resid_post = resid_pre + attn_out + mlp_out), so its blocks have no resid_mid stream; "
+            "use hook_resid_pre (what attention and MLP both read) or hook_attn_out / hook_mlp_out"
+        )
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"no hook point {name!r}{hint}"
+
+
+# TransformerLens-style shorthand: cache["resid_post", 3] -> "blocks.3.hook_resid_post".
+SHORTHAND = {
+    "embed": "hook_embed",
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_mid": "blocks.{}.hook_resid_mid",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "q": "blocks.{}.attn.hook_q",
+    "k": "blocks.{}.attn.hook_k",
+    "v": "blocks.{}.attn.hook_v",
+    "rot_q": "blocks.{}.attn.hook_rot_q",
+    "rot_k": "blocks.{}.attn.hook_rot_k",
+    "attn_scores": "blocks.{}.attn.hook_attn_scores",
+    "scores": "blocks.{}.attn.hook_attn_scores",
+    "pattern": "blocks.{}.attn.hook_pattern",
+    "z": "blocks.{}.attn.hook_z",
+    "result": "blocks.{}.attn.hook_result",
+    "pre": "blocks.{}.mlp.hook_pre",
+    "post": "blocks.{}.mlp.hook_post",
+    "logits": "hook_logits",
+}
+
+
+def expand_shorthand(key: str | tuple, n_layers: int) -> str:
+    """Turn ``"resid_post", 3`` / ``("scale", 2, "ln1")`` style keys into a full hook name."""
+    if isinstance(key, str):
+        return SHORTHAND[key] if key in SHORTHAND and "{}" not in SHORTHAND[key] else key
+    name, *rest = key
+    layer = rest[0] if rest else None
+    if isinstance(layer, int) and layer < 0:
+        layer += n_layers
+    if name in ("scale", "standardized", "normalized"):
+        where = rest[1] if len(rest) > 1 else None
+        if layer is None or where == "ln_final":
+            return f"ln_final.hook_{name}"
+        return f"blocks.{layer}.{where or 'ln1'}.hook_{name}"
+    template = SHORTHAND.get(name)
+    if template is None:
+        raise KeyError(f"unknown shorthand {name!r}; known: {sorted(SHORTHAND)}")
+    return template.format(layer) if "{}" in template else template

@@ -1,0 +1,97 @@
+"""`HookPoint`: a named identity on one activation stream that hooks can read, replace or watch backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+HookFn = Callable[..., Any]
+
+
+class HookError(RuntimeError):
+    """A hook function misbehaved (wrong replacement shape or dtype, or a backward hook with no grad)."""
+
+
+class HookPoint(nn.Module):
+    """An identity that fires the hook functions attached to it.
+
+    Hook functions are called as ``fn(tensor, hook=self)``; returning a tensor replaces the
+    activation (same shape, dtype and device required), returning None keeps it. Backward hooks get
+    the gradient of the activation and may return a replacement gradient.
+
+    `__call__` is overridden so an idle hook point costs one attribute test, not a module call.
+    """
+
+    def __init__(self, shape: str = "") -> None:
+        super().__init__()
+        self.name: str = ""
+        self.shape = shape
+        self.layer: int | None = None
+        self.ctx: dict = {}
+        self.fwd_fns: list[tuple[HookFn, bool]] = []
+        self.bwd_fns: list[tuple[HookFn, bool]] = []
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r} [{self.shape}]"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.fwd_fns or self.bwd_fns)
+
+    def add(self, fn: HookFn, dir: str = "fwd", permanent: bool = False) -> None:
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"hook {self.name!r}: dir must be 'fwd' or 'bwd', got {dir!r}")
+        (self.fwd_fns if dir == "fwd" else self.bwd_fns).append((fn, permanent))
+
+    def remove(self, including_permanent: bool = False, dir: str = "both") -> None:
+        keep = (lambda p: p and not including_permanent)
+        if dir in ("fwd", "both"):
+            self.fwd_fns = [(f, p) for f, p in self.fwd_fns if keep(p)]
+        if dir in ("bwd", "both"):
+            self.bwd_fns = [(f, p) for f, p in self.bwd_fns if keep(p)]
+        if not self.active:
+            self.ctx.clear()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if not self.fwd_fns and not self.bwd_fns:
+            return x
+        return self._fire(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+    def _checked(self, new: Any, old: torch.Tensor, what: str) -> torch.Tensor:
+        if new is None:
+            return old
+        if not isinstance(new, torch.Tensor):
+            raise HookError(f"hook {self.name!r}: {what} returned {type(new).__name__}, expected a tensor or None")
+        if new.shape != old.shape or new.dtype != old.dtype or new.device != old.device:
+            raise HookError(
+                f"hook {self.name!r}: {what} returned a tensor of shape {tuple(new.shape)}, {new.dtype}, "
+                f"{new.device}; the activation [{self.shape}] is {tuple(old.shape)}, {old.dtype}, {old.device}"
+            )
+        return new
+
+    def _fire(self, x: torch.Tensor) -> torch.Tensor:
+        for fn, _ in list(self.fwd_fns):
+            x = self._checked(fn(x, hook=self), x, "forward hook")
+        if self.bwd_fns:
+            if not x.requires_grad:
+                raise HookError(
+                    f"hook {self.name!r}: a backward hook is attached but this activation does not require "
+                    "grad (gradients disabled, or nothing upstream requires grad)"
+                )
+            fns = list(self.bwd_fns)
+
+            def on_grad(grad: torch.Tensor) -> torch.Tensor:
+                for fn, _ in fns:
+                    grad = self._checked(fn(grad, hook=self), grad, "backward hook")
+                return grad
+
+            # Backward hooks see the activation that flows on, i.e. after forward replacements.
+            x = x.view_as(x)
+            x.register_hook(on_grad)
+        return x

@@ -1,0 +1,57 @@
+"""Key/value cache for incremental decoding."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer keys and values (after rotary) in [batch key_pos n_heads d_head].
+
+    With `max_length`, storage is preallocated on first use and written in place (no reallocation per
+    decoding step); otherwise each step concatenates.
+    """
+
+    def __init__(self, n_layers: int, max_length: int | None = None):
+        self.n_layers = n_layers
+        self.max_length = max_length
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.lengths = [0] * n_layers
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions already cached (what the next call's positions start after)."""
+        return self.lengths[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this call's k, v for `layer`; return all keys and values so far."""
+        start, new = self.lengths[layer], k.shape[1]
+        if self.max_length is None:
+            if self.keys[layer] is not None:
+                k = torch.cat((self.keys[layer], k), dim=1)
+                v = torch.cat((self.values[layer], v), dim=1)
+            self.keys[layer], self.values[layer] = k, v
+            self.lengths[layer] = k.shape[1]
+            return k, v
+        if start + new > self.max_length:
+            raise ValueError(f"KVCache: {start + new} positions exceed max_length={self.max_length}")
+        if self.keys[layer] is None:
+            shape = (k.shape[0], self.max_length, *k.shape[2:])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        self.keys[layer][:, start : start + new] = k
+        self.values[layer][:, start : start + new] = v
+        self.lengths[layer] = start + new
+        return self.keys[layer][:, : start + new], self.values[layer][:, : start + new]
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A cache holding only the given batch rows."""
+        out = KVCache(self.n_layers, self.max_length)
+        out.keys = [None if t is None else t[rows] for t in self.keys]
+        out.values = [None if t is None else t[rows] for t in self.values]
+        out.lengths = list(self.lengths)
+        return out

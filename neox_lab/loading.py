@@ -1,0 +1,230 @@
+"""Loading transformers GPTNeoX checkpoints into neox_lab models, and saving them back.
+
+Weights are read with safetensors, or `torch.load(weights_only=True)` for .bin files: nothing is
+unpickled. The model is built on the meta device and the read tensors are assigned, so the weights are
+held once, already in the requested dtype and on the requested device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import NeoXConfig
+
+# transformers name -> neox_lab name (within the body; the body sits at `model.` in head classes)
+_BODY_RULES = [
+    (r"embed_in\.weight", "embed.weight"),
+    (r"layers\.(\d+)\.input_layernorm\.", r"blocks.\1.ln1."),
+    (r"layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.ln2."),
+    (r"layers\.(\d+)\.attention\.query_key_value\.", r"blocks.\1.attn.qkv."),
+    (r"layers\.(\d+)\.attention\.dense\.", r"blocks.\1.attn.out."),
+    (r"layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"blocks.\1.mlp.fc_in."),
+    (r"layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"blocks.\1.mlp.fc_out."),
+    (r"final_layer_norm\.", "ln_final."),
+]
+_HEAD_RULES = [(r"^(embed_out|lm_head)\.weight$", "unembed.weight")]
+# Buffers old checkpoints carry that hold nothing a forward pass needs.
+_LEGACY = re.compile(r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$|rotary_emb\.inv_freq$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def hf_to_neox_key(key: str, bare: bool) -> str:
+    """Translate one transformers state-dict key; `bare` for a NeoXModel (no `model.` prefix)."""
+    for pattern, repl in _HEAD_RULES:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    body = key[len("gpt_neox."):] if key.startswith("gpt_neox.") else key
+    for pattern, repl in _BODY_RULES:
+        if re.match(pattern, body):
+            body = re.sub(pattern, repl, body, count=1)
+            return body if bare else "model." + body
+    return key
+
+
+def neox_to_hf_key(key: str) -> str:
+    """Translate a neox_lab state-dict key to transformers' (the names on the hub)."""
+    if key == "unembed.weight":
+        return "embed_out.weight"
+    body = key[len("model."):] if key.startswith("model.") else key
+    for hf, neox in _INVERSE:
+        if re.match(neox, body):
+            return "gpt_neox." + re.sub(neox, hf, body, count=1)
+    return key
+
+
+_INVERSE = [
+    ("embed_in.weight", r"embed\.weight$"),
+    (r"layers.\1.input_layernorm.", r"blocks\.(\d+)\.ln1\."),
+    (r"layers.\1.post_attention_layernorm.", r"blocks\.(\d+)\.ln2\."),
+    (r"layers.\1.attention.query_key_value.", r"blocks\.(\d+)\.attn\.qkv\."),
+    (r"layers.\1.attention.dense.", r"blocks\.(\d+)\.attn\.out\."),
+    (r"layers.\1.mlp.dense_h_to_4h.", r"blocks\.(\d+)\.mlp\.fc_in\."),
+    (r"layers.\1.mlp.dense_4h_to_h.", r"blocks\.(\d+)\.mlp\.fc_out\."),
+    ("final_layer_norm.", r"ln_final\."),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped tensor."""
+
+
+# ---------------------------------------------------------------------------------------- locating
+def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
+    """A local directory, or a hub id downloaded with huggingface_hub (honours HF_HUB_OFFLINE)."""
+    path = Path(os.fspath(path_or_repo_id)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the checkpoint directory holding config.json")
+    text = os.fspath(path_or_repo_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint directory at {text!r}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"{text!r} is not a local directory and huggingface_hub is not installed to fetch it from the hub; "
+            "download the checkpoint and pass its directory"
+        ) from err
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(
+            text, revision=revision, local_files_only=offline,
+            allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                            "pytorch_model.bin.index.json", "tokenizer*.json", "special_tokens_map.json"],
+        ))
+    except Exception as err:  # noqa: BLE001 - every hub failure gets the same advice
+        raise FileNotFoundError(
+            f"could not get {text!r} from the hub ({type(err).__name__}: {err}); if you are offline, download "
+            "the checkpoint elsewhere and pass its local directory"
+        ) from err
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if path.exists():
+            if name.endswith(".index.json"):
+                index = json.loads(path.read_text())
+                return sorted({directory / f for f in index["weight_map"].values()})
+            return [path]
+    raise FileNotFoundError(f"{directory} holds none of {', '.join(WEIGHT_FILES)}")
+
+
+def read_tensors(files: list[Path], dtype=None, device=None):
+    """Yield (transformers key, tensor) for every tensor in the files, converted one at a time."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
+                    for key in fh.keys():
+                        yield key, _convert(fh.get_tensor(key), dtype, device)
+            except SafetensorError as err:
+                raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001
+                raise CheckpointError(f"{path} could not be read as weights-only torch data: {err}") from err
+            for key in list(state):
+                yield key, _convert(state.pop(key), dtype, device)
+
+
+def _convert(t: torch.Tensor, dtype, device) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to(device) if device is not None else t
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backend="auto", revision=None):
+    directory = resolve_checkpoint(path_or_repo_id, revision)
+    cfg = NeoXConfig.from_hf(directory)
+    with torch.device("meta"):
+        model = cls(cfg, attn_backend=attn_backend)
+    expected = {k: v for k, v in model.state_dict().items()}
+    bare = not any(k.startswith("model.") for k in expected)
+    tied = cfg.tie_word_embeddings and "unembed.weight" in expected
+    if tied:
+        expected.pop("unembed.weight")
+    loaded, unexpected, misshaped = {}, [], []
+    for hf_key, tensor in read_tensors(_weight_files(directory), dtype, device):
+        if _LEGACY.search(hf_key):
+            continue
+        key = hf_to_neox_key(hf_key, bare)
+        if tied and key == "unembed.weight":
+            continue
+        if key not in expected:
+            unexpected.append(hf_key)
+        elif tuple(tensor.shape) != tuple(expected[key].shape):
+            misshaped.append(f"{hf_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key].shape)}")
+        else:
+            loaded[key] = tensor
+    heads = tuple(getattr(cls, "head_modules", ()))
+    missing = [k for k in expected if k not in loaded]
+    fresh = [k for k in missing if k.startswith(heads) and heads]
+    missing = [k for k in missing if k not in fresh]
+    if not bare:
+        # A causal-LM checkpoint loaded into a classifier carries an unembedding the classifier lacks.
+        unexpected = [k for k in unexpected if not (re.match(_HEAD_RULES[0][0], k) and heads)]
+    if missing or unexpected or misshaped:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+        raise CheckpointError(f"checkpoint {directory} does not fit {cls.__name__}: " + "; ".join(parts))
+    if fresh:
+        param_dtype = dtype or next(iter(loaded.values())).dtype
+        for key in fresh:
+            shape = expected[key].shape
+            t = torch.zeros(shape, dtype=param_dtype, device=device)
+            if key.endswith("weight"):
+                t.normal_(0.0, cfg.initializer_range)
+            loaded[key] = t
+        warnings.warn(f"{cls.__name__}: initialised new head weights not in the checkpoint: {fresh}",
+                      stacklevel=3)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model._reset_buffers(device)
+    model.eval()
+    _attach_tokenizer(model, directory)
+    return model
+
+
+def _attach_tokenizer(model, directory: Path) -> None:
+    if (directory / "tokenizer.json").exists():
+        try:
+            from .tokenizer import NeoXTokenizer
+        except ImportError:
+            return
+        model.tokenizer = NeoXTokenizer.from_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------- saving
+def save_pretrained(model, directory) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.cfg.tie_word_embeddings:
+        state.pop("unembed.weight", None)
+    tensors = {neox_to_hf_key(k): v.detach().contiguous().cpu() for k, v in state.items()}
+    dtype = next(iter(tensors.values())).dtype
+    config = model.cfg.to_hf()
+    from .heads import MODEL_CLASSES
+
+    arch = next(name for name, klass in MODEL_CLASSES.items() if klass is type(model))
+    config.update(architectures=[arch], torch_dtype=str(dtype).removeprefix("torch."))
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "tokenizer", None) is not None and hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(directory)

@@ -1,0 +1,73 @@
+"""Rotary position embeddings with transformers' GPT-NeoX semantics (rotate-half, partial, scaled)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import NeoXConfig
+
+
+def inverse_frequencies(cfg: NeoXConfig, seq_len: int | None = None, device=None) -> torch.Tensor:
+    """The fp32 frequency table, ceil(rotary_dim / 2) entries.
+
+    `seq_len` only matters for dynamic NTK scaling: beyond max_position_embeddings the base grows to
+    base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2)), as transformers does.
+    """
+    dim = cfg.rotary_dim
+    base = float(cfg.rotary_emb_base)
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling["type"] == "dynamic" and seq_len is not None:
+        if seq_len > cfg.max_position_embeddings:
+            factor = float(scaling["factor"])
+            base = base * ((factor * seq_len / cfg.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    if dim == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (base**exponents)
+    if scaling is not None and scaling["type"] == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Computes cos/sin tables for given positions and rotates q or k in [batch pos n_heads d_head].
+
+    Dynamic scaling is stateless here: each call uses frequencies for its own max(position_ids) + 1.
+    transformers keeps the largest table seen until a call shorter than max_position_embeddings
+    resets it; the two agree on every fresh forward and on step-by-step decoding.
+    """
+
+    def __init__(self, cfg: NeoXConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.channels = cfg.rotary_channels
+        self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
+
+    def reset_buffers(self, device=None) -> None:
+        """Recompute the (non-persistent) frequency table, e.g. after building on the meta device."""
+        self.inv_freq = inverse_frequencies(self.cfg, device=device)
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [batch pos 1 channels], computed in fp32 then cast to `dtype` (as 5.x)."""
+        inv_freq = self.inv_freq
+        if self.cfg.rope_scaling is not None and self.cfg.rope_scaling["type"] == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.cfg.max_position_embeddings:
+                inv_freq = inverse_frequencies(self.cfg, seq_len, device=position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first `channels` channels of each head; the rest pass through unchanged."""
+        if self.channels == 0:
+            return x
+        rot, rest = x[..., : self.channels], x[..., self.channels :]
+        rotated = rot * cos + rotate_half(rot) * sin
+        return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
