@@ -2,6 +2,7 @@
 
 from .activation_cache import ActivationCache
 from .config import PRESETS, NeoXConfig
+from .default_model import load_default
 from .heads import (
     NeoXForCausalLM,
     NeoXForQuestionAnswering,
@@ -18,6 +19,6 @@ from .outputs import NeoXOutput
 __all__ = [
     "ActivationCache", "CheckpointError", "HookError", "HookPoint", "KVCache", "NeoXConfig", "NeoXForCausalLM",
     "NeoXForQuestionAnswering", "NeoXForSequenceClassification", "NeoXForTokenClassification", "NeoXModel",
-    "NeoXOutput", "PRESETS", "hook_names",
+    "NeoXOutput", "PRESETS", "hook_names", "load_default",
 ]
 __version__ = "0.1.0"

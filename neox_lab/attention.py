@@ -78,10 +78,16 @@ class Attention(nn.Module):
         z = self.hook_z(z)
         if self.hook_result.active:
             # Each head's write into the residual stream; large, so only built when someone asks.
-            result = self.hook_result(einsum(z, self.W_O.to(z.dtype), axes.HEAD_RESULT))
-            out = result.sum(-2)
-            if self.out.bias is not None:
-                out = out + self.out.bias
-        else:
-            out = self.out(rearrange(z, axes.MERGE_HEADS))
+            result = einsum(z, self.W_O.to(z.dtype), axes.HEAD_RESULT)
+            version = None if result.is_inference() else result._version  # inference tensors keep none
+            hooked = self.hook_result(result)
+            # Hooks that only read (run_with_cache) leave `result` untouched: keep the fused projection
+            # so logits stay bit-identical. A replacement, an in-place edit (the version counter moves)
+            # or a backward hook (a new view) makes the heads' sum the output.
+            if hooked is not result or version is None or result._version != version:
+                out = hooked.sum(-2)
+                if self.out.bias is not None:
+                    out = out + self.out.bias
+                return out, (pattern if output_attentions else None)
+        out = self.out(rearrange(z, axes.MERGE_HEADS))
         return out, (pattern if output_attentions else None)

@@ -79,7 +79,7 @@ def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p
     scores = scores.masked_fill(~mask.allowed, float("-inf"))
     if hook_scores is not None:
         scores = hook_scores(scores)
-    scores32 = scores.float()
+    scores32 = scores.float() if scores.dtype in HALF else scores
     dead = mask.dead
     if dead is not None:
         # A row with every key masked has no softmax; give it zero attention instead of NaN.

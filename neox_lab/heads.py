@@ -11,6 +11,11 @@ from .hook_points import HookPoint
 from .model import NeoXModel, NeoXPreTrained
 from .outputs import NeoXOutput
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Losses are taken in at least fp32 (fp64 stays fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 _BODY_ARGS = ("attention_mask", "position_ids", "inputs_embeds", "past_key_values", "use_cache",
               "output_hidden_states", "output_attentions", "head_mask", "stop_at_layer")
 
@@ -64,7 +69,7 @@ class NeoXForCausalLM(_Head):
             return out
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
         if labels is not None:
-            logits = out.logits[:, :-1].float()
+            logits = _wide(out.logits[:, :-1])
             target = labels[:, 1:].to(logits.device)
             out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         return out
@@ -115,11 +120,11 @@ class NeoXForSequenceClassification(_Head):
             else:
                 kind = "multi_label_classification"
         if kind == "regression":
-            return F.mse_loss(logits.squeeze().float(), labels.squeeze().float()) if n == 1 else \
-                F.mse_loss(logits.float(), labels.float())
+            return F.mse_loss(_wide(logits.squeeze()), labels.squeeze().to(_wide(logits).dtype)) if n == 1 else \
+                F.mse_loss(_wide(logits), labels.to(_wide(logits).dtype))
         if kind == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, n).float(), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            return F.cross_entropy(_wide(logits.view(-1, n)), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(_wide(logits), labels.to(_wide(logits).dtype))
 
 
 class NeoXForTokenClassification(_Head):
@@ -137,7 +142,7 @@ class NeoXForTokenClassification(_Head):
             return out
         out.logits = self.hook_logits(self.classifier(self.dropout(out.last_hidden_state)))
         if labels is not None:
-            logits = out.logits.float()
+            logits = _wide(out.logits)
             out.loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1),
                                        ignore_index=-100)
         return out
@@ -161,8 +166,8 @@ class NeoXForQuestionAnswering(_Head):
             ignored = out.start_logits.shape[1]
             start = start_positions.to(out.logits.device).view(-1).clamp(0, ignored)
             end = end_positions.to(out.logits.device).view(-1).clamp(0, ignored)
-            out.loss = (F.cross_entropy(out.start_logits.float(), start, ignore_index=ignored)
-                        + F.cross_entropy(out.end_logits.float(), end, ignore_index=ignored)) / 2
+            out.loss = (F.cross_entropy(_wide(out.start_logits), start, ignore_index=ignored)
+                        + F.cross_entropy(_wide(out.end_logits), end, ignore_index=ignored)) / 2
         return out
 
 

@@ -126,6 +126,9 @@ class HookedMixin:
         """
         from .activation_cache import ActivationCache
 
+        if incl_bwd and stop_at_layer is not None:
+            raise ValueError("run_with_cache: incl_bwd=True needs the whole forward (a loss or logits to "
+                             "backpropagate), so it cannot be combined with stop_at_layer")
         points = self.resolve_hooks(names_filter)
         store: dict[str, torch.Tensor] = {}
         if isinstance(pos_slice, int):

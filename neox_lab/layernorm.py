@@ -10,7 +10,7 @@ from .hook_points import HookPoint
 
 
 class LayerNorm(nn.Module):
-    """`nn.LayerNorm` semantics (statistics in fp32), decomposed so every stream can be hooked.
+    """`nn.LayerNorm` semantics (statistics in fp32 or wider), decomposed so every stream can be hooked.
 
     hook_scale        [batch pos 1]        sqrt(var + eps)
     hook_standardized [batch pos d_model]  (x - mean) / scale, before the affine weight and bias
@@ -35,10 +35,11 @@ class LayerNorm(nn.Module):
                               or self.hook_normalized.active):
             return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         dtype = x.dtype
-        xf = x.float()
+        xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         centered = xf - xf.mean(-1, keepdim=True)
         scale = (centered.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        scale = self.hook_scale(scale.to(dtype)).float() if self.hook_scale.active else scale
+        if self.hook_scale.active:
+            scale = self.hook_scale(scale.to(dtype)).to(xf.dtype)
         standardized = self.hook_standardized((centered / scale).to(dtype))
-        out = standardized.float() * self.weight.float() + self.bias.float()
+        out = standardized.to(xf.dtype) * self.weight.to(xf.dtype) + self.bias.to(xf.dtype)
         return self.hook_normalized(out.to(dtype))

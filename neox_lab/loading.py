@@ -79,7 +79,14 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------- locating
 def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
-    """A local directory, or a hub id downloaded with huggingface_hub (honours HF_HUB_OFFLINE)."""
+    """A local directory, or a hub id downloaded with huggingface_hub (honours HF_HUB_OFFLINE).
+
+    The reserved id "neox-lab/default" is the small model shipped in the package (`load_default`).
+    """
+    from .default_model import DEFAULT_MODEL_ID, default_model_dir
+
+    if os.fspath(path_or_repo_id) == DEFAULT_MODEL_ID:
+        return default_model_dir()
     path = Path(os.fspath(path_or_repo_id)).expanduser()
     if path.is_dir():
         return path
@@ -200,6 +207,10 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
 
 
 def _attach_tokenizer(model, directory: Path) -> None:
+    from .default_model import attach_default_tokenizer, package_model_dir
+
+    if not (directory / "tokenizer.json").exists() and directory.resolve() == package_model_dir().resolve():
+        attach_default_tokenizer(model)  # the shipped model reuses the package's tokenizer file
     if (directory / "tokenizer.json").exists():
         try:
             from .tokenizer import NeoXTokenizer

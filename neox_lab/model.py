@@ -13,9 +13,10 @@ from .hooked import HookedMixin
 from .kv_cache import KVCache
 from .outputs import NeoXOutput
 from .rotary import Rotary
+from .text import TextMixin
 
 
-class NeoXPreTrained(nn.Module, HookedMixin):
+class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
     """What every neox_lab model class has: a config, an attention backend, hooks, load and save."""
 
     cfg: NeoXConfig

@@ -60,7 +60,7 @@ class Rotary(nn.Module):
             seq_len = int(position_ids.max()) + 1
             if seq_len > self.cfg.max_position_embeddings:
                 inv_freq = inverse_frequencies(self.cfg, seq_len, device=position_ids.device)
-        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device, torch.float32)
         angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

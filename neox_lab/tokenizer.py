@@ -155,6 +155,30 @@ class NeoXTokenizer:
         with resources.as_file(ref) as file:
             return cls.from_pretrained(file, **kwargs)
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`.
+
+        `from_pretrained(directory)` (ours or transformers') rebuilds the same tokenizer. The pad token is
+        written resolved (the eos token while unset), so transformers, whose own default differs, pads
+        with the same token; every settings file is rewritten, so stale ones in `directory` cannot win.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / "tokenizer.json"))
+        specials = {key: getattr(self, key) for key in _SPECIAL_KEYS if getattr(self, key) is not None}
+        config = {
+            **specials,
+            "add_prefix_space": self.add_prefix_space,
+            "model_max_length": self.model_max_length,
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "tokenizer_class": "GPTNeoXTokenizer",
+        }
+        for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+            (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
     @property
     def pad_token(self) -> str | None:
         """Padding token; the eos token while none was set (the usual choice for GPT-NeoX models)."""

@@ -294,6 +294,35 @@ def test_from_pretrained_reads_configs(tmp_path, tok_file):
     assert NeoXTokenizer.from_pretrained(tmp_path, padding_side="right").padding_side == "right"
 
 
+@pytest.mark.parametrize("prefix", [False, True])
+def test_save_pretrained_round_trips_for_us_and_hf(tmp_path, prefix):
+    tok = NeoXTokenizer.default(add_prefix_space=prefix, padding_side="left", model_max_length=5,
+                                truncation_side="left", add_eos_token=True)
+    tok.pad_token = PAD
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": EOT}))  # stale: overwritten
+    tok.save_pretrained(tmp_path)
+    back = NeoXTokenizer.from_pretrained(tmp_path)
+    names = ("add_prefix_space padding_side truncation_side model_max_length add_bos_token add_eos_token "
+             "bos_token eos_token unk_token pad_token").split()
+    settings_of = lambda t: tuple(getattr(t, name) for name in names)
+    want_settings = (prefix, "left", "left", 5, False, True, EOT, EOT, EOT, PAD)
+    assert settings_of(back) == settings_of(tok) == want_settings
+    batch = ["Hello world", " one two three four five", ""]
+    want = tok(batch, padding=True, truncation=True)
+    got = back(batch, padding=True, truncation=True)
+    assert got.input_ids == want.input_ids and got.attention_mask == want.attention_mask
+    # transformers 5.x ignores add_bos_token/add_eos_token read from tokenizer_config.json (it honours them
+    # only as from_pretrained keyword arguments), so compare with it on the eos-free encoding.
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    tok.add_eos_token = False
+    want = tok(batch, padding=True, truncation=True)
+    got = hf(batch, padding=True, truncation=True)
+    assert got["input_ids"] == want.input_ids and got["attention_mask"] == want.attention_mask
+    # An unset pad token is saved resolved, so transformers (whose class default is <|padding|>) agrees.
+    NeoXTokenizer.default().save_pretrained(tmp_path / "plain")
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "plain")).pad_token == EOT
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def test_missing_paths_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):

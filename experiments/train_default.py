@@ -1,0 +1,249 @@
+"""Train the small GPT-NeoX shipped as neox_lab's default model (`neox_lab.load_default()`).
+
+    python experiments/train_default.py                      # the shipped model -> neox_lab/data/default
+    python experiments/train_default.py --quick --out /tmp/x # smoke test: a few steps on a few files
+
+The corpus is the Python standard library's own .py sources (every install has them offline), files
+in sorted order, every 10th held out; `test`/`tests` directories and site-packages are left out. The
+model is neox_lab's own NeoXForCausalLM: parallel residual, partial rotary (rotary_pct 0.25), the
+GPT-NeoX-20B tokenizer's ids (vocab 50304 as Pythia), tied embeddings and a small d_model so that the
+fp16 weights fit in the package (config.json + model.safetensors <= 12 MB).
+
+Induction heads: a fraction of every batch (--synthetic, 25%) are spans of 10-40 distinct random tokens
+(drawn uniformly from the token ids the training files use) repeated to fill the sequence. On natural
+text alone a model this small and this briefly trained forms induction heads late or not at all;
+repeated random spans can only be predicted by copying, so the circuit forms early and reliably. This
+is the standard trick for small-model induction studies, and it is why the shipped model copies
+random-token spans so well: read its induction numbers as those of a model trained to do so.
+
+Deterministic on CPU: fixed seed, 2 threads, sorted files, every random draw from one seeded
+generator; `torch.use_deterministic_algorithms` guards the kernels. Writes config.json,
+model.safetensors (fp16) and training.json (metrics, loss curve, the exact command, corpus digest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab.induction import measure_induction, repeated_tokens, word_token_ids
+from neox_lab.tokenizer import NeoXTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "neox_lab" / "data" / "default"
+EOT = 0  # <|endoftext|> in the GPT-NeoX tokenizer: separates files in the token stream
+
+MODEL = dict(vocab_size=50304, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
+             intermediate_size=384, rotary_pct=0.25, max_position_embeddings=2048, tie_word_embeddings=True,
+             use_parallel_residual=True, bos_token_id=EOT, eos_token_id=EOT)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: package data)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--synthetic", type=float, default=0.25, help="batch fraction of repeated spans")
+    p.add_argument("--eval-windows", type=int, default=160, help="held-out windows scored")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N corpus files")
+    p.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 12 files, short sequences")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.seq_len, args.warmup = 3, 4, 64, 1
+        args.eval_windows, args.max_files = 4, args.max_files or 12
+    return args
+
+
+# ------------------------------------------------------------------------------------------ corpus
+def corpus_files(max_files: int | None = None) -> list[Path]:
+    """The standard library's .py files, sorted; tests and third-party packages left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    if not files:
+        raise SystemExit(f"no .py files under {root}: cannot build the corpus")
+    return files[:max_files] if max_files else files
+
+
+def tokenize(files: list[Path], tok: NeoXTokenizer) -> torch.Tensor:
+    """One stream: each file's tokens followed by <|endoftext|>."""
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    ids = [i for enc in encodings for i in [*enc.ids, EOT]]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Held-out split by file: every 10th file (by sorted position) is held out."""
+    return [f for i, f in enumerate(files) if i % 10 != 9], [f for i, f in enumerate(files) if i % 10 == 9]
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ batches
+def make_batch(train: torch.Tensor, vocab_ids: torch.Tensor, args, gen: torch.Generator) -> torch.Tensor:
+    """[batch seq_len]: natural windows of the train stream, then repeated random spans."""
+    n_syn = round(args.batch * args.synthetic)
+    starts = torch.randint(0, train.numel() - args.seq_len, (args.batch - n_syn,), generator=gen)
+    rows = [train[s: s + args.seq_len] for s in starts.tolist()]
+    for _ in range(n_syn):
+        n = int(torch.randint(10, 41, (1,), generator=gen))
+        span = vocab_ids[torch.randperm(vocab_ids.numel(), generator=gen)[:n]]
+        rows.append(span.repeat(math.ceil(args.seq_len / n))[: args.seq_len])
+    return torch.stack(rows)
+
+
+def lm_loss(model: NeoXForCausalLM, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    # The unembedding applied to positions 0..T-2 only: no full-size slice of the [batch pos 50304] logits.
+    hidden = model.model(tokens).last_hidden_state[:, :-1]
+    logits = model.unembed(hidden)
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction=reduction)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def eval_windows(held: torch.Tensor, args) -> torch.Tensor:
+    """Up to --eval-windows non-overlapping windows spread evenly over the held-out stream."""
+    n_all = held.numel() // args.seq_len
+    pick = torch.linspace(0, n_all - 1, min(args.eval_windows, n_all)).round().long().unique()
+    return held[: n_all * args.seq_len].view(n_all, args.seq_len)[pick]
+
+
+@torch.no_grad()
+def heldout_loss(model, windows: torch.Tensor) -> float:
+    losses = [lm_loss(model, windows[i: i + 8], reduction="sum") for i in range(0, len(windows), 8)]
+    return float(torch.stack(losses).sum() / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def unigram_loss(train: torch.Tensor, windows: torch.Tensor, vocab: int) -> float:
+    """Cross-entropy (nats) of the scored held-out tokens under train unigram counts, add-one smoothed."""
+    counts = torch.bincount(train, minlength=vocab).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    return float(-logp[windows[:, 1:].flatten()].mean())
+
+
+def induction_report(model, tokenizer, corpus_ids: torch.Tensor, seed: int) -> dict:
+    out = {}
+    for name, candidates in (("word_tokens", word_token_ids(tokenizer)), ("corpus_tokens", corpus_ids)):
+        gen = torch.Generator().manual_seed(seed + 1)
+        tokens = repeated_tokens(candidates, 50, batch=8, bos_token_id=EOT, generator=gen)
+        res = measure_induction(model, tokens, 50)
+        out[name] = {
+            "seq": "bos + 2 x 50 distinct random tokens, batch 8",
+            "loss_first_copy": round(float(res.copy_loss[0]), 4),
+            "loss_second_copy": round(float(res.copy_loss[1]), 4),
+            "scores": [[round(float(v), 4) for v in row] for row in res.scores],
+            "top_heads": [{"layer": la, "head": h, "score": round(s, 4)} for la, h, s in res.top_heads(4)],
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    tokenizer = NeoXTokenizer.default()
+    files = corpus_files(args.max_files)
+    train_files, held_files = split(files)
+    train, held = tokenize(train_files, tokenizer), tokenize(held_files, tokenizer)
+    vocab_ids = torch.unique(train)  # sorted: deterministic
+    print(f"corpus: {len(train_files)} train files ({train.numel():,} tokens), {len(held_files)} held-out "
+          f"({held.numel():,} tokens), {vocab_ids.numel():,} distinct train ids [{time.time() - t0:.1f}s]")
+
+    cfg = NeoXConfig(**MODEL)
+    model = NeoXForCausalLM(cfg, attn_backend="sdpa").train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(args.seed)
+    curve, t_train = [], time.time()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = lm_loss(model, make_batch(train, vocab_ids, args, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0 or step == args.steps - 1:
+            elapsed = time.time() - t_train
+            rate = (step + 1) * args.batch * args.seq_len / elapsed
+            curve.append({"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(elapsed, 1)})
+            print(f"step {step:4d}  loss {loss.item():.3f}  lr {lr_at(step, args):.2e}  {rate:,.0f} tok/s  "
+                  f"[{elapsed:.0f}s]", flush=True)
+    train_s = time.time() - t_train
+
+    model.eval()
+    windows = eval_windows(held, args)
+    model.half().float()  # score what ships: the fp16-rounded weights (in place)
+    heldout = heldout_loss(model, windows)
+    unigram = unigram_loss(train, windows, cfg.vocab_size)
+    induction = induction_report(model, tokenizer, vocab_ids, args.seed)
+    print(f"held-out loss {heldout:.3f} nats/token vs unigram baseline {unigram:.3f} "
+          f"({windows.numel():,} held-out tokens)")
+    for name, rep in induction.items():
+        tops = ", ".join(f"L{h['layer']}H{h['head']} {h['score']:.2f}" for h in rep["top_heads"])
+        print(f"induction ({name}): loss first copy {rep['loss_first_copy']:.2f}, second copy "
+              f"{rep['loss_second_copy']:.2f}; top heads {tops}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.half().save_pretrained(args.out)  # no tokenizer: load_default attaches the package's own
+    command = "python experiments/train_default.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = {
+        "command": command.strip(),
+        "model": MODEL,
+        "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "corpus": {
+            "source": "Python standard library .py files (sysconfig stdlib path), sorted; test/tests and "
+                      "site-packages excluded; every 10th file held out",
+            "python": platform.python_version(),
+            "train_files": len(train_files), "heldout_files": len(held_files),
+            "train_tokens": train.numel(), "heldout_tokens": held.numel(), "train_sha256_16": digest(train),
+            "heldout_sha256_16": digest(held),
+        },
+        "synthetic": f"{round(args.batch * args.synthetic)} of {args.batch} sequences per batch: a span of "
+                     "10-40 distinct random train-corpus token ids repeated to fill the sequence",
+        "heldout_loss": round(heldout, 4), "unigram_loss": round(unigram, 4),
+        "heldout_tokens_scored": int(windows[:, 1:].numel()),
+        "induction": induction,
+        "loss_curve": curve,
+        "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__, "threads": args.threads,
+    }
+    (args.out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    size = sum((args.out / f).stat().st_size for f in ("config.json", "model.safetensors"))
+    print(f"wrote {args.out} (config + weights {size / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

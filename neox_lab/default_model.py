@@ -1,0 +1,69 @@
+"""The small GPT-NeoX shipped inside the package, trained by `experiments/train_default.py`.
+
+    model = neox_lab.load_default()                            # tokenizer attached
+    model = NeoXForCausalLM.from_pretrained("neox-lab/default")  # the same model, by its reserved id
+
+4 layers x 4 heads, d_model 96, tied embeddings, parallel residual, rotary_pct 0.25, the GPT-NeoX-20B
+tokenizer's ids; trained on the Python standard library's sources, with repeated random-token spans
+mixed in so that it has clear induction heads. Its training report (held-out loss, induction scores,
+the exact command) is `training_report()`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+#: The id `from_pretrained` resolves to the package's own model directory (no hub involved).
+DEFAULT_MODEL_ID = "neox-lab/default"
+_FILES = ("config.json", "model.safetensors")
+
+
+def package_model_dir() -> Path:
+    """Where the shipped model lives (whether or not its files are there)."""
+    return Path(str(resources.files("neox_lab") / "data" / "default"))
+
+
+def default_model_dir() -> Path:
+    """Directory of the shipped model; raises FileNotFoundError naming what is missing."""
+    directory = package_model_dir()
+    missing = [name for name in _FILES if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the default model's package data is missing from {directory} ({', '.join(missing)}); "
+            "reinstall neox-lab, or rebuild it with `python experiments/train_default.py`"
+        )
+    return directory
+
+
+def load_default(dtype: torch.dtype = torch.float32, device=None, attn_backend: str = "auto"):
+    """The shipped `NeoXForCausalLM` in `dtype` on `device`, in eval mode, with `.tokenizer` set.
+
+    Stored in fp16; loaded as float32 by default, so interpretability runs use exact fp32 arithmetic.
+    """
+    from .heads import NeoXForCausalLM
+
+    model = NeoXForCausalLM.from_pretrained(default_model_dir(), dtype=dtype, device=device,
+                                            attn_backend=attn_backend)
+    attach_default_tokenizer(model)
+    return model
+
+
+def attach_default_tokenizer(model) -> None:
+    """Give `model` the package's GPT-NeoX tokenizer unless it already has one (the shipped model
+    directory holds no tokenizer.json: it is the same file the package already carries)."""
+    if getattr(model, "tokenizer", None) is None:
+        from .tokenizer import NeoXTokenizer
+
+        model.tokenizer = NeoXTokenizer.default()
+
+
+def training_report() -> dict:
+    """The shipped model's training.json: config, command, held-out and unigram loss, induction scores."""
+    path = default_model_dir() / "training.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; rebuild with `python experiments/train_default.py`")
+    return json.loads(path.read_text())

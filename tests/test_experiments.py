@@ -1,0 +1,66 @@
+"""Smoke tests: the scripts in experiments/ run end to end at tiny sizes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_hooks_quick(capsys):
+    pytest.importorskip("transformers")
+    bench = load_script("bench_hooks")
+    assert bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--memory", "inprocess"]) == 0
+    out = capsys.readouterr().out
+    for variant in bench.VARIANTS:
+        assert f"| {variant} |" in out
+    assert "idle hook points" in out
+
+
+# ------------------------------------------------------------------ scripts run as a user runs them
+def run_script(name: str, *args: str, timeout: float = 120) -> str:
+    """Run experiments/<name>.py in a fresh interpreter; return its stdout (fails with its stderr)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=EXPERIMENTS.parent)
+    assert proc.returncode == 0, f"{name}.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_train_default_quick(tmp_path):
+    import json
+
+    out = run_script("train_default", "--quick", "--out", str(tmp_path))
+    assert "held-out loss" in out and "induction" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "training.json"}
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert report["command"].startswith("python experiments/train_default.py --quick")
+    assert report["hyperparameters"]["steps"] == 3 and len(report["loss_curve"]) == 2
+    for key in ("heldout_loss", "unigram_loss"):
+        assert report[key] > 0
+    scores = report["induction"]["word_tokens"]["scores"]
+    assert len(scores) == report["model"]["num_hidden_layers"]
+
+
+def test_induction_heads_script(tmp_path):
+    out = run_script("induction_heads", "--out", str(tmp_path), "--n", "8", "--batch", "2", "--top", "2")
+    assert "top heads" in out and "second copy" in out
+    assert (tmp_path / "induction_scores.png").is_file() and (tmp_path / "induction_patterns.png").is_file()
+
+
+def test_logit_lens_script(tmp_path):
+    out = run_script("logit_lens", "--out", str(tmp_path), "--max-tokens", "12", "--n", "6")
+    assert "after L0" in out and "second copy" in out
+    assert (tmp_path / "logit_lens_code.png").is_file() and (tmp_path / "logit_lens_repeated.png").is_file()
