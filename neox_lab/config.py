@@ -73,10 +73,11 @@ class NeoXConfig:
 
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:
+            # One spelling inside: transformers writes "type" (4.x) or "rope_type" (5.x).
             scaling = dict(self.rope_scaling)
-            if "rope_type" in scaling and "type" not in scaling:
-                scaling["type"] = scaling.pop("rope_type")
-            object.__setattr__(self, "rope_scaling", scaling)
+            kind = scaling.pop("type", None) or scaling.pop("rope_type", None)
+            scaling.pop("rope_type", None)
+            object.__setattr__(self, "rope_scaling", {"type": kind, **scaling})
         self.validate()
 
     # ----------------------------------------------------------------- derived sizes

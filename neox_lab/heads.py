@@ -11,6 +11,7 @@ from .hook_points import HookPoint
 from .model import NeoXModel, NeoXPreTrained
 from .outputs import NeoXOutput
 
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """Losses are taken in at least fp32 (fp64 stays fp64)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

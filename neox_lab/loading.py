@@ -160,29 +160,30 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
         model = cls(cfg, attn_backend=attn_backend)
     expected = {k: v for k, v in model.state_dict().items()}
     bare = not any(k.startswith("model.") for k in expected)
-    tied = cfg.tie_word_embeddings and "unembed.weight" in expected
+    has_unembed = "unembed.weight" in expected
+    tied = cfg.tie_word_embeddings and has_unembed
     if tied:
         expected.pop("unembed.weight")
-    loaded, unexpected, misshaped = {}, [], []
+    loaded, unexpected, misshaped, shaped_wrong = {}, [], [], set()
     for hf_key, tensor in read_tensors(_weight_files(directory), dtype, device):
         if _LEGACY.search(hf_key):
             continue
         key = hf_to_neox_key(hf_key, bare)
-        if tied and key == "unembed.weight":
+        if key == "unembed.weight" and (tied or not has_unembed):
+            # A tied model reuses the embedding; a body or classifier has no use for a causal-LM head.
             continue
         if key not in expected:
             unexpected.append(hf_key)
         elif tuple(tensor.shape) != tuple(expected[key].shape):
             misshaped.append(f"{hf_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key].shape)}")
+            shaped_wrong.add(key)
         else:
             loaded[key] = tensor
     heads = tuple(getattr(cls, "head_modules", ()))
-    missing = [k for k in expected if k not in loaded]
-    fresh = [k for k in missing if k.startswith(heads) and heads]
-    missing = [k for k in missing if k not in fresh]
-    if not bare:
-        # A causal-LM checkpoint loaded into a classifier carries an unembedding the classifier lacks.
-        unexpected = [k for k in unexpected if not (re.match(_HEAD_RULES[0][0], k) and heads)]
+    absent = [k for k in expected if k not in loaded and k not in shaped_wrong]
+    fresh = [k for k in absent if heads and k.startswith(heads)]
+    # Named as the checkpoint would name them, since that is what the user can go and look at.
+    missing = [neox_to_hf_key(k) for k in absent if k not in fresh]
     if missing or unexpected or misshaped:
         parts = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
