@@ -1,7 +1,13 @@
-"""Attention kernels: "eager" (einsum, every stream materialised), "sdpa" and "flash".
+"""Attention kernels: "eager" (einsum, every stream materialised), "sdpa" and "flash" (flash_kernel.py).
 
 All kernels take q, k, v in [batch pos n_heads d_head] (k, v with the KV cache's past positions
-prepended) and return z in the same layout. Masks are described once by `AttnMask`.
+prepended) and return z in the same layout. Masks are described once per forward by `AttnMask` (or,
+for a CUDA-graph decoding step, by `StaticDecodeMask`), shared by every layer.
+
+Rows. A query with no key at all (a left-padding position) gets z = 0 on every backend, never NaN.
+A padding query that does see real keys (right padding) is computed like any other row by "eager" and
+"sdpa"; the flash-attn package's unpadded kernel drops it and gives 0 there. No real position ever reads
+a padding position, so outputs at real positions never depend on this.
 """
 
 from __future__ import annotations
@@ -21,14 +27,6 @@ log = logging.getLogger("neox_lab")
 BACKENDS = ("auto", "eager", "sdpa", "flash")
 HALF = (torch.float16, torch.bfloat16)
 
-try:  # the flash-attn package is optional (the `flash` extra)
-    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore
-
-    HAVE_FLASH_ATTN = True
-except Exception:  # noqa: BLE001 - any import failure (missing CUDA libs too) means "not available"
-    flash_attn_func = flash_attn_varlen_func = None
-    HAVE_FLASH_ATTN = False
-
 
 @dataclass
 class AttnMask:
@@ -46,7 +44,7 @@ class AttnMask:
 
     @property
     def plain_causal(self) -> bool:
-        """No padding and no past: the kernels' built-in causal mask is exact."""
+        """No padding and no past: the kernels' built-in (top-left) causal mask is exact."""
         return self.key_mask is None and self.q_len == self.k_len
 
     @cached_property
@@ -67,6 +65,64 @@ class AttnMask:
         dead = ~self.allowed.any(-1, keepdim=True)
         return dead if bool(dead.any()) else None
 
+    @cached_property
+    def leftpad(self) -> torch.Tensor | None:
+        """int32 [batch]: padding keys before each row's first real key, when the padding is all on the
+        left (what generation produces); None when there is no padding or it is anywhere else."""
+        if self.key_mask is None:
+            return None
+        n_pad = (~self.key_mask).sum(-1)
+        cols = torch.arange(self.k_len, device=self.key_mask.device)
+        pure_left = bool(((cols[None, :] >= n_pad[:, None]) == self.key_mask).all())
+        return n_pad.to(torch.int32) if pure_left else None
+
+    @cached_property
+    def unpadded(self) -> tuple:
+        """Gather indices for unpadded ("varlen") kernels: (q_idx, k_idx, cu_q, cu_k, max_q, max_k).
+
+        q_idx / k_idx index the flattened [batch*query_pos] / [batch*key_pos] rows of real tokens; each
+        query row is the last q_len of its key row. Built once per forward, shared by all layers.
+        """
+        key_mask = self.key_mask
+        q_mask = key_mask[:, -self.q_len:]
+        k_lens = key_mask.sum(-1, dtype=torch.int32)
+        q_lens = q_mask.sum(-1, dtype=torch.int32)
+        return (
+            q_mask.flatten().nonzero().squeeze(-1),
+            key_mask.flatten().nonzero().squeeze(-1),
+            F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0)),
+            F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0)),
+            int(q_lens.max()),
+            int(k_lens.max()),
+        )
+
+
+class StaticDecodeMask:
+    """The mask of a one-token decoding step over a preallocated cache of `k_len` slots.
+
+    Made only of tensors whose storage never moves (the step updates them in place), and nothing here
+    reads a value back to the host, so a step using it can be captured in a CUDA graph and replayed.
+    Slots not yet written have key_mask False; every row's new token is real, so no row is dead.
+
+    key_mask: bool [batch key_pos]; cache_seqlens: int32 [batch], the slots written so far including
+    this step's (padding included); leftpad: int32 [batch] left-padding slots, or None;
+    flash_kvcache: run flash-attn's `flash_attn_with_kvcache` on the whole cache (else a masked kernel).
+    """
+
+    q_len = 1
+    plain_causal = False
+    dead = None
+
+    def __init__(self, key_mask: torch.Tensor, cache_seqlens: torch.Tensor, leftpad: torch.Tensor | None,
+                 flash_kvcache: bool):
+        self.key_mask = key_mask
+        self.k_len = key_mask.shape[1]
+        self.device = key_mask.device
+        self.allowed = key_mask[:, None, None, :]
+        self.cache_seqlens = cache_seqlens
+        self.leftpad = leftpad
+        self.flash_kvcache = flash_kvcache
+
 
 def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p=0.0,
                     hook_scores=None, hook_pattern=None):
@@ -74,7 +130,8 @@ def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p
 
     Returns (z [batch pos n_heads d_head], pattern [batch n_heads query_pos key_pos]).
     """
-    # Scaling q before the product keeps fp16 scores in range (NeoX-20B's known QK overflow).
+    # Scaling q before the product keeps fp16 scores in range (NeoX-20B's known QK overflow): the
+    # unscaled q.k can pass 65504 where q.k / sqrt(d_head) is far below it.
     scores = einsum(q * scale, k, axes.SCORES)
     scores = scores.masked_fill(~mask.allowed, float("-inf"))
     if hook_scores is not None:
@@ -98,12 +155,11 @@ def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p
     return z, pattern
 
 
-def _finish(z: torch.Tensor, mask: AttnMask, head_mask) -> torch.Tensor:
-    """Back to [batch pos n_heads d_head]; dead rows zeroed and head_mask applied as eager does.
+def finish(z: torch.Tensor, mask, head_mask) -> torch.Tensor:
+    """z [batch pos n_heads d_head] with dead rows zeroed and head_mask applied as eager does.
 
     Scaling a head's pattern by m scales its z by m, so head_mask works without materialising it.
     """
-    z = z.transpose(1, 2)
     if mask.dead is not None:
         z = z.masked_fill(mask.dead.transpose(1, 2), 0.0)
     if head_mask is not None:
@@ -111,107 +167,55 @@ def _finish(z: torch.Tensor, mask: AttnMask, head_mask) -> torch.Tensor:
     return z
 
 
-def _sdpa_mask(mask: AttnMask) -> torch.Tensor | None:
-    if mask.plain_causal:
-        return None
+def sdpa_mask(mask) -> torch.Tensor | None:
+    """The boolean attn_mask for torch's SDPA, None when `is_causal` (or nothing) says it all."""
+    if mask.plain_causal or (mask.q_len == 1 and mask.key_mask is None):
+        return None  # plain causal, or one query seeing every key
     allowed = mask.allowed
-    # Dead rows would give NaN in some kernels: let them see everything, then zero them in _finish.
+    # Dead rows would give NaN in some kernels: let them see everything, then zero them in finish().
     return allowed | mask.dead if mask.dead is not None else allowed
 
 
 def sdpa_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p=0.0):
     """torch's scaled_dot_product_attention (any device and dtype)."""
     z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=_sdpa_mask(mask),
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=sdpa_mask(mask),
         is_causal=mask.plain_causal, dropout_p=dropout_p, scale=scale,
     )
-    return _finish(z, mask, head_mask)
+    return finish(z.transpose(1, 2), mask, head_mask)
 
 
-class FlashKernel:
-    """FlashAttention-2: the flash-attn package when importable, else torch's fused CUDA kernels.
-
-    `last` names the kernel that actually ran on the latest call (e.g. "flash_attn.varlen",
-    "sdpa.cudnn"); torch's choice is probed once per kind of call and remembered.
-    """
-
-    def __init__(self) -> None:
-        self.last: str | None = None
-        self._choice: dict = {}
-
-    def __call__(self, q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p=0.0):
-        if not q.is_cuda or q.dtype not in HALF:
-            raise ValueError(
-                f"attn_backend 'flash' needs CUDA tensors in float16/bfloat16, got {q.dtype} on {q.device}; "
-                "use 'eager' or 'sdpa' (or 'auto', which picks flash only where it can run)"
-            )
-        if HAVE_FLASH_ATTN:
-            z = self._flash_attn(q, k, v, mask, scale, dropout_p)
-            if mask.dead is not None:
-                z = z.masked_fill(mask.dead.transpose(1, 2), 0.0)
-            if head_mask is not None:
-                z = z * head_mask[None, None, :, None].to(z.dtype)
-            return z
-        return self._torch_fused(q, k, v, mask, scale, head_mask, dropout_p)
-
-    def _flash_attn(self, q, k, v, mask: AttnMask, scale, dropout_p):
-        if mask.key_mask is None:
-            self.last = "flash_attn.func"
-            # flash-attn aligns the causal mask bottom-right when q_len < k_len, as decoding needs.
-            return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=True)
-        self.last = "flash_attn.varlen"
-        b, q_len, h, d = q.shape
-        key_mask = mask.key_mask
-        q_mask = key_mask[:, -q_len:]
-        k_idx = key_mask.flatten().nonzero().squeeze(-1)
-        q_idx = q_mask.flatten().nonzero().squeeze(-1)
-        k_lens = key_mask.sum(-1, dtype=torch.int32)
-        q_lens = q_mask.sum(-1, dtype=torch.int32)
-        cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
-        cu_q = F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0))
-        out = flash_attn_varlen_func(
-            q.reshape(b * q_len, h, d)[q_idx], k.reshape(-1, h, d)[k_idx], v.reshape(-1, h, d)[k_idx],
-            cu_q, cu_k, int(q_lens.max()), int(k_lens.max()), dropout_p=dropout_p, softmax_scale=scale,
-            causal=True,
-        )
-        z = q.new_zeros(b * q_len, h, d)
-        z[q_idx] = out
-        return z.view(b, q_len, h, d)
-
-    def _torch_fused(self, q, k, v, mask: AttnMask, scale, head_mask, dropout_p):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        masked = not mask.plain_causal and not (mask.q_len == 1 and mask.key_mask is None)
-        attn_mask = _sdpa_mask(mask) if masked else None
-        is_causal = mask.plain_causal
-        key = (q.dtype, q.shape[-1], masked)
-        order = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
-        if masked:  # torch's flash kernel takes no mask; the memory-efficient one does
-            order.append(("efficient", SDPBackend.EFFICIENT_ATTENTION))
-        if key in self._choice:
-            order = [o for o in order if o[0] == self._choice[key]]
-        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        errors = []
-        for name, backend in order:
-            try:
-                with sdpa_kernel([backend]):
-                    z = F.scaled_dot_product_attention(*args, attn_mask=attn_mask, is_causal=is_causal,
-                                                       dropout_p=dropout_p, scale=scale)
-            except RuntimeError as err:
-                errors.append(f"{name}: {err}")
-                continue
-            if key not in self._choice:
-                self._choice[key] = name
-                log.info("neox_lab flash backend: torch sdpa %s kernel for %s", name, key)
-            self.last = f"sdpa.{name}"
-            return _finish(z, mask, head_mask)
-        raise RuntimeError("no fused attention kernel accepted this call: " + "; ".join(errors))
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention will run in: x's, or the autocast dtype when CUDA autocast is on."""
+    if x.is_cuda:
+        try:
+            if torch.is_autocast_enabled("cuda"):
+                return torch.get_autocast_dtype("cuda")
+        except TypeError:  # torch < 2.4 has only the device-less spelling
+            if torch.is_autocast_enabled():
+                return torch.get_autocast_gpu_dtype()
+    return x.dtype
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> str:
-    """Map "auto" to a concrete backend for this input: flash on CUDA half precision, else eager."""
+    """Map "auto" to a concrete backend for this input: flash on CUDA half precision, else eager.
+
+    "flash" where it cannot run (CPU, fp32/fp64) raises ValueError before any layer runs.
+    """
     if name not in BACKENDS:
         raise ValueError(f"attn_backend must be one of {BACKENDS}, got {name!r}")
+    runs_flash = x.is_cuda and compute_dtype(x) in HALF
     if name == "auto":
-        return "flash" if x.is_cuda and x.dtype in HALF else "eager"
+        return "flash" if runs_flash else "eager"
+    if name == "flash" and not runs_flash:
+        raise ValueError(
+            f"attn_backend 'flash' needs CUDA tensors in float16/bfloat16, got {compute_dtype(x)} on "
+            f"{x.device}; use 'eager' or 'sdpa' (or 'auto', which picks flash only where it can run)"
+        )
     return name
+
+
+from .flash_kernel import FlashKernel  # noqa: E402  (flash_kernel builds on the helpers above)
+
+__all__ = ["BACKENDS", "HALF", "AttnMask", "FlashKernel", "StaticDecodeMask", "eager_attention", "finish",
+           "resolve_backend", "sdpa_attention", "sdpa_mask"]

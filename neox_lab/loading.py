@@ -19,17 +19,26 @@ from safetensors.torch import save_file
 
 from .config import NeoXConfig
 
-# transformers name -> neox_lab name (within the body; the body sits at `model.` in head classes)
-_BODY_RULES = [
-    (r"embed_in\.weight", "embed.weight"),
-    (r"layers\.(\d+)\.input_layernorm\.", r"blocks.\1.ln1."),
-    (r"layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.ln2."),
-    (r"layers\.(\d+)\.attention\.query_key_value\.", r"blocks.\1.attn.qkv."),
-    (r"layers\.(\d+)\.attention\.dense\.", r"blocks.\1.attn.out."),
-    (r"layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"blocks.\1.mlp.fc_in."),
-    (r"layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"blocks.\1.mlp.fc_out."),
-    (r"final_layer_norm\.", "ln_final."),
+# (transformers prefix, neox_lab prefix) inside the body; "{L}" is the layer index. The body sits at
+# `gpt_neox.` in transformers' head classes and at `model.` in neox_lab's.
+_BODY_NAMES = [
+    ("embed_in.", "embed."),
+    ("layers.{L}.input_layernorm.", "blocks.{L}.ln1."),
+    ("layers.{L}.post_attention_layernorm.", "blocks.{L}.ln2."),
+    ("layers.{L}.attention.query_key_value.", "blocks.{L}.attn.qkv."),
+    ("layers.{L}.attention.dense.", "blocks.{L}.attn.out."),
+    ("layers.{L}.mlp.dense_h_to_4h.", "blocks.{L}.mlp.fc_in."),
+    ("layers.{L}.mlp.dense_4h_to_h.", "blocks.{L}.mlp.fc_out."),
+    ("final_layer_norm.", "ln_final."),
 ]
+
+
+def _rule(src: str, dst: str) -> tuple[re.Pattern, str]:
+    return re.compile("^" + re.escape(src).replace(r"\{L\}", r"(\d+)")), dst.replace("{L}", r"\1")
+
+
+_TO_NEOX = [_rule(hf, nx) for hf, nx in _BODY_NAMES]
+_TO_HF = [_rule(nx, hf) for hf, nx in _BODY_NAMES]
 _HEAD_RULES = [(r"^(embed_out|lm_head)\.weight$", "unembed.weight")]
 # Buffers old checkpoints carry that hold nothing a forward pass needs.
 _LEGACY = re.compile(r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$|rotary_emb\.inv_freq$")
@@ -43,9 +52,9 @@ def hf_to_neox_key(key: str, bare: bool) -> str:
         if re.match(pattern, key):
             return re.sub(pattern, repl, key)
     body = key[len("gpt_neox."):] if key.startswith("gpt_neox.") else key
-    for pattern, repl in _BODY_RULES:
-        if re.match(pattern, body):
-            body = re.sub(pattern, repl, body, count=1)
+    for pattern, repl in _TO_NEOX:
+        if pattern.match(body):
+            body = pattern.sub(repl, body, count=1)
             return body if bare else "model." + body
     return key
 
@@ -55,22 +64,10 @@ def neox_to_hf_key(key: str) -> str:
     if key == "unembed.weight":
         return "embed_out.weight"
     body = key[len("model."):] if key.startswith("model.") else key
-    for hf, neox in _INVERSE:
-        if re.match(neox, body):
-            return "gpt_neox." + re.sub(neox, hf, body, count=1)
+    for pattern, repl in _TO_HF:
+        if pattern.match(body):
+            return "gpt_neox." + pattern.sub(repl, body, count=1)
     return key
-
-
-_INVERSE = [
-    ("embed_in.weight", r"embed\.weight$"),
-    (r"layers.\1.input_layernorm.", r"blocks\.(\d+)\.ln1\."),
-    (r"layers.\1.post_attention_layernorm.", r"blocks\.(\d+)\.ln2\."),
-    (r"layers.\1.attention.query_key_value.", r"blocks\.(\d+)\.attn\.qkv\."),
-    (r"layers.\1.attention.dense.", r"blocks\.(\d+)\.attn\.out\."),
-    (r"layers.\1.mlp.dense_h_to_4h.", r"blocks\.(\d+)\.mlp\.fc_in\."),
-    (r"layers.\1.mlp.dense_4h_to_h.", r"blocks\.(\d+)\.mlp\.fc_out\."),
-    ("final_layer_norm.", r"ln_final\."),
-]
 
 
 class CheckpointError(ValueError):
@@ -227,7 +224,10 @@ def save_pretrained(model, directory) -> None:
     state = model.state_dict()
     if model.cfg.tie_word_embeddings:
         state.pop("unembed.weight", None)
-    tensors = {neox_to_hf_key(k): v.detach().contiguous().cpu() for k, v in state.items()}
+    bare = not any(k.startswith("model.") for k in state)
+    # transformers' bare GPTNeoXModel names its tensors without the `gpt_neox.` prefix.
+    tensors = {(neox_to_hf_key(k).removeprefix("gpt_neox.") if bare else neox_to_hf_key(k)):
+               v.detach().contiguous().cpu() for k, v in state.items()}
     dtype = next(iter(tensors.values())).dtype
     config = model.cfg.to_hf()
     from .heads import MODEL_CLASSES

@@ -185,3 +185,19 @@ def test_out_of_range_token_ids_raise_before_any_kernel():
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 4))
+
+
+@pytest.mark.parametrize("name", ["GPTNeoXModel", "GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification",
+                                  "GPTNeoXForTokenClassification", "GPTNeoXForQuestionAnswering"])
+def test_every_class_saves_what_transformers_loads(name, tmp_path):
+    from neox_lab.heads import MODEL_CLASSES
+
+    torch.manual_seed(1)
+    model = MODEL_CLASSES[name](CFG.replace(num_labels=3)).eval()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [name]
+    hf = getattr(transformers, name).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        ours, theirs = model(IDS), hf(IDS)
+    pick = {"GPTNeoXModel": "last_hidden_state", "GPTNeoXForQuestionAnswering": "start_logits"}.get(name, "logits")
+    torch.testing.assert_close(getattr(ours, pick), getattr(theirs, pick), rtol=2e-5, atol=2e-6)

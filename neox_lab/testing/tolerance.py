@@ -1,0 +1,211 @@
+"""The tolerance policy: how far two runs of "the same" NeoX may drift apart from rounding alone.
+
+Model of the noise
+------------------
+Two correct implementations of one NeoX differ only in rounding: the order of sums (eager vs sdpa,
+neox_lab vs transformers), the format streams are stored in (fp16 vs fp32), the format products are
+accumulated in. One side's relative error on a stream after one block is, to first order,
+
+    eps(side) = u_store + u_acc * sqrt(width)
+
+u_store is the unit roundoff of the format activations are stored in (every stored stream is rounded
+once), u_acc that of the format dot products accumulate in (a length-n sum of rounded terms drifts
+like sqrt(n) u_acc in the probabilistic analysis of Higham & Mary, 2019), width the longest
+contraction (max of d_model, d_mlp and the sequence length: attention sums over keys). Half
+precision accumulates in fp32 in torch's CPU and CUDA matmuls, so for fp16/bf16 the storage term
+dominates and the bound barely depends on width; for fp32 and fp64 the accumulation term does.
+
+Roundings of different blocks are independent, so they add like a random walk: after `depth`
+rounding stages (hook_embed is depth 1, blocks.L.* depth L+1, ln_final and the logits n_layers+1)
+the expected gap is sqrt(depth) times one stage's. Errors of the two sides are independent too, so
+they add in quadrature. The noise floor of a stream is therefore
+
+    rel(depth) = C * sqrt(eps(a)^2 + eps(b)^2) * sqrt(depth),       C = 16
+
+compared normwise over real (non-pad) positions: ||a - b|| <= rel ||b|| + abs sqrt(n), in fp64.
+
+C gathers what the first-order model leaves out: about ten rounded streams per block (sqrt(10) ~ 3),
+the Jacobians of LayerNorm, softmax and the activation (O(1) at transformers' initialisation, a few in
+trained models with sharp attention), and headroom. It was measured: over random configs (1-4
+layers, d_model 32-256, init std 0.02 and 0.2 for sharper attention and larger logits), the largest
+ratio of observed relative error to sqrt(eps_a^2 + eps_b^2) sqrt(depth) was 1.3 for fp16 vs fp32,
+0.9 for bf16 vs fp32, 0.06 for sdpa vs eager in fp32 and 0.05 for neox_lab vs transformers in fp32
+(fp32-vs-fp32 gaps sit far below the sqrt(width) worst case: most sums happen in the same order).
+C = 16 leaves a factor > 10 over the worst case seen, and is still far below any real bug: a wrong
+rotary channel, a transposed head or a missing bias moves a stream by 1e-2 to 1, i.e. 10^3 times
+the fp32 floor; and in half precision bugs of that size stay a factor > 5 above the floor.
+
+Special cases, each a property of one side:
+- transformers' eager attention takes its softmax in fp32 whatever the model dtype, so an fp64
+  transformers side is counted as fp32 (`precision_of(..., backend="hf-eager")`).
+- fp32 matmuls on CUDA with TF32 enabled round their inputs to 10 mantissa bits: counted as "tf32"
+  (u = 2^-11, like fp16).
+- The absolute term abs = C * (spacing of the format's subnormals) matters only where a stream is
+  (nearly) zero: fp16 loses relative precision below 6.1e-5, where its spacing is 2^-24 ~ 6e-8.
+- The attention backend (eager, sdpa, flash) changes the order of the same roundings, not their
+  number: it enters through the precision alone, and flash vs eager at one half dtype gets that
+  dtype's floor twice in quadrature.
+
+Logits are held to the same floor at depth n_layers+1, plus two distribution checks:
+- top-1 agreement: the fraction of real positions whose argmax agrees, where a disagreement counts
+  only if the reference prefers its own top token by more than twice the per-logit bound (a near
+  tie may flip under rounding without anything being wrong). Required: 1.0 for fp32/fp64 pairs,
+  0.99 with a half-precision side.
+- KL(p_b || p_a) of the next-token distributions: a logit perturbation d gives KL ~ Var_p(d)/2 <=
+  rms(d)^2 / 2, so the mean KL may reach (rel * rms(logits_b) + abs)^2 / 2 (Tolerance.kl=None
+  derives this at check time; a number fixes the bound in nats).
+
+Resulting floors (relative, at depth 1; multiply by sqrt(depth)), width 64 (test configs) and 3072
+(pythia-160m's d_mlp):
+
+    pair                               width 64     width 3072
+    fp64 vs fp64                       2.2e-14      1.4e-13
+    fp32 vs fp32 (any backends)        1.2e-5       7.5e-5
+    fp64 vs transformers-fp64 (eager)  8.7e-6       5.3e-5
+    bf16 vs fp32                       6.3e-2       6.3e-2
+    fp16 vs fp32                       7.9e-3       8.3e-3
+    fp16 vs fp16 (flash vs eager)      1.1e-2       1.2e-2
+    bf16 vs bf16 (flash vs eager)      8.9e-2       8.9e-2
+
+(`python -m neox_lab.testing.tolerance` prints this table.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: Unit roundoff u = 2^-p, p the significand bits (with the implicit one) of each format.
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "tf32": 2.0**-11, "float16": 2.0**-11,
+                 "bfloat16": 2.0**-8}
+#: Spacing of each format's subnormal numbers: the absolute resolution near zero.
+SUBNORMAL_SPACING = {"float64": 2.0**-1074, "float32": 2.0**-149, "tf32": 2.0**-149, "float16": 2.0**-24,
+                     "bfloat16": 2.0**-133}
+#: Format products accumulate in (torch's half matmuls and TF32 accumulate in fp32).
+ACCUMULATES_IN = {"float64": "float64", "float32": "float32", "tf32": "float32", "float16": "float32",
+                  "bfloat16": "float32"}
+HALF = ("float16", "bfloat16", "tf32")
+
+#: The measured-and-padded constant of the noise model (see the module docstring).
+C = 16.0
+#: Contraction width assumed when none is given (a mid-sized model's d_mlp).
+DEFAULT_WIDTH = 1024
+
+_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32", "fp16": "float16",
+            "half": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far two runs may differ and still count as equivalent.
+
+    rel: normwise relative bound ||a - b|| / ||b|| (at depth 1 when `depth_growth`).
+    abs: per-element absolute floor, for streams that are (nearly) zero.
+    top1_agreement: minimum fraction of real positions whose top-1 token agrees (near ties excused).
+    kl: maximum mean KL(p_b || p_a) in nats; None derives it from the logits bound at check time.
+    depth_growth: grow `rel` like sqrt(depth) along the forward pass (the policy's random-walk model);
+    a hand-made Tolerance(rel=...) applies `rel` flat unless this is set.
+    """
+
+    rel: float
+    abs: float = 0.0
+    top1_agreement: float = 1.0
+    kl: float | None = None
+    depth_growth: bool = False
+    label: str = "custom"
+
+    def rel_at(self, depth: int) -> float:
+        """The relative bound for a stream `depth` rounding stages deep (hook_embed: 1)."""
+        return self.rel * math.sqrt(max(depth, 1)) if self.depth_growth else self.rel
+
+    def allows(self, err_norm: float, ref_norm: float, n: int, depth: int) -> bool:
+        """Whether ||a - b|| = err_norm is within the floor for a reference of norm ref_norm, n elements."""
+        if math.isnan(err_norm):
+            return False
+        return err_norm <= self.rel_at(depth) * ref_norm + self.abs * math.sqrt(max(n, 1))
+
+    def scaled(self, factor: float) -> Tolerance:
+        """The same policy with `rel` and `abs` multiplied by `factor` (e.g. for a lossy quantisation)."""
+        return dataclasses.replace(self, rel=self.rel * factor, abs=self.abs * factor,
+                                   label=f"{self.label} x{factor:g}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def precision_of(dtype, backend: str = "eager", device=None) -> str:
+    """The rounding format a side effectively computes in: a key of UNIT_ROUNDOFF.
+
+    `backend` names the attention kernel ("eager", "sdpa", "flash") or, for a transformers model,
+    "hf-<attn_implementation>"; `device` matters only for TF32 on CUDA.
+    """
+    name = _dtype_name(dtype)
+    if name == "float64" and backend == "hf-eager":
+        return "float32"  # transformers' eager softmax is fp32 whatever the dtype
+    if name == "float32" and device is not None and torch.device(device).type == "cuda":
+        if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+            return "tf32"
+    return name
+
+
+def side_noise(precision: str, width: int = DEFAULT_WIDTH) -> float:
+    """eps = u_store + u_acc sqrt(width): one side's relative rounding error per stage."""
+    return UNIT_ROUNDOFF[precision] + UNIT_ROUNDOFF[ACCUMULATES_IN[precision]] * math.sqrt(max(width, 1))
+
+
+def policy_for(dtype_a, dtype_b=None, backend_a: str = "eager", backend_b: str = "eager", *,
+               width: int = DEFAULT_WIDTH, device_a=None, device_b=None) -> Tolerance:
+    """The noise floor for comparing a run in (dtype_a, backend_a) with one in (dtype_b, backend_b).
+
+    dtypes are torch dtypes or names ("float16", "bf16", ...); `dtype_b` defaults to `dtype_a`.
+    `width` is the longest contraction (max of d_model, d_mlp, sequence length); `compare` passes
+    the real one. See the module docstring for the derivation.
+    """
+    dtype_b = dtype_a if dtype_b is None else dtype_b
+    pa = precision_of(dtype_a, backend_a, device_a)
+    pb = precision_of(dtype_b, backend_b, device_b)
+    eps = math.hypot(side_noise(pa, width), side_noise(pb, width))
+    half = pa in HALF or pb in HALF
+    return Tolerance(
+        rel=C * eps,
+        abs=C * max(SUBNORMAL_SPACING[pa], SUBNORMAL_SPACING[pb]),
+        top1_agreement=0.99 if half else 1.0,
+        kl=None,
+        depth_growth=True,
+        label=f"{pa}/{backend_a} vs {pb}/{backend_b}",
+    )
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = str(dtype).removeprefix("torch.").lower()
+    name = _ALIASES.get(name, name)
+    if name not in UNIT_ROUNDOFF:
+        raise ValueError(f"no tolerance policy for dtype {dtype!r}; known: {sorted(UNIT_ROUNDOFF)}")
+    return name
+
+
+def policy_table(widths=(64, 3072)) -> str:
+    """The floors of the common pairs as a text table (relative, depth 1)."""
+    pairs = [("fp64 vs fp64", "float64", "float64", "eager", "eager"),
+             ("fp32 vs fp32 (any backends)", "float32", "float32", "eager", "sdpa"),
+             ("fp64 vs transformers-fp64 (eager)", "float64", "float64", "eager", "hf-eager"),
+             ("bf16 vs fp32", "bfloat16", "float32", "eager", "eager"),
+             ("fp16 vs fp32", "float16", "float32", "eager", "eager"),
+             ("fp16 vs fp16 (flash vs eager)", "float16", "float16", "flash", "eager"),
+             ("bf16 vs bf16 (flash vs eager)", "bfloat16", "bfloat16", "flash", "eager")]
+    head = f"{'pair':<35}" + "".join(f"{'width ' + str(w):>13}" for w in widths)
+    rows = [head]
+    for label, da, db, ba, bb in pairs:
+        rows.append(f"{label:<35}" + "".join(f"{policy_for(da, db, ba, bb, width=w).rel:>13.1e}"
+                                              for w in widths))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(policy_table())
