@@ -11,8 +11,10 @@ Pythia-160m shape (12 layers, d_model 768, 12 heads, vocab 50304), random weight
     cache_no_result  run_with_cache() of every hook point but hook_result
     cache_resid    run_with_cache() of the residual streams only (names containing "resid")
 
-Time: the median of --repeats timed runs after --warmup runs; the variants are interleaved run by run,
-so a neighbour's load on a shared CPU hits them all alike. Ratios are against hf_eager in the same run.
+Time: the minimum and the median of --repeats timed runs after --warmup runs; the variants are
+interleaved run by run, so a neighbour's load on a shared CPU hits them all alike. Ratios are against
+hf_eager (and the idle forward) in the same run and use the minimum: other processes only ever add
+time, so on a shared machine the minimum is the steadier estimate. The load average is printed.
 
 Memory: each variant runs in a fresh subprocess (glibc's mmap threshold pinned low, so freed tensors go
 back to the OS and RSS follows live tensors); after loading and one warm-up call the peak-RSS counter is
@@ -140,7 +142,7 @@ def _memory_child(args) -> int:
 
 # ----------------------------------------------------------------------------- time
 def time_variants(models: dict, ids: torch.Tensor, warmup: int, repeats: int, collect: bool = True):
-    """Median seconds per call of each variant, runs interleaved across variants; `collect` runs the
+    """Seconds per call of each variant, runs interleaved across variants; `collect` runs the
     garbage collector (outside the timed region) before each call."""
     runs = {v: runner(v, models["hf_eager" if v == "hf_eager" else "neox"], ids) for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -155,7 +157,7 @@ def time_variants(models: dict, ids: torch.Tensor, warmup: int, repeats: int, co
                 elapsed = time.perf_counter() - start
                 if i >= warmup:
                     times[v].append(elapsed)
-    return {v: statistics.median(t) for v, t in times.items()}
+    return times
 
 
 def idle_hook_call_ns(n: int = 200_000) -> float:
@@ -217,7 +219,8 @@ def _bench(args) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, "
           f"{'quick config' if args.quick else args.preset}: {cfg.num_hidden_layers} layers, "
           f"d_model {cfg.hidden_size}, {cfg.num_attention_heads} heads, vocab {cfg.vocab_size}; "
-          f"median of {repeats} after {args.warmup} warm-up; memory: {memory}")
+          f"min/median of {repeats} after {args.warmup} warm-up; memory: {memory}; load average "
+          + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         make_checkpoint(cfg, directory)
@@ -227,31 +230,35 @@ def _bench(args) -> int:
             ids = torch.randint(0, cfg.vocab_size, (batch, pos), generator=gen)
             with torch.no_grad():
                 diff = (models["neox"](ids).logits - models["hf_eager"](ids).logits).abs().max().item()
-            medians = time_variants(models, ids, args.warmup, repeats, collect=not args.quick)
+            times = time_variants(models, ids, args.warmup, repeats, collect=not args.quick)
+            best = {v: min(t) for v, t in times.items()}
             for v in VARIANTS:
                 mem = {"peak_mb": float("nan"), "cache_mb": float("nan")}
                 if memory == "subprocess":
                     mem = memory_in_subprocess(v, directory, (batch, pos), args.threads)
                 elif memory == "inprocess":
                     mem = measure_memory(v, models["hf_eager" if v == "hf_eager" else "neox"], ids)
-                rows.append((f"{batch}x{pos}", v, medians[v] * 1e3, medians[v] / medians["hf_eager"],
-                             medians[v] / medians["idle"], mem["peak_mb"], mem["cache_mb"]))
+                rows.append((f"{batch}x{pos}", v, best[v] * 1e3, statistics.median(times[v]) * 1e3,
+                             best[v] / best["hf_eager"], best[v] / best["idle"], mem["peak_mb"],
+                             mem["cache_mb"]))
             print(f"{batch}x{pos}: max |logits neox - hf| = {diff:.2e}")
         per_call = idle_hook_call_ns()
         calls = idle_calls_per_forward(models["neox"], ids)
 
-    header = ("shape", "variant", "median ms", "vs hf_eager", "vs idle", "peak MB", "cache MB")
+    header = ("shape", "variant", "min ms", "median ms", "vs hf_eager", "vs idle", "peak MB", "cache MB")
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
-    for shape, v, ms, vs_hf, vs_idle, peak, cache in rows:
-        print(f"| {shape} | {v} | {ms:.1f} | {vs_hf:.3f} | {vs_idle:.3f} | {peak:.1f} | {cache:.1f} |")
+    for shape, v, ms, median, vs_hf, vs_idle, peak, cache in rows:
+        print(f"| {shape} | {v} | {ms:.1f} | {median:.1f} | {vs_hf:.3f} | {vs_idle:.3f} | {peak:.1f} "
+              f"| {cache:.1f} |")
     print()
     for shape, v, ms, *_ in rows:
         if v == "idle":
             cost = per_call * calls / 1e6
             print(f"{shape}: idle hook points: {calls} calls x {per_call:.0f} ns = {cost:.3f} ms "
                   f"= {100 * cost / ms:.3f}% of the idle forward")
+    print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0
 
 

@@ -45,7 +45,7 @@ DEFAULT_OUT = REPO / "neox_lab" / "data" / "default"
 EOT = 0  # <|endoftext|> in the GPT-NeoX tokenizer: separates files in the token stream
 
 MODEL = dict(vocab_size=50304, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
-             intermediate_size=384, rotary_pct=0.25, max_position_embeddings=2048, tie_word_embeddings=True,
+             intermediate_size=384, rotary_pct=0.5, max_position_embeddings=2048, tie_word_embeddings=True,
              use_parallel_residual=True, bos_token_id=EOT, eos_token_id=EOT)
 
 
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--synthetic", type=float, default=0.25, help="batch fraction of repeated spans")
+    p.add_argument("--synthetic", type=float, default=0.375, help="batch fraction of repeated spans")
     p.add_argument("--eval-windows", type=int, default=160, help="held-out windows scored")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -147,6 +147,14 @@ def unigram_loss(train: torch.Tensor, windows: torch.Tensor, vocab: int) -> floa
     return float(-logp[windows[:, 1:].flatten()].mean())
 
 
+def best_induction(model, tokens: torch.Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    score = float(measure_induction(model, tokens, 30).scores.max())
+    model.train(was_training)
+    return score
+
+
 def induction_report(model, tokenizer, corpus_ids: torch.Tensor, seed: int) -> dict:
     out = {}
     for name, candidates in (("word_tokens", word_token_ids(tokenizer)), ("corpus_tokens", corpus_ids)):
@@ -185,6 +193,9 @@ def main(argv=None) -> int:
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed)
+    # A fixed probe from its own generator, so probing never changes the training batches.
+    probe = repeated_tokens(vocab_ids, 30, batch=4, bos_token_id=EOT,
+                            generator=torch.Generator().manual_seed(args.seed + 2))
     curve, t_train = [], time.time()
     for step in range(args.steps):
         for group in opt.param_groups:
@@ -197,9 +208,13 @@ def main(argv=None) -> int:
         if step % 25 == 0 or step == args.steps - 1:
             elapsed = time.time() - t_train
             rate = (step + 1) * args.batch * args.seq_len / elapsed
-            curve.append({"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(elapsed, 1)})
+            point = {"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(elapsed, 1)}
+            if step % 100 == 0 or step == args.steps - 1:  # when does the induction head form?
+                point["best_induction_score"] = round(best_induction(model, probe), 4)
+            curve.append(point)
+            probe_note = f"  induction {point['best_induction_score']:.2f}" if "best_induction_score" in point else ""
             print(f"step {step:4d}  loss {loss.item():.3f}  lr {lr_at(step, args):.2e}  {rate:,.0f} tok/s  "
-                  f"[{elapsed:.0f}s]", flush=True)
+                  f"[{elapsed:.0f}s]{probe_note}", flush=True)
     train_s = time.time() - t_train
 
     model.eval()

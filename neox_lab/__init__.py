@@ -1,32 +1,48 @@
 """neox_lab: an einops GPT-NeoX with hook points on every stream, for interpretability and equivalence testing.
 
 The file list is the architecture: config, rotary, attention (+ backends), mlp, layernorm, block, model,
-heads, loading, hook_points / hook_names / hooked, activation_cache, kv_cache, generation, tokenizer;
+heads, loading, hook_points / hook_registry / hooked, activation_cache, kv_cache, generation, tokenizer;
 then the tools built on them: interventions, patching, disk_cache, plotting, demo, testing.
+
+Names are imported on first use, so `import neox_lab` (and the pytest plugin it registers) costs no
+torch import until something is actually used.
 """
 
-from .activation_cache import ActivationCache
-from .cached_activations import CachedActivations
-from .config import PRESETS, NeoXConfig
-from .default_model import load_default
-from .disk_cache import cache_dataset
-from .heads import (
-    NeoXForCausalLM,
-    NeoXForQuestionAnswering,
-    NeoXForSequenceClassification,
-    NeoXForTokenClassification,
-)
-from .hook_names import hook_names
-from .hook_points import HookError, HookPoint
-from .kv_cache import KVCache
-from .loading import CheckpointError
-from .model import NeoXModel
-from .outputs import NeoXOutput
-from .tokenizer import NeoXTokenizer
+from __future__ import annotations
 
-__all__ = [
-    "ActivationCache", "CachedActivations", "CheckpointError", "HookError", "HookPoint", "KVCache", "NeoXConfig",
-    "NeoXForCausalLM", "NeoXForQuestionAnswering", "NeoXForSequenceClassification", "NeoXForTokenClassification",
-    "NeoXModel", "NeoXOutput", "NeoXTokenizer", "PRESETS", "cache_dataset", "hook_names", "load_default",
-]
+import importlib
+
+_EXPORTS = {
+    "ActivationCache": "activation_cache",
+    "CachedActivations": "cached_activations",
+    "CheckpointError": "loading",
+    "HookError": "hook_points",
+    "HookPoint": "hook_points",
+    "KVCache": "kv_cache",
+    "NeoXConfig": "config",
+    "PRESETS": "config",
+    "NeoXForCausalLM": "heads",
+    "NeoXForQuestionAnswering": "heads",
+    "NeoXForSequenceClassification": "heads",
+    "NeoXForTokenClassification": "heads",
+    "NeoXModel": "model",
+    "NeoXOutput": "outputs",
+    "NeoXTokenizer": "tokenizer",
+    "cache_dataset": "disk_cache",
+    "hook_names": "hook_registry",
+    "load_default": "default_model",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'neox_lab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -18,7 +18,7 @@ from einops import einsum, rearrange
 
 from . import axes
 from .config import NeoXConfig
-from .hook_names import expand_shorthand, hook_names, unknown_hook_message
+from .hook_registry import expand_shorthand, hook_names, unknown_hook_message
 
 PosSlice = int | slice | list | torch.Tensor | None
 
@@ -94,6 +94,7 @@ class ActivationCache(Mapping):
 
     @property
     def n_layers(self) -> int:
+        """Blocks in the model the cache came from (what negative layers count back from)."""
         return self.cfg.num_hidden_layers
 
     # ------------------------------------------------------------------ mapping

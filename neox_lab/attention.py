@@ -29,6 +29,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.flash = FlashKernel()
+        self.last_kernel: str | None = None  # what the latest forward ran; see NeoXPreTrained.attn_kernels
         self._warned_fallback = False
         self.hook_q, self.hook_k, self.hook_v = HookPoint(HEADS), HookPoint(HEADS), HookPoint(HEADS)
         self.hook_rot_q, self.hook_rot_k = HookPoint(HEADS), HookPoint(HEADS)
@@ -57,7 +58,9 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.cfg.attention_dropout if self.training else 0.0
         pattern = None
+        kernel_name = backend
         if backend != "eager" and self.needs_eager(output_attentions):
+            kernel_name = "eager (fallback)"
             if not self._warned_fallback:
                 warnings.warn(
                     f"layer {self.layer}: attention scores/pattern were requested, which the {backend!r} "
@@ -75,6 +78,9 @@ class Attention(nn.Module):
         else:
             kernel = sdpa_attention if backend == "sdpa" else self.flash
             z = kernel(q, k, v, mask, scale=self.scale, head_mask=head_mask, dropout_p=dropout_p)
+            if backend == "flash":
+                kernel_name = self.flash.last
+        self.last_kernel = kernel_name
         z = self.hook_z(z)
         if self.hook_result.active:
             # Each head's write into the residual stream; large, so only built when someone asks.

@@ -215,7 +215,15 @@ def resolve_backend(name: str, x: torch.Tensor) -> str:
     return name
 
 
-from .flash_kernel import FlashKernel  # noqa: E402  (flash_kernel builds on the helpers above)
+def __getattr__(name: str):
+    # FlashKernel lives in flash_kernel.py, which builds on this module: resolve it on first use so
+    # either module can be imported first.
+    if name == "FlashKernel":
+        from .flash_kernel import FlashKernel
 
-__all__ = ["BACKENDS", "HALF", "AttnMask", "FlashKernel", "StaticDecodeMask", "eager_attention", "finish",
+        return FlashKernel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "HALF", "AttnMask", "StaticDecodeMask", "eager_attention", "finish",
            "resolve_backend", "sdpa_attention", "sdpa_mask"]

@@ -45,7 +45,7 @@ def generate(model, input_ids=None, *, prompt: str | list[str] | None = None, at
              max_length: int | None = None, max_new_tokens: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id=_UNSET, pad_token_id=_UNSET, generator: torch.Generator | None = None,
-             use_cache: bool = True, return_cache: bool = False, names_filter=None):
+             use_cache: bool = True, return_cache: bool = False, names_filter=None, compile: bool = False):
     """Extend prompts token by token; returns the ids ``[batch prompt_len + new]``.
 
     input_ids: int ``[batch pos]`` (or ``[pos]``), left-padded with `attention_mask` ``[batch pos]``
@@ -66,6 +66,10 @@ def generate(model, input_ids=None, *, prompt: str | list[str] | None = None, at
         in that pass too, on every position at once. Its last position is the last generated token
         (whose own logits were never needed to decode).
 
+    compile: decode with a static KV cache and a CUDA-graph-captured one-token step
+        (`neox_lab.fast_decode`) where it can run (CUDA, fp16/bf16, no hooks attached, use_cache);
+        elsewhere it warns and decodes as usual. Same tokens up to half-precision rounding. Opt-in.
+
     Runs under `torch.no_grad()`. Module docstring: what hooks see at each step.
     """
     input_ids, attention_mask = _inputs(model, input_ids, prompt, attention_mask)
@@ -83,13 +87,21 @@ def generate(model, input_ids=None, *, prompt: str | list[str] | None = None, at
     eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype) if eos else None
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     cache = KVCache(model.cfg.num_hidden_layers, max_length=total) if use_cache else None
+    decoder = None
+    if compile and use_cache:
+        from .fast_decode import static_decoder
+
+        decoder = static_decoder(model, ids, total)  # None (with a warning) where it cannot run
     step_ids = ids
-    for _ in range(total - prompt_len):
-        if use_cache:
-            out = model(step_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    for step in range(total - prompt_len):
+        if decoder is not None:
+            logits = decoder(step_ids, mask, prefill=step == 0).float()
         else:
-            out = model(ids, attention_mask=mask)
-        logits = out.logits[:, -1].float()
+            if use_cache:
+                out = model(step_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            else:
+                out = model(ids, attention_mask=mask)
+            logits = out.logits[:, -1].float()
         if do_sample:
             scores = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
             probs = scores.softmax(-1)

@@ -9,7 +9,8 @@ class KVCache:
     """Per-layer keys and values (after rotary) in [batch key_pos n_heads d_head].
 
     With `max_length`, storage is preallocated on first use and written in place (no reallocation per
-    decoding step); otherwise each step concatenates.
+    decoding step); otherwise each step concatenates. Preallocated slots not yet written hold zeros, not
+    garbage: a kernel that reads the whole buffer under a mask multiplies them by 0, and 0 * NaN is NaN.
     """
 
     def __init__(self, n_layers: int, max_length: int | None = None):
@@ -41,12 +42,30 @@ class KVCache:
             raise ValueError(f"KVCache: {start + new} positions exceed max_length={self.max_length}")
         if self.keys[layer] is None:
             shape = (k.shape[0], self.max_length, *k.shape[2:])
-            self.keys[layer] = k.new_empty(shape)
-            self.values[layer] = v.new_empty(shape)
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = v.new_zeros(shape)
         self.keys[layer][:, start : start + new] = k
         self.values[layer][:, start : start + new] = v
         self.lengths[layer] = start + new
         return self.keys[layer][:, : start + new], self.values[layer][:, : start + new]
+
+    @classmethod
+    def preallocated(cls, n_layers: int, batch: int, max_length: int, n_heads: int, d_head: int, *,
+                     dtype: torch.dtype, device) -> KVCache:
+        """A cache whose zeroed [batch max_length n_heads d_head] buffers exist before the first update,
+        so their addresses are known in advance (what a captured CUDA graph needs)."""
+        cache = cls(n_layers, max_length)
+        shape = (batch, max_length, n_heads, d_head)
+        cache.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        cache.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        return cache
+
+    def reset(self) -> None:
+        """Forget every position but keep preallocated buffers (stale slots are masked, never read)."""
+        self.lengths = [0] * self.n_layers
+        if self.max_length is None:
+            self.keys = [None] * self.n_layers
+            self.values = [None] * self.n_layers
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """A cache holding only the given batch rows."""

@@ -39,6 +39,16 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {name!r}")
         self.attn_backend = name
 
+    def attn_kernels(self) -> list[str | None]:
+        """The attention kernel each layer ran on its latest forward, in layer order: "eager",
+        "eager (fallback)" (scores/pattern requested on a fast backend), "sdpa", or the flash kernel's
+        name ("flash_attn.func", "flash_attn.kvcache", "flash_attn.varlen", "sdpa.flash", "sdpa.cudnn",
+        "sdpa.efficient"); None for a layer that has not run yet."""
+        from .attention import Attention
+
+        layers = sorted((m for m in self.modules() if isinstance(m, Attention)), key=lambda m: m.layer)
+        return [m.last_kernel for m in layers]
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """transformers' initialisation: normal(0, initializer_range) weights, zero biases, unit LayerNorms."""

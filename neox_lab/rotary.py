@@ -49,6 +49,14 @@ class Rotary(nn.Module):
         self.channels = cfg.rotary_channels
         self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # `model.half()` / `.to(torch.bfloat16)` would round the frequency table too: in bf16 that puts
+        # rotary angles off by radians at position 2048. Whatever the model's dtype, keep it fp32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inverse_frequencies(self.cfg, device=self.inv_freq.device)
+        return self
+
     def reset_buffers(self, device=None) -> None:
         """Recompute the (non-persistent) frequency table, e.g. after building on the meta device."""
         self.inv_freq = inverse_frequencies(self.cfg, device=device)

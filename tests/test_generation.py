@@ -333,15 +333,17 @@ def test_cli_sampling_is_reproducible_with_a_seed(cli, text_ckpt, capsys):
 def test_cli_errors(cli, text_ckpt, tmp_path, capsys, monkeypatch):
     assert cli(["generate", "--model", str(text_ckpt), "--greedy", "--temperature", "2", "x"]) == 2
     assert "--greedy" in capsys.readouterr().err
-    monkeypatch.delattr(neox_lab, "load_default", raising=False)
+    from neox_lab import default_model
+
+    monkeypatch.setattr(default_model, "package_model_dir", lambda: tmp_path / "no-default-here")
     assert cli(["generate", "x"]) == 2
-    assert "--model DIR is required" in capsys.readouterr().err
+    assert "default model's package data is missing" in capsys.readouterr().err
     assert cli(["generate", "--model", str(tmp_path / "nowhere"), "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
 def test_cli_uses_the_default_model_when_there_is_one(cli, text_model, capsys, monkeypatch):
-    monkeypatch.setattr(neox_lab, "load_default", lambda: text_model, raising=False)
+    monkeypatch.setattr(neox_lab, "load_default", lambda **kw: text_model, raising=False)
     assert cli(["generate", "--greedy", "--max-new-tokens", "3", "--completion-only", "Hi"]) == 0
     ids = text_model.generate(prompt="Hi", max_new_tokens=3)
     new = ids[0, len(text_model.tokenizer.encode("Hi")):]

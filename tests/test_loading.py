@@ -193,7 +193,7 @@ def test_every_class_saves_what_transformers_loads(name, tmp_path):
     from neox_lab.heads import MODEL_CLASSES
 
     torch.manual_seed(1)
-    model = MODEL_CLASSES[name](CFG.replace(num_labels=3)).eval()
+    model = MODEL_CLASSES[name](CFG.replace(num_labels=3, pad_token_id=1)).eval()
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [name]
     hf = getattr(transformers, name).from_pretrained(tmp_path).eval()

@@ -33,10 +33,8 @@ def _load(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model is not None:
         return NeoXForCausalLM.from_pretrained(args.model, device=device)
-    load_default = getattr(neox_lab, "load_default", None)
-    if load_default is None:
-        raise ValueError("--model DIR is required: this install has no bundled default model")
-    return load_default().to(device)
+    # Without --model, the model shipped in the package (FileNotFoundError says so if it is missing).
+    return neox_lab.load_default(device=device)
 
 
 def run(args) -> int:

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from ..hook_names import hook_names, unknown_hook_message
+from ..hook_registry import hook_names, unknown_hook_message
 from .report import EquivalenceReport, HookResult, LogitsResult, assert_equivalent
 from .sides import Side
 from .tolerance import Tolerance, policy_for
 
-__all__ = ["compare", "assert_equivalent", "EquivalenceReport"]
+__all__ = ["EquivalenceReport", "assert_equivalent", "compare", "default_tolerance"]
 
 #: Fields two models must share to be compared stream by stream.
 STRUCTURE = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size",
@@ -45,9 +45,7 @@ def compare(model_a, model_b, inputs, *, hooks="all", tolerance: Tolerance | Non
     store_a, logits_a = a.run(ids, mask, names)
     store_b, logits_b = b.run(ids, mask, names)
     if tolerance is None:
-        width = max(cfg.hidden_size, cfg.intermediate_size, ids.shape[-1])
-        tolerance = policy_for(a.dtype, b.dtype, a.backend, b.backend, width=width, device_a=a.device,
-                               device_b=b.device)
+        tolerance = _policy(a, b, ids.shape[-1])
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     registry = hook_names(cfg)
     n_layers = cfg.num_hidden_layers
@@ -72,6 +70,17 @@ def compare(model_a, model_b, inputs, *, hooks="all", tolerance: Tolerance | Non
         logits = _compare_logits(logits_a, logits_b, real, tolerance, n_layers + 1)
     return EquivalenceReport(model_a=a.describe(), model_b=b.describe(), tolerance=tolerance,
                              n_positions=int(real.sum()), hooks=results, logits=logits, skipped=skipped)
+
+
+def default_tolerance(model_a, model_b, seq_len: int) -> Tolerance:
+    """The policy `compare` derives for these two models (their dtypes, attention backends and
+    devices, at width max(d_model, d_mlp, seq_len)); e.g. to loosen it: `.scaled(4)`."""
+    return _policy(Side(model_a, "model_a"), Side(model_b, "model_b"), seq_len)
+
+
+def _policy(a: Side, b: Side, seq_len: int) -> Tolerance:
+    width = max(b.cfg.hidden_size, b.cfg.intermediate_size, seq_len)
+    return policy_for(a.dtype, b.dtype, a.backend, b.backend, width=width, device_a=a.device, device_b=b.device)
 
 
 # ---------------------------------------------------------------------------------------- inputs

@@ -108,10 +108,13 @@ class EquivalenceReport:
     def summary(self) -> str:
         """One line: the verdict and, when it fails, where and by how much."""
         if self.equivalent:
-            return f"EQUIVALENT ({len(self.hooks)} hooks and logits within {self.tolerance.label})"
+            what = f"{len(self.hooks)} hooks" + (" and logits" if self.logits is not None else "")
+            return f"EQUIVALENT ({what} within {self.tolerance.label})"
         first = self.first_divergence
         if first is not None:
             where = f"layer {first.layer}" if first.layer is not None else "outside the blocks"
+            if math.isinf(first.rel):
+                where += "; a non-finite value on one side only"
             return (f"NOT EQUIVALENT: first divergence at {first.name} ({where}): rel error {first.rel:.3g} > "
                     f"bound {first.bound:.3g}, max abs error {first.max_abs:.3g}; "
                     f"{len(self.failures)} of {len(self.hooks)} hooks fail")

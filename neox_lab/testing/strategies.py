@@ -6,8 +6,6 @@ Nothing here downloads: pairs are built from random weights, saved with transfor
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -15,14 +13,10 @@ from hypothesis import strategies as st
 
 from ..config import NeoXConfig
 
+# Pair building lives in `pairs` (no hypothesis needed there); re-exported for existing imports.
+from .pairs import HF_CLASSES, build_pair, hf_config, tiny_config  # noqa: F401
+
 ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu")
-HF_CLASSES = {
-    "causal_lm": "GPTNeoXForCausalLM",
-    "sequence_classification": "GPTNeoXForSequenceClassification",
-    "token_classification": "GPTNeoXForTokenClassification",
-    "question_answering": "GPTNeoXForQuestionAnswering",
-    "base": "GPTNeoXModel",
-}
 
 
 @st.composite
@@ -106,40 +100,24 @@ def token_batches(draw, cfg: NeoXConfig, *, max_batch: int = 3, max_len: int = 3
     return TokenBatch(ids, mask, mode)
 
 
-def hf_config(cfg: NeoXConfig, attn_implementation: str = "eager"):
-    """The equivalent `transformers.GPTNeoXConfig`."""
-    import transformers
+@dataclass
+class ModelPair:
+    """A drawn config, the seed its weights came from, and the (transformers, neox_lab) models."""
 
-    return transformers.GPTNeoXConfig(**cfg.to_hf(), attn_implementation=attn_implementation)
+    cfg: NeoXConfig
+    seed: int
+    hf: object
+    neox: object
 
 
-def build_pair(cfg: NeoXConfig, seed: int = 0, task: str = "causal_lm", *, directory: str | None = None,
-               dtype=torch.float32, attn_backend: str = "eager", attn_implementation: str = "eager"):
-    """A seeded random `transformers` model and the neox_lab model loaded from its saved checkpoint.
+@st.composite
+def paired_models(draw, configs=None, *, task: str = "causal_lm", dtype=torch.float32,
+                  attn_backend: str = "eager") -> ModelPair:
+    """A config from `configs` (default `neox_configs()`), a seed, and the seeded pair built from them.
 
-    Both are in eval mode and `dtype`. Returns (hf_model, neox_model).
+    Building saves and loads a checkpoint (tens of ms for tiny configs): keep `configs` small.
     """
-    import transformers
-
-    from .. import heads
-
-    hf_cls = getattr(transformers, HF_CLASSES[task])
-    torch.manual_seed(seed)
-    hf_model = hf_cls(hf_config(cfg, attn_implementation)).eval()
-    neox_cls = heads.MODEL_CLASSES[HF_CLASSES[task]]
-    with tempfile.TemporaryDirectory() if directory is None else _Keep(directory) as path:
-        hf_model.save_pretrained(path)
-        neox_model = neox_cls.from_pretrained(path, attn_backend=attn_backend)
-    return hf_model.to(dtype), neox_model.to(dtype).eval()
-
-
-class _Keep:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self) -> str:
-        os.makedirs(self.path, exist_ok=True)
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        return None
+    cfg = draw(neox_configs() if configs is None else configs)
+    seed = draw(st.integers(0, 2**16))
+    hf, neox = build_pair(cfg, seed, task, dtype=dtype, attn_backend=attn_backend)
+    return ModelPair(cfg, seed, hf, neox)

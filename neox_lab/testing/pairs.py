@@ -1,0 +1,70 @@
+"""Seeded (transformers, neox_lab) model pairs and the tiny config tests use; no hypothesis needed.
+
+Nothing here downloads: pairs are built from random weights, saved with transformers'
+`save_pretrained` and loaded back with neox_lab, which exercises the real loading path.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from ..config import NeoXConfig
+
+HF_CLASSES = {
+    "causal_lm": "GPTNeoXForCausalLM",
+    "sequence_classification": "GPTNeoXForSequenceClassification",
+    "token_classification": "GPTNeoXForTokenClassification",
+    "question_answering": "GPTNeoXForQuestionAnswering",
+    "base": "GPTNeoXModel",
+}
+
+
+def tiny_config(**changes) -> NeoXConfig:
+    """A 2-layer, d_model 32 NeoX with partial rotary: big enough to have every stream, fast on a CPU."""
+    cfg = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, rotary_pct=0.5, max_position_embeddings=64, bos_token_id=0,
+                     eos_token_id=0)
+    return cfg.replace(**changes) if changes else cfg
+
+
+def hf_config(cfg: NeoXConfig, attn_implementation: str = "eager"):
+    """The equivalent `transformers.GPTNeoXConfig`."""
+    import transformers
+
+    return transformers.GPTNeoXConfig(**cfg.to_hf(), attn_implementation=attn_implementation)
+
+
+def build_pair(cfg: NeoXConfig, seed: int = 0, task: str = "causal_lm", *, directory: str | None = None,
+               dtype=torch.float32, attn_backend: str = "eager", attn_implementation: str = "eager"):
+    """A seeded random `transformers` model and the neox_lab model loaded from its saved checkpoint.
+
+    Both are in eval mode and `dtype`. Returns (hf_model, neox_model). `directory` keeps the
+    checkpoint there (e.g. for `neox-lab compare`); by default it lives in a temporary directory.
+    """
+    import transformers
+
+    from .. import heads
+
+    hf_cls = getattr(transformers, HF_CLASSES[task])
+    torch.manual_seed(seed)
+    hf_model = hf_cls(hf_config(cfg, attn_implementation)).eval()
+    neox_cls = heads.MODEL_CLASSES[HF_CLASSES[task]]
+    with tempfile.TemporaryDirectory() if directory is None else _Keep(directory) as path:
+        hf_model.save_pretrained(path)
+        neox_model = neox_cls.from_pretrained(path, attn_backend=attn_backend)
+    return hf_model.to(dtype), neox_model.to(dtype).eval()
+
+
+class _Keep:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> str:
+        os.makedirs(self.path, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        return None

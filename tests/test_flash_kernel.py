@@ -1,0 +1,147 @@
+"""The "flash" kernel's bookkeeping on CPU: which flash-attn function runs for which mask (plain,
+KV cache, left padding via cache_leftpad, any other padding via the unpadded kernel, the static
+decoding mask), the gather/scatter of real tokens, dead and padding rows, and the torch-fused
+fallback's kernel choice. The flash-attn functions are replaced by CPU stand-ins written from
+flash-attn's documented semantics (causal aligned bottom-right, rows with no key give 0,
+cache_seqlens counting slots from 0 with padding, cache_leftpad the first real slot); test_gpu.py runs
+the real kernels. Tolerance: fp32 with d_head 8 and <= 12 keys, so only rounding (~1e-7) separates a
+stand-in from the eager reference; 1e-5 absolute.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neox_lab import flash_kernel
+from neox_lab.backends import AttnMask, StaticDecodeMask, eager_attention
+from neox_lab.flash_kernel import FlashKernel
+
+
+def _one_sequence(q, k, v, scale, causal):
+    """flash-attn's documented semantics for one sequence: causal aligned bottom-right, rows with no key
+    give 0. q [q_len n_heads d_head], k and v [k_len n_heads d_head]."""
+    scores = torch.einsum("qhd,khd->hqk", q * scale, k)
+    if causal:
+        q_len, k_len = q.shape[0], k.shape[0]
+        allowed = torch.arange(k_len)[None, :] <= torch.arange(q_len)[:, None] + (k_len - q_len)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    pattern = scores.softmax(-1).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", pattern, v)
+
+
+def fake_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    return torch.stack([_one_sequence(q[b], k[b], v[b], softmax_scale, causal) for b in range(q.shape[0])])
+
+
+def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and q.dim() == k.dim() == 3
+    assert int(cu_q[-1]) == q.shape[0] and int(cu_k[-1]) == k.shape[0]
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    return torch.cat([_one_sequence(q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]],
+                                    softmax_scale, causal) for i in range(len(cu_q) - 1)])
+
+
+def fake_kvcache(q, k_cache, v_cache, cache_seqlens=None, cache_leftpad=None, softmax_scale=None, causal=False):
+    assert k_cache.stride(-1) == v_cache.stride(-1) == 1
+    batch = q.shape[0]
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32)
+    assert cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (batch,)
+    assert cache_leftpad is None or (cache_leftpad.dtype == torch.int32 and cache_leftpad.shape == (batch,))
+    left = cache_leftpad if cache_leftpad is not None else torch.zeros(batch, dtype=torch.int32)
+    # cache_seqlens is where the row's filled slots end (padding counted); keys are [leftpad, seqlens).
+    return torch.stack([_one_sequence(q[b], k_cache[b, left[b]:cache_seqlens[b]], v_cache[b, left[b]:cache_seqlens[b]],
+                                      softmax_scale, causal) for b in range(batch)])
+
+
+@pytest.fixture
+def stand_in_flash_attn(monkeypatch):
+    monkeypatch.setattr(flash_kernel, "HAVE_FLASH_ATTN", True)
+    monkeypatch.setattr(flash_kernel, "flash_attn_func", fake_func)
+    monkeypatch.setattr(flash_kernel, "flash_attn_varlen_func", fake_varlen)
+    monkeypatch.setattr(flash_kernel, "flash_attn_with_kvcache", fake_kvcache)
+    return monkeypatch
+
+
+def _qkv(batch, q_len, k_len, heads, d, seed, preallocated_extra=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_len, heads, d, generator=g)
+    # k, v as a preallocated cache hands them out: a slice of a longer buffer (batch stride > rows).
+    k = torch.randn(batch, k_len + preallocated_extra, heads, d, generator=g)[:, :k_len]
+    v = torch.randn(batch, k_len + preallocated_extra, heads, d, generator=g)[:, :k_len]
+    return q, k, v
+
+
+@given(batch=st.integers(1, 3), q_len=st.integers(1, 6), past=st.integers(0, 6), heads=st.integers(1, 3),
+       padding=st.sampled_from(["none", "left", "right", "holes"]), leftpad_ok=st.booleans(),
+       grad=st.booleans(), data=st.data(), seed=st.integers(0, 2**16))
+def test_flash_attn_paths_match_eager_on_real_queries(stand_in_flash_attn, batch, q_len, past, heads, padding,
+                                                     leftpad_ok, grad, data, seed):
+    stand_in_flash_attn.setattr(flash_kernel, "FLASH_KVCACHE_LEFTPAD", leftpad_ok)
+    k_len = past + q_len
+    key_mask = torch.ones(batch, k_len, dtype=torch.bool)
+    for row in range(batch):
+        n_pad = data.draw(st.integers(0, k_len - 1))
+        if padding == "left":
+            key_mask[row, :n_pad] = False
+        elif padding == "right":
+            key_mask[row, k_len - n_pad:] = False
+        elif padding == "holes":
+            key_mask[row] = torch.tensor(data.draw(st.lists(st.booleans(), min_size=k_len, max_size=k_len)))
+    mask = AttnMask(q_len, k_len, torch.device("cpu"), None if bool(key_mask.all()) else key_mask)
+    q, k, v = _qkv(batch, q_len, k_len, heads, 8, seed, preallocated_extra=3)  # d_head 8: every path open
+    q.requires_grad_(grad)
+    head_mask = torch.rand(heads, generator=torch.Generator().manual_seed(seed))
+    kernel = FlashKernel()
+    z = kernel.dispatch(q, k, v, mask, scale=0.3, head_mask=head_mask)
+    ref, _ = eager_attention(q, k, v, mask, scale=0.3, head_mask=head_mask)
+    real_q = torch.ones(batch, q_len, dtype=torch.bool) if mask.key_mask is None else key_mask[:, -q_len:]
+    assert torch.allclose(z[real_q], ref[real_q], atol=1e-5, rtol=1e-5)
+    assert not z[~real_q].any()  # padding queries: zero (see neox_lab/backends.py's docstring)
+    expected = ("flash_attn.func" if mask.key_mask is None and (past == 0 or grad) else
+                "flash_attn.kvcache" if past and not grad and (mask.key_mask is None or
+                                                               (leftpad_ok and mask.leftpad is not None)) else
+                "flash_attn.varlen")
+    assert kernel.last == expected
+
+
+def test_flash_attn_static_decode_mask_reads_the_whole_cache(stand_in_flash_attn):
+    """The CUDA-graph step's view: every slot of the buffer, lengths and left padding on the device."""
+    stand_in_flash_attn.setattr(flash_kernel, "FLASH_KVCACHE_LEFTPAD", True)
+    batch, slots, filled = 3, 10, 7
+    key_mask = torch.zeros(batch, slots, dtype=torch.bool)
+    leftpad = torch.tensor([0, 2, 5], dtype=torch.int32)
+    for row in range(batch):
+        key_mask[row, int(leftpad[row]):filled] = True
+    q, k, v = _qkv(batch, 1, slots, 2, 8, 0)
+    mask = StaticDecodeMask(key_mask, torch.full((batch,), filled, dtype=torch.int32), leftpad, True)
+    kernel = FlashKernel()
+    z = kernel.dispatch(q, k, v, mask, scale=0.3)
+    assert kernel.last == "flash_attn.kvcache"
+    ref, _ = eager_attention(q, k, v, mask, scale=0.3)  # the eager kernel reads mask.allowed
+    assert torch.allclose(z, ref, atol=1e-6)
+    fused = FlashKernel()
+    stand_in_flash_attn.setattr(flash_kernel, "HAVE_FLASH_ATTN", False)
+    with pytest.raises(RuntimeError, match="no fused attention kernel accepted"):  # CPU has no masked fused kernel
+        fused.dispatch(q, k, v, StaticDecodeMask(key_mask, mask.cache_seqlens, None, False), scale=0.3)
+
+
+@pytest.mark.parametrize("q_len,past", [(5, 0), (1, 4), (3, 4)], ids=["causal", "decode", "chunk"])
+def test_torch_fused_fallback_picks_a_fused_kernel(monkeypatch, q_len, past):
+    """Without flash-attn: cuDNN is tried and refused on CPU, torch's flash kernel runs (bottom-right
+    causal through a CausalBias for a chunk after a past); `last` says so."""
+    monkeypatch.setattr(flash_kernel, "HAVE_FLASH_ATTN", False)
+    monkeypatch.setattr(flash_kernel, "_TORCH_CHOICE", {})
+    q, k, v = _qkv(2, q_len, past + q_len, 2, 8, 1, preallocated_extra=2)
+    mask = AttnMask(q_len, past + q_len, q.device)
+    kernel = FlashKernel()
+    z = kernel.dispatch(q, k, v, mask, scale=0.4)
+    assert kernel.last == "sdpa.flash"
+    assert torch.allclose(z, eager_attention(q, k, v, mask, scale=0.4)[0], atol=1e-6)
+    padded = AttnMask(q_len, past + q_len, q.device, torch.tensor([[0] + [1] * (past + q_len - 1)] * 2).bool())
+    with pytest.raises(RuntimeError, match="cudnn: .*efficient: "):  # masks need cuDNN or mem-efficient
+        kernel.dispatch(q, k, v, padded, scale=0.4)
