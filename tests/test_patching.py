@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import neox_lab
 from neox_lab import NeoXConfig, NeoXForCausalLM, patching
 from neox_lab.interventions import patch_from_cache, record
 
