@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="pythia-160m", choices=sorted(neox_lab.PRESETS))
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (5; quick: 2)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--shapes", default=None, help="comma-separated BATCHxPOS (default 1x512,4x128)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default=None,
                         help="how to measure peak memory (default subprocess; quick: inprocess)")
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
 def _bench(args) -> int:
     cfg = quick_config() if args.quick else neox_lab.PRESETS[args.preset]
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     repeats = args.repeats or (2 if args.quick else 5)
     memory = args.memory or ("inprocess" if args.quick else "subprocess")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, "

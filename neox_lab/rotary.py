@@ -19,8 +19,10 @@ def inverse_frequencies(cfg: NeoXConfig, seq_len: int | None = None, device=None
     scaling = cfg.rope_scaling
     if scaling is not None and scaling["type"] == "dynamic" and seq_len is not None:
         if seq_len > cfg.max_position_embeddings:
+            # In fp32 tensor arithmetic, as transformers computes it, so the grown base rounds the same way.
             factor = float(scaling["factor"])
-            base = base * ((factor * seq_len / cfg.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+            seq = torch.tensor(seq_len, dtype=torch.float32)
+            base = base * ((factor * seq / cfg.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
     if dim == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
