@@ -20,7 +20,7 @@ def load_script(name: str):
 def test_bench_hooks_quick(capsys):
     pytest.importorskip("transformers")
     bench = load_script("bench_hooks")
-    assert bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--memory", "inprocess"]) == 0
+    assert bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--memory", "inprocess", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     for variant in bench.VARIANTS:
         assert f"| {variant} |" in out
