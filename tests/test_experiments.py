@@ -64,3 +64,28 @@ def test_logit_lens_script(tmp_path):
     out = run_script("logit_lens", "--out", str(tmp_path), "--max-tokens", "12", "--n", "6")
     assert "after L0" in out and "second copy" in out
     assert (tmp_path / "logit_lens_code.png").is_file() and (tmp_path / "logit_lens_repeated.png").is_file()
+
+
+def test_bench_forward_cpu_quick():
+    pytest.importorskip("transformers")
+    out = run_script("bench_forward", "--device", "cpu", "--quick")
+    for variant in ("hf_sdpa", "hf_eager", "neox_sdpa", "neox_eager", "neox_cache"):
+        assert f"| quick | {variant} |" in out
+    assert "goals:" in out
+
+
+def test_bench_generate_cpu_quick():
+    pytest.importorskip("transformers")
+    out = run_script("bench_generate", "--device", "cpu", "--quick")
+    for batch in (1, 2):
+        for variant in ("hf_eager", "hf_sdpa", "neox"):
+            assert f"| {batch} | {variant} |" in out
+    assert "goal: >= 300 tokens/s at batch 1" in out
+
+
+def test_equivalence_sweep_reports_fp64_at_machine_precision():
+    pytest.importorskip("transformers")
+    out = run_script("equivalence_sweep", "--examples", "3")
+    # The last row is fp64 with transformers' fp32 softmax lifted: structure alone, at machine precision.
+    fp64 = out.strip().splitlines()[-1].split()
+    assert fp64[0] == "fp64" and float(fp64[1]) < 1e-12, out
