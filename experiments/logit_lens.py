@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-import neox_lab
-from neox_lab import NeoXForCausalLM, plotting
+from neox_lab import plotting
+from neox_lab.default_model import load_or_default
 from neox_lab.induction import repeated_tokens, word_token_ids
 from neox_lab.logit_lens import logit_lens
 
@@ -47,14 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(model_dir):
-    if model_dir is None:
-        return neox_lab.load_default()
-    model = NeoXForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if model.tokenizer is None:
-        from neox_lab.tokenizer import NeoXTokenizer
-
-        model.tokenizer = NeoXTokenizer.default()
-    return model
+    return load_or_default(model_dir)
 
 
 def report(name: str, lens, tokens: torch.Tensor, start: int) -> None:

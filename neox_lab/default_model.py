@@ -52,6 +52,18 @@ def load_default(dtype: torch.dtype = torch.float32, device=None, attn_backend: 
     return model
 
 
+def load_or_default(model_dir=None, dtype: torch.dtype = torch.float32, device=None):
+    """A checkpoint directory's `NeoXForCausalLM` (or the shipped model when `model_dir` is None), with a
+    tokenizer attached either way: the checkpoint's own, else the package's GPT-NeoX tokenizer."""
+    if model_dir is None:
+        return load_default(dtype=dtype, device=device)
+    from .heads import NeoXForCausalLM
+
+    model = NeoXForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
+    attach_default_tokenizer(model)
+    return model
+
+
 def attach_default_tokenizer(model) -> None:
     """Give `model` the package's GPT-NeoX tokenizer unless it already has one (the shipped model
     directory holds no tokenizer.json: it is the same file the package already carries)."""
