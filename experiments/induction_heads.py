@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("induction_heads_out"), help="figure directory")
     p.add_argument("--n", type=int, default=50, help="span length (the sequence is bos + 2n tokens)")
     p.add_argument("--batch", type=int, default=16, help="random sequences scored")
-    p.add_argument("--top", type=int, default=3, help="heads to ablate and plot")
+    p.add_argument("--top", type=int, default=4, help="heads to ablate and plot")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -40,13 +40,16 @@ def load(model_dir):
 
 
 @torch.no_grad()
-def ablated_copy_loss(model, tokens: torch.Tensor, n: int, layer: int, head: int) -> torch.Tensor:
-    def zero_head(z, *, hook):
-        z[:, :, head] = 0.0
-        return z
+def ablated_copy_loss(model, tokens: torch.Tensor, n: int, heads: list[tuple[int, int]]) -> torch.Tensor:
+    """Per-copy loss with the given (layer, head)s' outputs (hook_z) set to zero."""
+    def zero(head):
+        def hook_fn(z, *, hook):
+            z[:, :, head] = 0.0
+            return z
+        return hook_fn
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero_head)]).logits
-    return copy_losses(logits, tokens, n)
+    hooks = [(f"blocks.{layer}.attn.hook_z", zero(head)) for layer, head in heads]
+    return copy_losses(model.run_with_hooks(tokens, fwd_hooks=hooks).logits, tokens, n)
 
 
 def main(argv=None) -> int:
@@ -70,8 +73,10 @@ def main(argv=None) -> int:
     top = res.top_heads(args.top)
     print("top heads (score; second-copy loss with the head zero-ablated):")
     for layer, head, score in top:
-        ablated = float(ablated_copy_loss(model, tokens, args.n, layer, head)[1])
+        ablated = float(ablated_copy_loss(model, tokens, args.n, [(layer, head)])[1])
         print(f"  L{layer}H{head}: score {score:.3f}; ablated loss {ablated:.3f} ({ablated - second:+.3f})")
+    together = float(ablated_copy_loss(model, tokens, args.n, [(la, h) for la, h, _ in top])[1])
+    print(f"  all {len(top)} together: ablated loss {together:.3f} ({together - second:+.3f}; first copy {first:.3f})")
 
     args.out.mkdir(parents=True, exist_ok=True)
     plotting.induction_scores(res.scores, title="Induction scores", save=args.out / "induction_scores.png")

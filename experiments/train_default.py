@@ -9,15 +9,20 @@ model is neox_lab's own NeoXForCausalLM: parallel residual, partial rotary (rota
 GPT-NeoX-20B tokenizer's ids (vocab 50304 as Pythia), tied embeddings and a small d_model so that the
 fp16 weights fit in the package (config.json + model.safetensors <= 12 MB).
 
-Induction heads: every step also trains on --syn-batch short sequences (--syn-len 64 tokens) made of a
-span of 4-20 distinct random tokens (drawn uniformly from the token ids the training files use)
-repeated to fill the sequence. Such spans can only be predicted by copying, the standard trick for
-growing induction heads in small models; read the shipped model's induction numbers as those of a
-model trained to copy. The sequences are short on purpose: the circuit forms after a plateau whose
-length grows with the context, because an untrained head spreads its attention over every earlier
-key and puts only ~1/pos of it on the induction target. Measured on this architecture (4 x 4 heads,
-d_model 96), 256-token repeated sequences mixed 3:5 with code gave no induction head in 500 steps; in
-small-vocabulary pilots, pure repeated 256-token sequences needed ~1100 steps, 64-token ones ~250.
+Induction heads. Besides corpus windows, training uses short sequences (--syn-len 64 tokens) made of a
+span of 4-20 distinct random tokens repeated to fill the sequence, which can only be predicted by
+copying: the standard trick for growing induction heads in a small model (read the shipped model's
+induction numbers as those of a model trained to copy). Three phases:
+  1. steps 0..--core-steps: repeated spans only, drawn from the --core-vocab most frequent train ids;
+  2. ..--copy-warmup: repeated spans only, drawn from those ids plus the tokenizer's " word" tokens (the
+     tokens `neox_lab.demo` builds its random sequences from);
+  3. ..--steps: corpus windows and repeated spans together, the learning rate decaying (cosine).
+Why, as measured on this architecture (4 layers x 4 heads, d_model 96): the circuit forms after a plateau
+that grows with the context (an untrained head spreads attention over every earlier key, ~1/pos of it on
+the target): 256-token repeated sequences mixed 3:5 with code gave no induction head in 500 steps,
+64-token ones in a 1:1 token mix none in 600. Alone, 64-token spans over the 4096 most frequent ids form
+one at ~225 steps at a constant learning rate, but not over all 20k train ids by step 250 with a
+decaying one; and a head formed on some ids does not copy tokens never seen in the spans (so phase 2).
 
 Deterministic on CPU: fixed seed, 2 threads, sorted files, every random draw from one seeded
 generator; `torch.use_deterministic_algorithms` guards the kernels. Writes config.json,
@@ -55,15 +60,16 @@ MODEL = dict(vocab_size=50304, hidden_size=96, num_hidden_layers=4, num_attentio
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: package data)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=6, help="corpus windows per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per corpus window")
-    p.add_argument("--syn-batch", type=int, default=24, help="repeated-span sequences per step")
+    p.add_argument("--syn-batch", type=int, default=32, help="repeated-span sequences per step")
     p.add_argument("--syn-len", type=int, default=64, help="tokens per repeated-span sequence")
-    p.add_argument("--syn-vocab", type=int, default=0,
-                   help="repeated spans draw from this many most frequent train ids (0: all of them)")
-    p.add_argument("--copy-warmup", type=int, default=0,
-                   help="first steps train on repeated spans only (no corpus windows)")
+    p.add_argument("--core-vocab", type=int, default=4096, help="size of the core copy vocabulary: the most "
+                   "frequent train ids, which the first --core-steps spans draw from")
+    p.add_argument("--core-steps", type=int, default=300)
+    p.add_argument("--copy-warmup", type=int, default=450,
+                   help="the first steps train on repeated spans only (no corpus windows)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--eval-windows", type=int, default=160, help="held-out windows scored")
@@ -74,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.seq_len, args.syn_batch, args.syn_len, args.warmup = 3, 2, 64, 4, 32, 1
-        args.eval_windows, args.max_files, args.copy_warmup = 4, args.max_files or 12, 1
+        args.eval_windows, args.max_files, args.copy_warmup, args.core_steps = 4, args.max_files or 12, 1, 1
     return args
 
 
@@ -100,6 +106,14 @@ def tokenize(files: list[Path], tok: NeoXTokenizer) -> torch.Tensor:
 def split(files: list[Path]) -> tuple[list[Path], list[Path]]:
     """Held-out split by file: every 10th file (by sorted position) is held out."""
     return [f for i, f in enumerate(files) if i % 10 != 9], [f for i, f in enumerate(files) if i % 10 == 9]
+
+
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository where it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def digest(t: torch.Tensor) -> str:
@@ -128,10 +142,12 @@ def lm_loss(model: NeoXForCausalLM, tokens: torch.Tensor, reduction: str = "mean
 
 
 def lr_at(step: int, args) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
+    """Linear warmup, the peak through the copy warm-up (a decaying rate stalls the induction head's
+    formation), then cosine decay to 10% of the peak."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    start = max(args.warmup, args.copy_warmup)
+    progress = max(0, step - start) / max(1, args.steps - start)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -193,11 +209,11 @@ def main(argv=None) -> int:
     train_files, held_files = split(files)
     train, held = tokenize(train_files, tokenizer), tokenize(held_files, tokenizer)
     vocab_ids = torch.unique(train)  # sorted: deterministic
-    syn_ids = vocab_ids
-    if args.syn_vocab:
-        counts = torch.bincount(train, minlength=int(train.max()) + 1)
-        order = torch.sort(-counts, stable=True).indices  # most frequent first, ties by id
-        syn_ids = torch.sort(order[: args.syn_vocab]).values
+    counts = torch.bincount(train, minlength=MODEL["vocab_size"])
+    order = torch.sort(-counts, stable=True).indices  # most frequent first, ties by id
+    core_ids = torch.sort(order[: args.core_vocab]).values
+    words = word_token_ids(tokenizer)  # what the demo's random sequences are made of
+    wide_ids = torch.unique(torch.cat([core_ids, words]))
     print(f"corpus: {len(train_files)} train files ({train.numel():,} tokens), {len(held_files)} held-out "
           f"({held.numel():,} tokens), {vocab_ids.numel():,} distinct train ids [{time.time() - t0:.1f}s]")
 
@@ -208,14 +224,15 @@ def main(argv=None) -> int:
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed)
-    # A fixed probe from its own generator, so probing never changes the training batches.
-    probe = repeated_tokens(vocab_ids, 30, batch=4, bos_token_id=EOT,
-                            generator=torch.Generator().manual_seed(args.seed + 2))
+    # Fixed probes from their own generator, so probing never changes the training batches.
+    probes = {name: repeated_tokens(ids, 30, batch=4, bos_token_id=EOT,
+                                    generator=torch.Generator().manual_seed(args.seed + 2))
+              for name, ids in (("core", core_ids), ("words", words))}
     curve, tokens_seen, t_train = [], 0, time.time()
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        corpus, synthetic = make_batch(train, syn_ids, args, gen)
+        corpus, synthetic = make_batch(train, core_ids if step < args.core_steps else wide_ids, args, gen)
         # every predicted token weighs the same, whichever kind of sequence it is in
         if step < args.copy_warmup:
             corpus = corpus[:0]  # drawn all the same, so the batches after the warm-up do not depend on it
@@ -234,9 +251,11 @@ def main(argv=None) -> int:
             point = {"step": step, "loss": round(loss.item(), 4), "corpus_loss": round(corpus_loss, 4),
                      "elapsed_s": round(elapsed, 1)}
             if step % 100 == 0 or step == args.steps - 1:  # when does the induction head form?
-                point["best_induction_score"] = round(best_induction(model, probe), 4)
+                for name, probe in probes.items():
+                    point[f"best_induction_{name}"] = round(best_induction(model, probe), 4)
             curve.append(point)
-            note = f"  induction {point['best_induction_score']:.2f}" if "best_induction_score" in point else ""
+            note = "".join(f"  induction[{name}] {point[f'best_induction_{name}']:.2f}"
+                           for name in probes if f"best_induction_{name}" in point)
             print(f"step {step:4d}  loss {loss.item():.3f} (code {corpus_loss:.3f})  lr {lr_at(step, args):.2e}  "
                   f"{rate:,.0f} tok/s  [{elapsed:.0f}s]{note}", flush=True)
     train_s = time.time() - t_train
@@ -260,7 +279,7 @@ def main(argv=None) -> int:
     report = {
         "command": command.strip(),
         "model": MODEL,
-        "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "hyperparameters": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "corpus": {
             "source": "Python standard library .py files (sysconfig stdlib path), sorted; test/tests and "
                       "site-packages excluded; every 10th file held out",
@@ -269,9 +288,11 @@ def main(argv=None) -> int:
             "train_tokens": train.numel(), "heldout_tokens": held.numel(), "train_sha256_16": digest(train),
             "heldout_sha256_16": digest(held),
         },
-        "synthetic": f"{args.syn_batch} sequences of {args.syn_len} tokens per step besides {args.batch} "
-                     f"corpus windows of {args.seq_len}: a span of 4-20 distinct random train-corpus token "
-                     "ids repeated to fill the sequence",
+        "synthetic": f"{args.syn_batch} sequences of {args.syn_len} tokens per step (a span of 4-20 distinct "
+                     f"random token ids repeated), alone for {args.copy_warmup} steps (from the "
+                     f"{args.core_vocab} most frequent train ids for the first {args.core_steps}, then those "
+                     f"plus {words.numel()} ' word' tokens), then beside {args.batch} corpus windows of "
+                     f"{args.seq_len}",
         "heldout_loss": round(heldout, 4), "unigram_loss": round(unigram, 4),
         "heldout_tokens_scored": int(windows[:, 1:].numel()),
         "induction": induction,

@@ -65,10 +65,12 @@ def summarize(res, tok) -> str:
     lines += ["   Heads (hook_z, all positions), most important: "
               + ", ".join(f"L{la}H{h} {v:.2f}" for la, h, v in top), ""]
     lens = res.lens
-    final_ok = [int(lens.top_ids[-1, 0, p]) == int(pr.clean[0, p + 1]) for p in range(P - 1)]
+    second = range(1 + pr.span, P - 1)  # second-copy positions that have a next token
+    final_ok = [int(lens.top_ids[-1, 0, p]) == int(pr.clean[0, p + 1]) for p in second]
     lines += [
         "3. Logit lens (clean prompt 0, top token after each layer)",
-        f"   Final layer predicts the actual next token at {sum(final_ok)}/{P - 1} positions.",
+        f"   On the second copy the final layer's top token is the actual next token at {sum(final_ok)}/"
+        f"{len(final_ok)} positions.",
         "   Mean probability of the actual next token on the second copy, by depth: " + ", ".join(
             f"{label} {_nanmean(lens.target_probs[d, 0, 1 + pr.span:]):.2f}"
             for d, label in enumerate(lens.labels)),

@@ -20,11 +20,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("induction_scores", "induction_heads", "patching_resid", "patching_heads", "logit_lens")
 
 
-# The shipped model has no clear induction head yet (best head ~0.1 after 600 steps); issue 6 stays
-# open until a retrained model passes these. strict: a passing test then fails, so this gets removed.
-NO_INDUCTION_HEAD_YET = pytest.mark.xfail(reason="shipped model has no clear induction head yet", strict=True)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     return run_demo(out_dir=tmp_path_factory.mktemp("demo"), progress=False)
@@ -38,7 +33,6 @@ def test_writes_png_figures_and_summary(demo):
     assert (demo.out_dir / "summary.txt").read_text() == demo.summary
 
 
-@NO_INDUCTION_HEAD_YET
 def test_summary_names_the_induction_heads(demo):
     heads = induction_heads(demo.induction.scores)
     assert heads, f"the shipped model should have a head above {INDUCTION_THRESHOLD}"
@@ -74,7 +68,6 @@ def test_patching_figures(demo):
     assert heads.get_xlabel() == "head" and heads.get_ylabel() == "layer"
 
 
-@NO_INDUCTION_HEAD_YET
 def test_patching_tells_the_induction_story(demo):
     # Layer 0 at the corrupted position: the only input that differs, so patching it restores all.
     assert float(demo.resid_patch[0, demo.prompts.position]) == pytest.approx(1.0, abs=1e-4)

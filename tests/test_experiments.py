@@ -60,6 +60,11 @@ def test_induction_heads_script(tmp_path):
     assert (tmp_path / "induction_scores.png").is_file() and (tmp_path / "induction_patterns.png").is_file()
 
 
+def test_bench_cache_dataset_tiny():
+    out = run_script("bench_cache_dataset", "--quick", "--docs", "2", "--seq", "16", "--batch-size", "2")
+    assert "cache_tokens_per_s" in out and "overhead_vs_body_forward" in out
+
+
 def test_logit_lens_script(tmp_path):
     out = run_script("logit_lens", "--out", str(tmp_path), "--max-tokens", "12", "--n", "6")
     assert "after L0" in out and "second copy" in out
