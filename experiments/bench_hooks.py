@@ -16,6 +16,11 @@ interleaved run by run, so a neighbour's load on a shared CPU hits them all alik
 hf_eager (and the idle forward) in the same run and use the minimum: other processes only ever add
 time, so on a shared machine the minimum is the steadier estimate. The load average is printed.
 
+`--order blocked` runs each variant's calls back to back instead, as a loop over batches does. The two
+orders differ for the caching variants: a cache of every hook point is ~1 GB at 1 x 512, and when other
+variants ran in between, glibc has handed that memory back to the OS, so the next cache pays page faults
+for all of it (system time); back to back, the freed memory of the last cache is reused.
+
 Memory: each variant runs in a fresh subprocess (glibc's mmap threshold pinned low, so freed tensors go
 back to the OS and RSS follows live tensors); after loading and one warm-up call the peak-RSS counter is
 reset (/proc/self/clear_refs) and "peak MB" is the peak RSS during one call minus the RSS just before it:
@@ -141,14 +146,20 @@ def _memory_child(args) -> int:
 
 
 # ----------------------------------------------------------------------------- time
-def time_variants(models: dict, ids: torch.Tensor, warmup: int, repeats: int, collect: bool = True):
-    """Seconds per call of each variant, runs interleaved across variants; `collect` runs the
-    garbage collector (outside the timed region) before each call."""
+def time_variants(models: dict, ids: torch.Tensor, warmup: int, repeats: int, collect: bool = True,
+                  blocked: bool = False):
+    """Seconds per call of each variant, runs interleaved across variants (or, `blocked`, each
+    variant's runs back to back); `collect` runs the garbage collector (outside the timed region)
+    before each call."""
     runs = {v: runner(v, models["hf_eager" if v == "hf_eager" else "neox"], ids) for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    if blocked:
+        schedule = [(i, (v,)) for v in VARIANTS for i in range(warmup + repeats)]
+    else:
+        schedule = [(i, VARIANTS[i % len(VARIANTS):] + VARIANTS[: i % len(VARIANTS)])
+                    for i in range(warmup + repeats)]
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            order = VARIANTS[i % len(VARIANTS):] + VARIANTS[: i % len(VARIANTS)]
+        for i, order in schedule:
             for v in order:
                 if collect:
                     gc.collect()
@@ -196,6 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--shapes", default=None, help="comma-separated BATCHxPOS (default 1x512,4x128)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved",
+                        help="interleave the variants run by run (default) or run each one's calls back to back")
     parser.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default=None,
                         help="how to measure peak memory (default subprocess; quick: inprocess)")
     for hidden in ("--_memory-child", "--_ckpt", "--_shape"):
@@ -222,7 +235,7 @@ def _bench(args) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, "
           f"{'quick config' if args.quick else args.preset}: {cfg.num_hidden_layers} layers, "
           f"d_model {cfg.hidden_size}, {cfg.num_attention_heads} heads, vocab {cfg.vocab_size}; "
-          f"min/median of {repeats} after {args.warmup} warm-up; memory: {memory}; load average "
+          f"min/median of {repeats} after {args.warmup} warm-up, {args.order}; memory: {memory}; load average "
           + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     rows = []
     with tempfile.TemporaryDirectory() as directory:
@@ -233,7 +246,8 @@ def _bench(args) -> int:
             ids = torch.randint(0, cfg.vocab_size, (batch, pos), generator=gen)
             with torch.no_grad():
                 diff = (models["neox"](ids).logits - models["hf_eager"](ids).logits).abs().max().item()
-            times = time_variants(models, ids, args.warmup, repeats, collect=not args.quick)
+            times = time_variants(models, ids, args.warmup, repeats, collect=not args.quick,
+                                  blocked=args.order == "blocked")
             best = {v: min(t) for v, t in times.items()}
             for v in VARIANTS:
                 mem = {"peak_mb": float("nan"), "cache_mb": float("nan")}

@@ -22,6 +22,7 @@ within rounding. Unverified on a GPU in the session that wrote it: `compile` sta
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -50,6 +51,16 @@ def unsupported_reason(model, input_ids: torch.Tensor) -> str | None:
     return None
 
 
+# One decoder per model, beside it rather than on it: a captured graph and its buffers must not travel
+# with `copy.deepcopy(model)`, `torch.save(model)` or `state_dict()`, and must go when the model does.
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder_of(model) -> StaticDecoder | None:
+    """The `StaticDecoder` the latest `generate(compile=True)` of `model` used, if any."""
+    return _DECODERS.get(model)
+
+
 def static_decoder(model, input_ids: torch.Tensor, total: int, *, graph: bool = True) -> StaticDecoder | None:
     """The model's `StaticDecoder` for this batch and total length (reused across calls while the
     weights keep their storage), or None with a warning saying why the plain path must be used."""
@@ -58,12 +69,11 @@ def static_decoder(model, input_ids: torch.Tensor, total: int, *, graph: bool = 
         warnings.warn(f"generate(compile=True): decoding without CUDA graphs because {reason}", stacklevel=4)
         return None
     key = StaticDecoder.key_for(model, input_ids.shape[0], total)
-    decoder = getattr(model, "_static_decoder", None)
+    decoder = _DECODERS.get(model)
     if decoder is None or decoder.key != key:
+        _DECODERS.pop(model, None)  # free the old buffers and graph before allocating new ones
         decoder = None
-        model._static_decoder = None  # free the old buffers and graph before allocating new ones
-        decoder = StaticDecoder(model, input_ids.shape[0], total, graph=graph)
-        model._static_decoder = decoder
+        decoder = _DECODERS[model] = StaticDecoder(model, input_ids.shape[0], total, graph=graph)
     return decoder
 
 
@@ -78,7 +88,8 @@ class StaticDecoder:
 
     def __init__(self, model, batch: int, total: int, *, graph: bool = True):
         cfg, param = model.cfg, next(model.parameters())
-        self.model, self.batch, self.total, self.use_graph = model, batch, total, graph
+        self._model = weakref.ref(model)  # the model owns its decoder (_DECODERS), not the reverse
+        self.batch, self.total, self.use_graph = batch, total, graph
         self.key = self.key_for(model, batch, total)
         device, dtype = param.device, param.dtype
         self.cache = KVCache.preallocated(cfg.num_hidden_layers, batch, total, cfg.num_attention_heads,
@@ -99,12 +110,18 @@ class StaticDecoder:
         self._slot = 0  # host copy of `col`
         self._step_cache = _SlotCache(self.cache, self.col)
 
+    @property
+    def model(self):
+        return self._model()
+
     @staticmethod
     def key_for(model, batch: int, total: int) -> tuple:
         # Parameter storage addresses: a captured graph reads the weights where they were at capture.
+        # Inference mode: buffers made under it cannot be written outside it (and vice versa for autograd).
         ptrs = tuple(p.data_ptr() for p in model.parameters())
         param = next(model.parameters())
-        return (batch, total, param.dtype, param.device, model.attn_backend, ptrs)
+        return (batch, total, param.dtype, param.device, model.attn_backend, torch.is_inference_mode_enabled(),
+                ptrs)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor, *, prefill: bool = False) -> torch.Tensor:

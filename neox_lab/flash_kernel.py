@@ -9,8 +9,12 @@ With the flash-attn package (>= 2.1, where causal masks align bottom-right as a 
 
 Without it, torch's own fused kernels: FlashAttention ("sdpa.flash", no mask possible), cuDNN
 ("sdpa.cudnn") or, for a padding mask torch's flash kernel cannot take, memory-efficient
-("sdpa.efficient"). Each kind of call is timed once over the kernels that accept it and the fastest
-is remembered (process-wide), so cuDNN runs where it is faster. The math kernel is never used.
+("sdpa.efficient"). Each kind of call (dtype, head size, mask kind, decoding or not, gradients or not,
+key length to the next power of two) is timed once over the kernels that accept it and the fastest is
+remembered (process-wide), so cuDNN runs where it is faster. cuDNN is offered for inference only and
+only on CUDA >= 12.9: its backward has given NaN gradients with a mask (pytorch#196678) and torch turns
+it off by default on older CUDA (pytorch#171627). torch's global switches
+(`torch.backends.cuda.enable_flash_sdp(False)`, ...) are honoured. The math kernel is never used.
 
 `FlashKernel.last` names the kernel that ran on the latest call; `model.attn_kernels()` lists it per
 layer, and the first choice of a torch kernel is logged (logger "neox_lab", level INFO).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +50,16 @@ except Exception:  # noqa: BLE001 - any import failure (missing CUDA libs too) m
 
 MAX_HEAD_DIM = 256  # flash-attn 2's limit
 
-# Which torch kernel won the timing for a kind of call, shared by every layer:
-# (device, dtype, d_head, mask kind, decoding) -> kernel name.
+# Which torch kernel won the timing for a kind of call, shared by every layer (see `_call_kind`).
 _TORCH_CHOICE: dict[tuple, str] = {}
+
+
+def _cudnn_offered(needs_grad: bool) -> bool:
+    """Whether cuDNN attention is a candidate (module docstring: inference on CUDA >= 12.9 only)."""
+    if needs_grad or not torch.backends.cuda.cudnn_sdp_enabled():
+        return False
+    nums = re.findall(r"\d+", torch.version.cuda or "")[:2]
+    return len(nums) == 2 and (int(nums[0]), int(nums[1])) >= (12, 9)
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -140,32 +152,38 @@ class FlashKernel:
     def _torch_fused(self, q, k, v, mask, scale, dropout_p):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        if mask.key_mask is None and mask.q_len > 1 and mask.k_len > mask.q_len:
-            # A chunk after a past, no padding: torch's flash kernel takes a bottom-right causal bias.
-            from torch.nn.attention.bias import causal_lower_right
-
-            attn_mask, kind = causal_lower_right(mask.q_len, mask.k_len), "lower_right"
-        else:
-            attn_mask = sdpa_mask(mask)
-            kind = "causal" if mask.plain_causal else ("none" if attn_mask is None else "mask")
-        candidates = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
-        if kind == "mask":  # torch's flash kernel takes no mask; cuDNN and memory-efficient do
-            candidates = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
         args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if mask.key_mask is None and mask.q_len > 1 and mask.k_len > mask.q_len:
+            return self._lower_right(args, mask, scale, dropout_p)
+        attn_mask = sdpa_mask(mask)
+        kind = "causal" if mask.plain_causal else ("none" if attn_mask is None else "mask")
+        needs_grad = _needs_grad(q, k, v)
+        candidates = {}
+        if _cudnn_offered(needs_grad):
+            candidates["cudnn"] = SDPBackend.CUDNN_ATTENTION
+        if kind != "mask" and torch.backends.cuda.flash_sdp_enabled():  # torch's flash kernel takes no mask
+            candidates["flash"] = SDPBackend.FLASH_ATTENTION
+        if kind == "mask" and torch.backends.cuda.mem_efficient_sdp_enabled():
+            candidates["efficient"] = SDPBackend.EFFICIENT_ATTENTION
 
-        def run(backend):
-            with sdpa_kernel([backend]):
+        def run(backend, quiet=False):
+            with sdpa_kernel([backend]), warnings.catch_warnings():
+                if quiet:  # a kernel that cannot take this call warns why before raising: we only try it
+                    warnings.simplefilter("ignore", UserWarning)
                 return F.scaled_dot_product_attention(*args, attn_mask=attn_mask, is_causal=mask.plain_causal,
                                                       dropout_p=dropout_p, scale=scale)
 
-        key = (q.device, q.dtype, q.shape[-1], kind, mask.q_len == 1)
+        key = (q.device, q.dtype, q.shape[-1], kind, mask.q_len == 1, needs_grad, mask.k_len.bit_length(),
+               tuple(candidates))
         choice = _TORCH_CHOICE.get(key)
         errors = {}
+        # Timing needs a real device, no randomness (dropout) and no graph being captured; a call that
+        # cannot be timed takes the first kernel that accepts it and leaves the choice to a later call.
         if choice is None and q.is_cuda and not dropout_p and not torch.cuda.is_current_stream_capturing():
             timings = {}
             for name, backend in candidates.items():
                 try:
-                    timings[name] = _time_ms(lambda backend=backend: run(backend))
+                    timings[name] = _time_ms(lambda backend=backend: run(backend, quiet=True))
                 except RuntimeError as err:
                     errors[name] = str(err).splitlines()[0]
             if timings:
@@ -176,14 +194,40 @@ class FlashKernel:
             if name in errors:
                 continue
             try:
-                z = run(candidates[name])
+                z = run(candidates[name], quiet=name != choice)
             except RuntimeError as err:
                 errors[name] = str(err).splitlines()[0]
                 continue
-            if choice is None:
-                _TORCH_CHOICE[key] = name
             self.last = f"sdpa.{name}"
             return z.transpose(1, 2)
-        raise RuntimeError("attn_backend 'flash': no fused attention kernel accepted this call ("
-                           + "; ".join(f"{n}: {e}" for n, e in errors.items())
-                           + "); use attn_backend='sdpa' or 'eager'")
+        tried = "; ".join(f"{n}: {e}" for n, e in errors.items()) or "every candidate is switched off"
+        raise RuntimeError(f"attn_backend 'flash': no fused attention kernel accepted this call ({tried}); "
+                           "use attn_backend='sdpa' or 'eager'")
+
+    def _lower_right(self, args, mask, scale, dropout_p):
+        """A chunk of queries after a past, no padding: a bottom-right causal `CausalBias`.
+
+        torch dispatches that bias itself, to its flash kernel when the call allows it, else the
+        memory-efficient one, whatever `sdpa_kernel` says; ask the same predicates so `last` names the
+        kernel that ran. (On CPU, where the tests drive this, torch's CPU flash kernel takes the mask.)
+        """
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+
+        name = "flash"
+        if args[0].is_cuda:
+            from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+
+            params = SDPAParams(*args, None, dropout_p, False, False)
+            name = ("flash" if can_use_flash_attention(params) else
+                    "efficient" if can_use_efficient_attention(params) else None)
+            if name is None:
+                raise RuntimeError("attn_backend 'flash': neither torch's flash nor its memory-efficient kernel "
+                                   f"accepts a chunk of {mask.q_len} queries after {mask.k_len - mask.q_len} "
+                                   f"cached keys ({args[0].dtype}, d_head {args[0].shape[-1]}); use "
+                                   "attn_backend='sdpa' or 'eager'")
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            z = F.scaled_dot_product_attention(*args, attn_mask=causal_lower_right(mask.q_len, mask.k_len),
+                                               dropout_p=dropout_p, scale=scale)
+        self.last = f"sdpa.{name}"
+        return z.transpose(1, 2)

@@ -75,6 +75,17 @@ def _save(fig: Figure, save: str | os.PathLike | None) -> None:
     fig.savefig(path, format="png", dpi=_DPI, bbox_inches="tight")
 
 
+def _finish(fig: Figure, ax, im, *, xlabel: str, ylabel: str, title: str | None, cbar_label: str,
+            save: str | os.PathLike | None) -> None:
+    """Axis labels, optional title, a labelled colour bar, then write the PNG if asked."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    fig.colorbar(im, ax=ax).set_label(cbar_label)
+    _save(fig, save)
+
+
 def _fig_size(rows: int, cols: int, cell: float = 0.45, min_w: float = 4.0, min_h: float = 3.0):
     # Scale with the grid so long token sequences keep readable tick labels.
     return (max(min_w, cols * cell + 2.0), max(min_h, rows * cell + 1.5))
@@ -211,13 +222,7 @@ def patching_heatmap(
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(arr, cmap=_DIV_CMAP, vmin=-m, vmax=m, aspect="auto")
     _set_ticks(ax, [format_token(c) for c in col_labels], [str(r) for r in row_labels])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title is not None:
-        ax.set_title(title)
-    cbar = fig.colorbar(im, ax=ax)
-    cbar.set_label(cbar_label)
-    _save(fig, save)
+    _finish(fig, ax, im, xlabel=xlabel, ylabel=ylabel, title=title, cbar_label=cbar_label, save=save)
     return fig
 
 
@@ -255,13 +260,7 @@ def logit_lens(
     im = ax.imshow(arr, cmap=_SEQ_CMAP, norm=norm, aspect="auto")
     _annotate(ax, texts, arr, norm)
     _set_ticks(ax, [format_token(p) for p in position_labels], [str(layer) for layer in layer_labels])
-    ax.set_xlabel("position")
-    ax.set_ylabel("layer")
-    if title is not None:
-        ax.set_title(title)
-    cbar = fig.colorbar(im, ax=ax)
-    cbar.set_label(cbar_label)
-    _save(fig, save)
+    _finish(fig, ax, im, xlabel="position", ylabel="layer", title=title, cbar_label=cbar_label, save=save)
     return fig
 
 
@@ -289,11 +288,5 @@ def induction_scores(
     texts = np.vectorize(lambda v: f"{v:.2f}", otypes=[object])(arr)
     _annotate(ax, texts, arr, norm)
     _set_ticks(ax, [str(h) for h in range(n_heads)], [str(i) for i in range(n_layers)], rotate_x=False)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    if title is not None:
-        ax.set_title(title)
-    cbar = fig.colorbar(im, ax=ax)
-    cbar.set_label("induction score")
-    _save(fig, save)
+    _finish(fig, ax, im, xlabel="head", ylabel="layer", title=title, cbar_label="induction score", save=save)
     return fig

@@ -79,5 +79,7 @@ class Rotary(nn.Module):
         if self.channels == 0:
             return x
         rot, rest = x[..., : self.channels], x[..., self.channels :]
-        rotated = rot * cos + rotate_half(rot) * sin
+        # Under autocast, q/k come out of the projection in half precision while the tables follow the
+        # fp32 residual stream; keep x's dtype so q, k and v stay alike (the flash kernels need it).
+        rotated = (rot * cos + rotate_half(rot) * sin).to(x.dtype)
         return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated

@@ -41,7 +41,8 @@ TINY = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attent
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def model_for(cfg: NeoXConfig, seed: int, backend: str = "eager") -> NeoXForCausalLM:
@@ -155,7 +156,9 @@ def test_pattern_hook_on_sdpa_runs_eager_for_that_layer_only():
     with torch.no_grad():
         model(ids, attention_mask=mask)
     assert model.attn_kernels() == ["sdpa", "sdpa"]  # hooks gone: back on the fast kernel
-    _, cache = model.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: "pattern" in n or "scores" in n)
+    with pytest.warns(UserWarning, match="layer 0: attention scores/pattern"):  # layer 1 warned already
+        _, cache = model.run_with_cache(ids, attention_mask=mask,
+                                        names_filter=lambda n: "pattern" in n or "scores" in n)
     _, ref_cache = eager.run_with_cache(ids, attention_mask=mask,
                                         names_filter=lambda n: "pattern" in n or "scores" in n)
     assert model.attn_kernels() == ["eager (fallback)", "eager (fallback)"]
@@ -240,3 +243,20 @@ def test_dead_rows_are_zero_not_nan(backend):
         dead = torch.tensor([[1, 1, 1, 0, 0, 0], [0] * 6, [1] * 6]).bool()
         assert float(z[dead].abs().max()) == 0.0, name
     assert torch.isfinite(run(model, backend, ids, attention_mask=mask).logits).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_autocast_keeps_q_k_v_in_the_autocast_dtype(backend):
+    """Under autocast the projections give bf16 while rotary's tables follow the fp32 residual: rotated
+    q and k must come back bf16 like v (the flash kernels refuse mixed dtypes), and the logits must track
+    fp32 within the half-precision bound above."""
+    model = model_for(TINY, 3, backend=backend)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    ref = run(model, "eager", ids, attention_mask=mask).logits
+    names = [f"blocks.{layer}.attn.hook_{s}" for layer in range(2) for s in ("q", "rot_q", "rot_k", "v", "z")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, cache = model.run_with_cache(ids, attention_mask=mask, names_filter=names)
+    assert {name: cache[name].dtype for name in names} == {name: torch.bfloat16 for name in names}
+    real = mask.bool()
+    assert rel(logits.float()[real], ref[real]) < HALF_REL_U * U[torch.bfloat16] / 2

@@ -8,11 +8,15 @@ prefix, a reordering of the same sums: ~10 u (u = 6e-8) expected, 1e-5 asserted 
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 
-from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.fast_decode import StaticDecoder
+from neox_lab import NeoXConfig, NeoXForCausalLM, fast_decode
+from neox_lab.fast_decode import StaticDecoder, decoder_of, static_decoder
 
 FP32_REL = 1e-5
 TINY = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -57,3 +61,24 @@ def test_generate_compile_on_cpu_warns_and_decodes_as_usual():
     with pytest.warns(UserWarning, match="compile=True.*not on a CUDA device"):
         out = model.generate(ids, max_new_tokens=4, compile=True, eos_token_id=None)
     assert torch.equal(out, model.generate(ids, max_new_tokens=4, eos_token_id=None))
+
+
+def test_decoders_live_beside_the_model_and_follow_its_lifetime(monkeypatch):
+    """A decoder (on CUDA: a captured graph and a KV cache) must not travel with deepcopy or state_dict,
+    must be rebuilt when inference mode changes (its buffers are inference tensors or not), and must not
+    keep a deleted model alive."""
+    monkeypatch.setattr(fast_decode, "unsupported_reason", lambda model, ids: None)  # CPU stand-in
+    model = model_for(5, "eager")
+    ids = torch.randint(0, 97, (2, 5))
+    decoder = static_decoder(model, ids, 9, graph=False)
+    assert decoder_of(model) is decoder and decoder.model is model
+    assert static_decoder(model, ids, 9, graph=False) is decoder  # same shape: reused
+    clone = copy.deepcopy(model)
+    assert decoder_of(clone) is None and set(clone.state_dict()) == set(model.state_dict())
+    with torch.inference_mode():
+        inner = static_decoder(model, ids, 9, graph=False)
+    assert inner is not decoder and decoder_of(model) is inner
+    gone = weakref.ref(model)
+    del model, decoder, inner
+    gc.collect()
+    assert gone() is None and len(fast_decode._DECODERS) == 0

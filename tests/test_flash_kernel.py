@@ -10,6 +10,8 @@ stand-in from the eager reference; 1e-5 absolute.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -132,8 +134,8 @@ def test_flash_attn_static_decode_mask_reads_the_whole_cache(stand_in_flash_attn
 
 @pytest.mark.parametrize("q_len,past", [(5, 0), (1, 4), (3, 4)], ids=["causal", "decode", "chunk"])
 def test_torch_fused_fallback_picks_a_fused_kernel(monkeypatch, q_len, past):
-    """Without flash-attn: cuDNN is tried and refused on CPU, torch's flash kernel runs (bottom-right
-    causal through a CausalBias for a chunk after a past); `last` says so."""
+    """Without flash-attn: torch's flash kernel runs (bottom-right causal through a CausalBias for a chunk
+    after a past); `last` says so. A padding mask needs memory-efficient attention, which CPU lacks."""
     monkeypatch.setattr(flash_kernel, "HAVE_FLASH_ATTN", False)
     monkeypatch.setattr(flash_kernel, "_TORCH_CHOICE", {})
     q, k, v = _qkv(2, q_len, past + q_len, 2, 8, 1, preallocated_extra=2)
@@ -143,5 +145,45 @@ def test_torch_fused_fallback_picks_a_fused_kernel(monkeypatch, q_len, past):
     assert kernel.last == "sdpa.flash"
     assert torch.allclose(z, eager_attention(q, k, v, mask, scale=0.4)[0], atol=1e-6)
     padded = AttnMask(q_len, past + q_len, q.device, torch.tensor([[0] + [1] * (past + q_len - 1)] * 2).bool())
-    with pytest.raises(RuntimeError, match="cudnn: .*efficient: "):  # masks need cuDNN or mem-efficient
+    with pytest.raises(RuntimeError, match=r"accepted this call \(efficient: "):
         kernel.dispatch(q, k, v, padded, scale=0.4)
+
+
+@pytest.mark.parametrize("cuda,grad,switch,offered", [
+    (None, False, True, False), ("12.8", False, True, False), ("12.9", False, True, True),
+    ("13.0", False, True, True), ("13.0", True, True, False), ("13.0", False, False, False)])
+def test_cudnn_is_offered_for_inference_on_cuda_12_9_and_later_only(monkeypatch, cuda, grad, switch, offered):
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: switch)
+    assert flash_kernel._cudnn_offered(grad) is offered
+
+
+def test_torch_fused_tries_cudnn_quietly_then_falls_back(monkeypatch, recwarn):
+    """A refused candidate costs nothing visible: no warning, and the next kernel runs."""
+    monkeypatch.setattr(flash_kernel, "HAVE_FLASH_ATTN", False)
+    monkeypatch.setattr(flash_kernel, "_cudnn_offered", lambda needs_grad: True)
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def cuda_like_sdpa(*args, **kwargs):
+        # On CUDA a kernel that cannot take a call warns why, then torch raises; CPU just raises.
+        if torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled():
+            warnings.warn("cuDNN attention kernel not used because: unsupported here", UserWarning)
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(flash_kernel.F, "scaled_dot_product_attention", cuda_like_sdpa)
+    q, k, v = _qkv(2, 5, 5, 2, 8, 2)
+    mask = AttnMask(5, 5, q.device)
+    kernel = FlashKernel()
+    z = kernel.dispatch(q, k, v, mask, scale=0.4)
+    assert kernel.last == "sdpa.flash"
+    assert torch.allclose(z, eager_attention(q, k, v, mask, scale=0.4)[0], atol=1e-6)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_torch_fused_honours_torch_global_switches(monkeypatch):
+    monkeypatch.setattr(flash_kernel, "HAVE_FLASH_ATTN", False)
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: False)
+    q, k, v = _qkv(1, 4, 4, 2, 8, 3)
+    with pytest.raises(RuntimeError, match="every candidate is switched off"):
+        FlashKernel().dispatch(q, k, v, AttnMask(4, 4, q.device), scale=0.4)

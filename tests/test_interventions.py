@@ -18,15 +18,6 @@ CFG = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attenti
 Z, RESID, PATTERN = "blocks.1.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.0.attn.hook_pattern"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine they slow every op down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

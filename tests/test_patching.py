@@ -12,16 +12,6 @@ BASE = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attent
 ALL_TARGETS = sorted(patching.TARGETS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, while on a busy 2-core machine OpenMP's spinning
-    # threads make each small matmul ~30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(parallel=True, backend="eager", seed=0, **kw):
     torch.manual_seed(seed)
     return NeoXForCausalLM(BASE.replace(use_parallel_residual=parallel, **kw), attn_backend=backend).eval()
