@@ -19,6 +19,10 @@ Goal (issue 4): >= 300 tokens/s at batch 1 (the memory-bandwidth limit is ~1000 
 
     python experiments/bench_generate.py                       # the H100 run (about 1.5 minutes)
     python experiments/bench_generate.py --device cpu --quick  # tiny shapes, seconds (the smoke test)
+
+`--overhead-probe` keeps the preset's depth but shrinks every width (d_model 64, 8 heads, vocab 512), so
+the time per token is almost all framework overhead (Python, module calls, kernel launches): what the
+plain path pays per token whatever the GPU, and what the CUDA graph removes.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--overhead-probe", action="store_true",
+                   help="the preset's depth with tiny widths: per-token time is framework overhead")
     args = p.parse_args(argv)
     args.dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "fp16")]
     if args.quick:
@@ -63,10 +70,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu --quick")
         return 2
     cfg = QUICK_CFG if args.quick else PRESETS[args.preset]
+    if args.overhead_probe:
+        cfg = cfg.replace(hidden_size=64, intermediate_size=256, num_attention_heads=8, vocab_size=512)
     hf, nx = build_models(cfg, args.dtype, args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
@@ -79,7 +90,8 @@ def main(argv=None) -> int:
                            compile=variant == "neox_compile")
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"device {device_name}, torch {torch.__version__}, {args.preset if not args.quick else 'quick'} "
+    name = "quick" if args.quick else args.preset + (" overhead probe (tiny widths)" if args.overhead_probe else "")
+    print(f"device {device_name}, torch {torch.__version__}, {name} "
           f"{str(args.dtype).removeprefix('torch.')}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"median of {args.repeats} (transformers: {args.hf_repeats}) after {args.warmup} warm-up")
     print("| batch | variant | s | tokens/s | x hf_eager | same as hf_eager |")
