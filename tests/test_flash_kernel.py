@@ -4,8 +4,8 @@ decoding mask), the gather/scatter of real tokens, dead and padding rows, and th
 fallback's kernel choice. The flash-attn functions are replaced by CPU stand-ins written from
 flash-attn's documented semantics (causal aligned bottom-right, rows with no key give 0,
 cache_seqlens counting slots from 0 with padding, cache_leftpad the first real slot); test_gpu.py runs
-the real kernels. Tolerance: fp32 with d_head 8 and <= 12 keys, so only rounding (~1e-7) separates a
-stand-in from the eager reference; 1e-5 absolute.
+the real kernels. The last test runs the whole model on the stand-ins. Tolerance: fp32 with d_head 8
+and <= 12 keys, so only rounding (~1e-7) separates a stand-in from the eager reference; 1e-5 absolute.
 """
 
 from __future__ import annotations
@@ -187,3 +187,66 @@ def test_torch_fused_honours_torch_global_switches(monkeypatch):
     q, k, v = _qkv(1, 4, 4, 2, 8, 3)
     with pytest.raises(RuntimeError, match="every candidate is switched off"):
         FlashKernel().dispatch(q, k, v, AttnMask(4, 4, q.device), scale=0.4)
+
+
+# ------------------------------------------------------------------------ the whole model on stand-ins
+@pytest.fixture
+def flash_on_cpu(stand_in_flash_attn):
+    """The model's "flash" path on CPU: stand-in flash-attn functions, and the device check lifted."""
+    from neox_lab import model as model_module
+
+    real_resolve = model_module.resolve_backend
+    stand_in_flash_attn.setattr(flash_kernel, "FLASH_KVCACHE_LEFTPAD", True)
+    stand_in_flash_attn.setattr(model_module, "resolve_backend",
+                                lambda name, x: "flash" if name == "flash" else real_resolve(name, x))
+    stand_in_flash_attn.setattr(FlashKernel, "__call__", FlashKernel.dispatch)
+    return stand_in_flash_attn
+
+
+def test_model_on_the_flash_path_matches_eager_with_padding_cache_and_hooks(flash_on_cpu):
+    """Attention.forward's use of the kernel, end to end: padded prefill (varlen), left-padded decoding
+    (kvcache with cache_leftpad), every hook but scores/pattern firing, the eager fallback for a pattern
+    hook, and `attn_kernels()` naming what ran. fp32, so only rounding separates the paths (1e-5)."""
+    from neox_lab import KVCache, NeoXConfig, NeoXForCausalLM
+
+    cfg = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, rotary_pct=0.5, max_position_embeddings=64, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = NeoXForCausalLM(cfg, attn_backend="eager").eval()
+    ids = torch.randint(0, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :8] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        model.set_attn_backend("flash")
+        got = model(ids, attention_mask=mask).logits
+        assert model.attn_kernels() == ["flash_attn.varlen"] * 2
+        real = mask.bool()
+        assert torch.allclose(got[real], ref[real], atol=1e-5, rtol=1e-5)
+
+        cache, steps = KVCache(2, max_length=12), []
+        out = model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+        for end in range(7, 10):
+            out = model(ids[:, end - 1:end], attention_mask=mask[:, :end], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        assert model.attn_kernels() == ["flash_attn.kvcache"] * 2
+        decoded = torch.cat(steps, 1)
+        assert torch.allclose(decoded[real], ref[real], atol=1e-5, rtol=1e-5)
+
+    wanted = [n for n in model.hook_names() if "attn_scores" not in n and "pattern" not in n]
+    logits, acts = model.run_with_cache(ids, attention_mask=mask, names_filter=wanted)
+    assert sorted(acts.keys()) == sorted(wanted) and model.attn_kernels() == ["flash_attn.varlen"] * 2
+    model.set_attn_backend("eager")
+    _, ref_acts = model.run_with_cache(ids, attention_mask=mask, names_filter=wanted)
+    for name in wanted:  # real positions only: flash leaves padding queries at zero
+        a, b = acts[name], ref_acts[name]
+        if a.dim() >= 2 and a.shape[:2] == mask.shape:
+            a, b = a[real], b[real]
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+
+    model.set_attn_backend("flash")
+    with pytest.warns(UserWarning, match="layer 1: attention scores/pattern"):
+        model.run_with_cache(ids, attention_mask=mask, names_filter="blocks.1.attn.hook_pattern")
+    assert model.attn_kernels() == ["flash_attn.varlen", "eager (fallback)"]
