@@ -250,3 +250,30 @@ def test_model_on_the_flash_path_matches_eager_with_padding_cache_and_hooks(flas
     with pytest.warns(UserWarning, match="layer 1: attention scores/pattern"):
         model.run_with_cache(ids, attention_mask=mask, names_filter="blocks.1.attn.hook_pattern")
     assert model.attn_kernels() == ["flash_attn.varlen", "eager (fallback)"]
+
+
+def test_model_on_torch_fused_kernels_matches_eager_without_padding(monkeypatch):
+    """No flash-attn: prefill (causal), a chunk after the cache (lower-right CausalBias) and one-token
+    steps, all on torch's flash kernel (CPU has it; masks would need memory-efficient, which CPU lacks)."""
+    from neox_lab import KVCache, NeoXConfig, NeoXForCausalLM
+    from neox_lab import model as model_module
+
+    real_resolve = model_module.resolve_backend
+    monkeypatch.setattr(flash_kernel, "HAVE_FLASH_ATTN", False)
+    monkeypatch.setattr(model_module, "resolve_backend",
+                        lambda name, x: "flash" if name == "flash" else real_resolve(name, x))
+    monkeypatch.setattr(FlashKernel, "__call__", FlashKernel.dispatch)
+    cfg = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, rotary_pct=0.5, max_position_embeddings=64, initializer_range=0.2)
+    torch.manual_seed(1)
+    model = NeoXForCausalLM(cfg, attn_backend="eager").eval()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.set_attn_backend("flash")
+        cache, pieces, seen = KVCache(2), [], []
+        for start, end in [(0, 5), (5, 9), (9, 10), (10, 11), (11, 12)]:
+            pieces.append(model(ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+            seen.append(model.attn_kernels())
+    assert torch.allclose(torch.cat(pieces, 1), ref, atol=1e-5, rtol=1e-5)
+    assert seen == [["sdpa.flash"] * 2] * 5
