@@ -36,13 +36,17 @@ class Block(nn.Module):
     def forward(self, resid_pre, rotary, cos, sin, mask, **attn_kwargs):
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out, pattern = self.attn(self.ln1(resid_pre), rotary, cos, sin, mask, **attn_kwargs)
-        attn_out = self.hook_attn_out(self.attn_dropout(attn_out))
+        # Dropout is skipped outright in eval: a module call per stream is overhead that small-batch
+        # decoding, bound by per-op cost, would pay for nothing.
+        attn_out = self.hook_attn_out(self.attn_dropout(attn_out) if self.training else attn_out)
         if self.parallel:
             # resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre)); summed in transformers' order.
-            mlp_out = self.hook_mlp_out(self.mlp_dropout(self.mlp(self.ln2(resid_pre))))
+            mlp_out = self.mlp(self.ln2(resid_pre))
+            mlp_out = self.hook_mlp_out(self.mlp_dropout(mlp_out) if self.training else mlp_out)
             resid_post = mlp_out + attn_out + resid_pre
         else:
             resid_mid = self.hook_resid_mid(attn_out + resid_pre)
-            mlp_out = self.hook_mlp_out(self.mlp_dropout(self.mlp(self.ln2(resid_mid))))
+            mlp_out = self.mlp(self.ln2(resid_mid))
+            mlp_out = self.hook_mlp_out(self.mlp_dropout(mlp_out) if self.training else mlp_out)
             resid_post = mlp_out + resid_mid
         return self.hook_resid_post(resid_post), pattern
