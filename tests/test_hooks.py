@@ -129,6 +129,26 @@ def test_perturbing_one_hook_changes_downstream_only(cfg, data):
     assert not torch.equal(clean["hook_logits"], dirty["hook_logits"])
 
 
+def test_rotary_follows_replaced_q_and_k():
+    """q and k are rotated together unless a hook replaced one; then the replacement is what rotates.
+    Rotation is linear and doubling is exact in floating point, so 2q must give exactly 2 rot_q."""
+    from neox_lab import NeoXConfig
+
+    cfg = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, rotary_pct=0.5, max_position_embeddings=64)
+    model = make_model(cfg)
+    ids = torch.randint(0, 97, (2, 7))
+    names = ["blocks.1.attn.hook_rot_q", "blocks.1.attn.hook_rot_k"]
+    _, clean = model.run_with_cache(ids, names_filter=names)
+    for target, fn, expect_q, expect_k in [
+        ("blocks.1.attn.hook_q", lambda x, hook: 2 * x, 2 * clean[names[0]], clean[names[1]]),
+        ("blocks.1.attn.hook_k", lambda x, hook: torch.zeros_like(x), clean[names[0]], 0 * clean[names[1]]),
+    ]:
+        with model.hooks(fwd_hooks=[(target, fn)]):
+            _, dirty = model.run_with_cache(ids, names_filter=names)
+        assert torch.equal(dirty[names[0]], expect_q) and torch.equal(dirty[names[1]], expect_k), target
+
+
 # ----------------------------------------------------------------------------- stream identities
 @given(cfg=configs, data=st.data())
 def test_stream_identities(cfg, data):
