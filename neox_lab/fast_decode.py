@@ -71,7 +71,8 @@ def static_decoder(model, input_ids: torch.Tensor, total: int, *, graph: bool = 
     key = StaticDecoder.key_for(model, input_ids.shape[0], total)
     decoder = _DECODERS.get(model)
     if decoder is None or decoder.key != key:
-        _DECODERS.pop(model, None)  # free the old buffers and graph before allocating new ones
+        # Drop both references to the old buffers and graph (the table's and ours) before allocating.
+        _DECODERS.pop(model, None)
         decoder = None
         decoder = _DECODERS[model] = StaticDecoder(model, input_ids.shape[0], total, graph=graph)
     return decoder

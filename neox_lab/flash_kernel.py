@@ -50,7 +50,7 @@ except Exception:  # noqa: BLE001 - any import failure (missing CUDA libs too) m
 
 MAX_HEAD_DIM = 256  # flash-attn 2's limit
 
-# Which torch kernel won the timing for a kind of call, shared by every layer (see `_call_kind`).
+# Which torch kernel won the timing for a kind of call (the key built in `_torch_fused`), shared by every layer.
 _TORCH_CHOICE: dict[tuple, str] = {}
 
 

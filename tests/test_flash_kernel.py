@@ -4,8 +4,9 @@ decoding mask), the gather/scatter of real tokens, dead and padding rows, and th
 fallback's kernel choice. The flash-attn functions are replaced by CPU stand-ins written from
 flash-attn's documented semantics (causal aligned bottom-right, rows with no key give 0,
 cache_seqlens counting slots from 0 with padding, cache_leftpad the first real slot); test_gpu.py runs
-the real kernels. The last test runs the whole model on the stand-ins. Tolerance: fp32 with d_head 8
-and <= 12 keys, so only rounding (~1e-7) separates a stand-in from the eager reference; 1e-5 absolute.
+the real kernels. The last two tests run the whole model, on the stand-ins and on torch's fused kernels.
+Tolerance: fp32 with d_head 8 and <= 12 keys, so only rounding (~1e-7) separates a stand-in from the
+eager reference; 1e-5 absolute.
 """
 
 from __future__ import annotations
