@@ -25,14 +25,17 @@ from neox_lab.flash_kernel import FlashKernel
 
 def _one_sequence(q, k, v, scale, causal):
     """flash-attn's documented semantics for one sequence: causal aligned bottom-right, rows with no key
-    give 0. q [q_len n_heads d_head], k and v [k_len n_heads d_head]."""
+    give 0, fp32 accumulation and softmax with the output in the input's dtype.
+    q [q_len n_heads d_head], k and v [k_len n_heads d_head]."""
+    dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
     scores = torch.einsum("qhd,khd->hqk", q * scale, k)
     if causal:
         q_len, k_len = q.shape[0], k.shape[0]
         allowed = torch.arange(k_len)[None, :] <= torch.arange(q_len)[:, None] + (k_len - q_len)
         scores = scores.masked_fill(~allowed, float("-inf"))
     pattern = scores.softmax(-1).nan_to_num(0.0)
-    return torch.einsum("hqk,khd->qhd", pattern, v)
+    return torch.einsum("hqk,khd->qhd", pattern, v).to(dtype)
 
 
 def fake_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
