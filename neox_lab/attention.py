@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from einops import einsum, rearrange
 from torch import nn
@@ -66,14 +64,8 @@ class Attention(nn.Module):
         pattern = None
         kernel_name = backend
         if backend != "eager" and self.needs_eager(output_attentions):
+            # Only this layer leaves the fast kernel, for this call; NeoXModel.forward warns once per layer.
             kernel_name = "eager (fallback)"
-            if not self._warned_fallback:
-                warnings.warn(
-                    f"layer {self.layer}: attention scores/pattern were requested, which the {backend!r} "
-                    "kernel never materialises; this layer runs the eager kernel for such calls",
-                    stacklevel=3,
-                )
-                self._warned_fallback = True
             backend = "eager"
         if backend == "eager":
             z, pattern = eager_attention(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import torch
 from torch import nn
 
@@ -83,6 +87,15 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
         for module in self.modules():
             if isinstance(module, Rotary):
                 module.reset_buffers(device)
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` that makes a warning point at the first frame outside neox_lab and torch."""
+    internal = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class NeoXModel(NeoXPreTrained):
@@ -190,6 +203,18 @@ class NeoXModel(NeoXPreTrained):
             raise
         if output_hidden_states:
             hidden.append(x)
+        fallen = [block.attn for block in self.blocks[:n_run]
+                  if block.attn.last_kernel == "eager (fallback)" and not block.attn._warned_fallback]
+        if fallen:
+            # Once per layer, one warning per call naming them all.
+            for attn in fallen:
+                attn._warned_fallback = True
+            layers = ", ".join(str(attn.layer) for attn in fallen)
+            warnings.warn(f"layer{'s' if len(fallen) > 1 else ''} {layers}: attention scores/pattern were "
+                          f"requested, which the {backend!r} kernel never materialises; "
+                          f"{'these layers run' if len(fallen) > 1 else 'this layer runs'} the eager kernel "
+                          "for such calls (every other layer stays on the fast kernel)",
+                          stacklevel=_caller_stacklevel())
         return NeoXOutput(
             last_hidden_state=x,
             past_key_values=cache if use_cache or past_key_values is not None else None,

@@ -22,6 +22,8 @@ or layout error is O(1) in relative terms.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -260,3 +262,16 @@ def test_autocast_keeps_q_k_v_in_the_autocast_dtype(backend):
     assert {name: cache[name].dtype for name in names} == {name: torch.bfloat16 for name in names}
     real = mask.bool()
     assert rel(logits.float()[real], ref[real]) < HALF_REL_U * U[torch.bfloat16] / 2
+
+
+def test_fallback_warns_once_naming_every_layer_at_the_callers_line():
+    model = model_for(TINY, 4, backend="sdpa")
+    ids = torch.randint(0, 97, (1, 5))
+    with pytest.warns(UserWarning) as caught:
+        model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    fallback = [w for w in caught if "attention scores/pattern" in str(w.message)]
+    assert len(fallback) == 1 and str(fallback[0].message).startswith("layers 0, 1: ")
+    assert fallback[0].filename == __file__  # points at this call, not inside neox_lab or torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer: a second call is silent
+        model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
