@@ -48,16 +48,10 @@ class Attention(nn.Module):
     def forward(self, x, rotary: Rotary, cos, sin, mask: AttnMask, *, backend: str, kv_cache=None,
                 head_mask=None, output_attentions: bool = False):
         """x [batch pos d_model] -> (attn_out [batch pos d_model], pattern or None)."""
-        qkv = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
-        q0, k0, v0 = qkv.unbind(0)
-        q, k, v = self.hook_q(q0), self.hook_k(k0), self.hook_v(v0)
-        if q is q0 and k is k0:
-            # One rotation over q and k together: half the kernel launches, which bound small-batch
-            # decoding; elementwise, so bit-identical to rotating each.
-            q, k = rotary.rotate(qkv[:2], cos, sin).unbind(0)
-        else:  # a hook replaced q or k
-            q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
-        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
+        q, k, v = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q = self.hook_rot_q(rotary.rotate(q, cos, sin))
+        k = self.hook_rot_k(rotary.rotate(k, cos, sin))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.cfg.attention_dropout if self.training else 0.0

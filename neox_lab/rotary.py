@@ -75,10 +75,7 @@ class Rotary(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first `channels` channels of each head; the rest pass through unchanged.
-
-        x: [batch pos n_heads d_head], or with leading axes (q and k stacked): cos/sin broadcast.
-        """
+        """Rotate the first `channels` channels of each head; the rest pass through unchanged."""
         if self.channels == 0:
             return x
         rot, rest = x[..., : self.channels], x[..., self.channels :]

@@ -130,8 +130,8 @@ def test_perturbing_one_hook_changes_downstream_only(cfg, data):
 
 
 def test_rotary_follows_replaced_q_and_k():
-    """q and k are rotated together unless a hook replaced one; then the replacement is what rotates.
-    Rotation is linear and doubling is exact in floating point, so 2q must give exactly 2 rot_q."""
+    """A replaced q or k is what rotates. Rotation is linear and doubling is exact in floating point, so
+    2q must give exactly 2 rot_q."""
     from neox_lab import NeoXConfig
 
     cfg = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
