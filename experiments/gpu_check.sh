@@ -7,7 +7,7 @@
 # Estimated wall time on one H100: ~1-2.5 min tests (hypothesis "fast" profile, ~110 small examples,
 # plus random-init pythia-410m / 1.4b at 2048 tokens), ~1 min bench_forward (two presets, 5 variants,
 # 13 timed calls each), ~1.5 min bench_generate (transformers' sdpa generate at ~19 tokens/s is the
-# slow part, so it is timed once): about 5 minutes. Each step has a hard cap (210 + 120 + 200 s < 9 min,
+# slow part, so it is timed once): about 5 minutes. Each step has a hard cap (180 + 40 + 120 + 50 + 140 s < 9 min,
 # under the device tool's 10-minute limit per command) so a hang cannot eat the session's device time; a
 # capped step reports exit code 124 and the script goes on. The benchmarks print each row as measured.
 set -u
@@ -42,8 +42,10 @@ for pkg in ("transformers", "flash_attn", "hypothesis"):
 from neox_lab.flash_kernel import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
 print("neox_lab flash-attn path:", HAVE_FLASH_ATTN, "kvcache leftpad:", FLASH_KVCACHE_LEFTPAD)
 EOF
-    step "GPU tests" 210 python -m pytest tests/test_gpu.py -q -rs --maxfail=4 --durations=8
+    step "GPU tests" 180 python -m pytest tests/test_gpu.py -q -rs --maxfail=10 --tb=short --durations=8
+    step "attention kernels" 40 python experiments/bench_attention_kernels.py
     step "bench_forward" 120 python experiments/bench_forward.py
-    step "bench_generate" 200 python experiments/bench_generate.py
+    step "profile_forward" 50 python experiments/profile_forward.py
+    step "bench_generate" 140 python experiments/bench_generate.py
     echo "=== done in ${SECONDS}s"
 } 2>&1 | tee "$LOG"

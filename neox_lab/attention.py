@@ -48,10 +48,14 @@ class Attention(nn.Module):
     def forward(self, x, rotary: Rotary, cos, sin, mask: AttnMask, *, backend: str, kv_cache=None,
                 head_mask=None, output_attentions: bool = False):
         """x [batch pos d_model] -> (attn_out [batch pos d_model], pattern or None)."""
-        q, k, v = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
+        qkv = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
+        # Three separate views (not `unbind`, whose outputs autograd forbids editing in place).
+        q, k, v = qkv[0], qkv[1], qkv[2]
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        q = self.hook_rot_q(rotary.rotate(q, cos, sin))
-        k = self.hook_rot_k(rotary.rotate(k, cos, sin))
+        # Unhooked q and k are still views of the projection output that nothing else holds: rotate them
+        # there. A hooked one may be cached or replaced, so it is rotated into a new tensor.
+        q = self.hook_rot_q(rotary.rotate(q, cos, sin, in_place=not self.hook_q.active))
+        k = self.hook_rot_k(rotary.rotate(k, cos, sin, in_place=not self.hook_k.active))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.cfg.attention_dropout if self.training else 0.0

@@ -74,12 +74,22 @@ class Rotary(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first `channels` channels of each head; the rest pass through unchanged."""
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+        """Rotate the first `channels` channels of each head; the rest pass through unchanged.
+
+        in_place: write the rotated channels back into `x` (a view of the fused QKV projection) instead of
+        building a new tensor. Pythia rotates a quarter of each head, so the out-of-place form's
+        concatenation copies four times the bytes the rotation touches: on an H200 that copy was 16% of a
+        pythia-410m forward. Same values either way; the caller must be the only holder of `x`.
+        """
         if self.channels == 0:
             return x
-        rot, rest = x[..., : self.channels], x[..., self.channels :]
+        rot = x[..., : self.channels]
         # Under autocast, q/k come out of the projection in half precision while the tables follow the
         # fp32 residual stream; keep x's dtype so q, k and v stay alike (the flash kernels need it).
         rotated = (rot * cos + rotate_half(rot) * sin).to(x.dtype)
+        if in_place:
+            rot.copy_(rotated)
+            return x
+        rest = x[..., self.channels :]
         return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
