@@ -13,11 +13,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ActivationCache": "activation_cache",
+    "ActivationCache": "hooks.activation_cache",
     "CachedActivations": "cached_activations",
     "CheckpointError": "loading",
-    "HookError": "hook_points",
-    "HookPoint": "hook_points",
+    "HookError": "hooks.points",
+    "HookPoint": "hooks.points",
     "KVCache": "kv_cache",
     "NeoXConfig": "config",
     "PRESETS": "config",
@@ -29,7 +29,7 @@ _EXPORTS = {
     "NeoXOutput": "outputs",
     "NeoXTokenizer": "tokenizer",
     "cache_dataset": "disk_cache",
-    "hook_names": "hook_registry",
+    "hook_names": "hooks.registry",
     "load_default": "default_model",
 }
 __all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@ from torch import nn
 from . import axes
 from .backends import AttnMask, FlashKernel, eager_attention, sdpa_attention
 from .config import NeoXConfig
-from .hook_points import HookPoint
+from .hooks.points import HookPoint
 from .rotary import Rotary
 
 HEADS = "batch pos n_heads d_head"

@@ -6,7 +6,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import NeoXConfig
-from .hook_points import HookPoint
+from .hooks.points import HookPoint
 from .layernorm import LayerNorm
 from .mlp import MLP
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NeoXConfig
-from .hook_points import HookPoint
+from .hooks.points import HookPoint
 from .model import NeoXModel, NeoXPreTrained
 from .outputs import NeoXOutput
 

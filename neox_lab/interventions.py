@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .hook_points import HookPoint
+from .hooks.points import HookPoint
 
 Selection = int | Sequence[int] | slice | torch.Tensor | None
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NeoXConfig
-from .hook_points import HookPoint
+from .hooks.points import HookPoint
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from torch import nn
 from .backends import BACKENDS, AttnMask, resolve_backend
 from .block import Block
 from .config import NeoXConfig
-from .hook_points import HookPoint
-from .hooked import HookedMixin
+from .hooks.hooked import HookedMixin
+from .hooks.points import HookPoint
 from .kv_cache import KVCache
 from .outputs import NeoXOutput
 from .rotary import Rotary

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from ..hook_registry import hook_names, unknown_hook_message
+from ..hooks.registry import hook_names, unknown_hook_message
 from .report import EquivalenceReport, HookResult, LogitsResult, assert_equivalent
 from .sides import Side
 from .tolerance import Tolerance, policy_for

@@ -33,7 +33,7 @@ import torch
 
 from ..backends import resolve_backend
 from ..config import NeoXConfig
-from ..hook_registry import hook_names
+from ..hooks.registry import hook_names
 
 EAGER_ONLY = ("attn.hook_attn_scores", "attn.hook_pattern")
 HF_HEADS = ("lm_head", "embed_out", "score", "classifier", "qa_outputs")

@@ -16,16 +16,16 @@ from collections.abc import Iterator, Mapping
 import torch
 from einops import einsum, rearrange
 
-from . import axes
-from .config import NeoXConfig
-from .hook_registry import expand_shorthand, hook_names, unknown_hook_message
+from .. import axes
+from ..config import NeoXConfig
+from .registry import expand_shorthand, hook_names, unknown_hook_message
 
 PosSlice = int | slice | list | torch.Tensor | None
 
 
 def model_body(model):
     """The `NeoXModel` inside any neox_lab model class (the model itself for a bare `NeoXModel`)."""
-    from .model import NeoXModel
+    from ..model import NeoXModel
 
     if isinstance(model, NeoXModel):
         return model
@@ -174,7 +174,7 @@ class ActivationCache(Mapping):
             ptr = t.untyped_storage().data_ptr()
             tensors[name] = t.clone() if ptr in seen else t
             seen.add(ptr)
-        from . import __version__
+        from .. import __version__
 
         meta = {"format": "pt", "neox_lab.version": __version__, "neox_lab.keys": json.dumps(list(tensors)),
                 "neox_lab.config": json.dumps(self.cfg.to_hf()),

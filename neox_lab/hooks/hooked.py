@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from .hook_points import HookFn, HookPoint
-from .hook_registry import unknown_hook_message
+from .points import HookFn, HookPoint
+from .registry import unknown_hook_message
 
 NameOrFilter = str | Callable[[str], bool]
 
@@ -35,7 +35,7 @@ class HookedMixin:
                 parts = name.split(".")
                 module.layer = int(parts[1]) if parts[0] == "blocks" else None
                 points[name] = module
-        from .hook_registry import hook_names
+        from .registry import hook_names
 
         order = {name: i for i, name in enumerate(hook_names(self.cfg))}  # type: ignore[attr-defined]
         self._hook_points = dict(sorted(points.items(), key=lambda kv: order.get(kv[0], len(order))))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from .config import NeoXConfig
+from ..config import NeoXConfig
 
 D = "batch pos d_model"
 HEADS = "batch pos n_heads d_head"
