@@ -44,7 +44,7 @@ def load_default(dtype: torch.dtype = torch.float32, device=None, attn_backend: 
 
     Stored in fp16; loaded as float32 by default, so interpretability runs use exact fp32 arithmetic.
     """
-    from .heads import NeoXForCausalLM
+    from .model.tasks import NeoXForCausalLM
 
     model = NeoXForCausalLM.from_pretrained(default_model_dir(), dtype=dtype, device=device,
                                             attn_backend=attn_backend)
@@ -57,7 +57,7 @@ def load_or_default(model_dir=None, dtype: torch.dtype = torch.float32, device=N
     tokenizer attached either way: the checkpoint's own, else the package's GPT-NeoX tokenizer."""
     if model_dir is None:
         return load_default(dtype=dtype, device=device)
-    from .heads import NeoXForCausalLM
+    from .model.tasks import NeoXForCausalLM
 
     model = NeoXForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
     attach_default_tokenizer(model)

@@ -120,7 +120,7 @@ def _load(model):
         return load_default(), "neox-lab/default (shipped)"
     if isinstance(model, (str, Path)):
         from .default_model import attach_default_tokenizer
-        from .heads import NeoXForCausalLM
+        from .model.tasks import NeoXForCausalLM
 
         loaded = NeoXForCausalLM.from_pretrained(model, dtype=torch.float32)
         attach_default_tokenizer(loaded)  # a checkpoint without tokenizer files gets the NeoX one

@@ -69,7 +69,7 @@ def _load_model(args, device: torch.device):
     dtype = DTYPES[args.model_dtype] if args.model_dtype else None
     if args.model is None:
         return _default_loader()(dtype=dtype or torch.float32, device=device, attn_backend=args.attn_backend)
-    from ..heads import MODEL_CLASSES
+    from ..model.tasks import MODEL_CLASSES
 
     config = Path(args.model) / "config.json"
     if not config.is_file():

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load(spec: str, dtype: torch.dtype, backend: str, device: str):
     """(model, checkpoint directory) for `DIR` (neox_lab) or `hf:DIR` (transformers)."""
     from ..config import NeoXConfig
-    from ..heads import MODEL_CLASSES
+    from ..model.tasks import MODEL_CLASSES
 
     hf = spec.startswith("hf:")
     directory = Path(spec[3:] if hf else spec)

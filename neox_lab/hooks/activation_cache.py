@@ -25,7 +25,7 @@ PosSlice = int | slice | list | torch.Tensor | None
 
 def model_body(model):
     """The `NeoXModel` inside any neox_lab model class (the model itself for a bare `NeoXModel`)."""
-    from ..model import NeoXModel
+    from ..model.base import NeoXModel
 
     if isinstance(model, NeoXModel):
         return model

@@ -46,7 +46,7 @@ def build_pair(cfg: NeoXConfig, seed: int = 0, task: str = "causal_lm", *, direc
     """
     import transformers
 
-    from .. import heads
+    from ..model import tasks as heads
 
     hf_cls = getattr(transformers, HF_CLASSES[task])
     torch.manual_seed(seed)

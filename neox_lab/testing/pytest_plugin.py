@@ -88,7 +88,7 @@ def neox_tiny_model(neox_config):
     """A seeded random neox_lab causal LM in eval mode (seed 0)."""
     import torch
 
-    from ..heads import NeoXForCausalLM
+    from ..model.tasks import NeoXForCausalLM
 
     torch.manual_seed(0)
     return NeoXForCausalLM(neox_config).eval()

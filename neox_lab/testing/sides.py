@@ -31,9 +31,9 @@ import warnings
 
 import torch
 
-from ..backends import resolve_backend
 from ..config import NeoXConfig
 from ..hooks.registry import hook_names
+from ..model.kernels import resolve_backend
 
 EAGER_ONLY = ("attn.hook_attn_scores", "attn.hook_pattern")
 HF_HEADS = ("lm_head", "embed_out", "score", "classifier", "qa_outputs")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum
 
-from . import axes
+from .. import axes
 
 log = logging.getLogger("neox_lab")
 
@@ -219,7 +219,7 @@ def __getattr__(name: str):
     # FlashKernel lives in flash_kernel.py, which builds on this module: resolve it on first use so
     # either module can be imported first.
     if name == "FlashKernel":
-        from .flash_kernel import FlashKernel
+        from .flash import FlashKernel
 
         return FlashKernel
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NeoXConfig
-from .hooks.points import HookPoint
-from .model import NeoXModel, NeoXPreTrained
+from ..config import NeoXConfig
+from ..hooks.points import HookPoint
+from .base import NeoXModel, NeoXPreTrained
 from .outputs import NeoXOutput
 
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NeoXConfig
-from .hooks.points import HookPoint
+from ..config import NeoXConfig
+from ..hooks.points import HookPoint
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:

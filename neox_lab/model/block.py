@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config import NeoXConfig
+from ..hooks.points import HookPoint
 from .attention import Attention
-from .config import NeoXConfig
-from .hooks.points import HookPoint
 from .layernorm import LayerNorm
 from .mlp import MLP
 

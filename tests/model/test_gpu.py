@@ -32,8 +32,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from neox_lab import PRESETS, KVCache, NeoXForCausalLM
-from neox_lab.fast_decode import decoder_of
-from neox_lab.flash_kernel import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
+from neox_lab.model.fast_decode import decoder_of
+from neox_lab.model.flash import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
 from neox_lab.testing.strategies import build_pair, neox_configs, token_batches
 
 pytestmark = pytest.mark.gpu
@@ -118,7 +118,7 @@ def test_flash_fp16_matches_transformers_sdpa_fp16(cfg, data, seed):
     hf, ours, ref = hf.to(DEVICE), ours.to(DEVICE), ref.to(DEVICE)
     # `.to(float16)` rounded transformers' rotary frequency table too (neox_lab keeps its own in fp32):
     # give it back the exact table, so the comparison measures the attention path, not that rounding.
-    from neox_lab.rotary import inverse_frequencies
+    from neox_lab.model.rotary import inverse_frequencies
 
     rotary = hf.gpt_neox.rotary_emb
     rotary.inv_freq = rotary.original_inv_freq = inverse_frequencies(cfg, device=DEVICE)

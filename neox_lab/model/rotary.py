@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import NeoXConfig
+from ..config import NeoXConfig
 
 
 def inverse_frequencies(cfg: NeoXConfig, seq_len: int | None = None, device=None) -> torch.Tensor:

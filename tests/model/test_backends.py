@@ -30,8 +30,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from neox_lab import KVCache, NeoXConfig, NeoXForCausalLM
-from neox_lab.backends import AttnMask, eager_attention, resolve_backend, sdpa_attention
-from neox_lab.flash_kernel import FlashKernel
+from neox_lab.model.flash import FlashKernel
+from neox_lab.model.kernels import AttnMask, eager_attention, resolve_backend, sdpa_attention
 from neox_lab.testing.strategies import neox_configs, token_batches
 
 FP32_REL = 1e-5

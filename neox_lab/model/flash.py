@@ -29,7 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .backends import HALF, AttnMask, StaticDecodeMask, finish, log, sdpa_mask
+from .kernels import HALF, AttnMask, StaticDecodeMask, finish, log, sdpa_mask
 
 
 def _flash_attn_version_ok(version: str) -> bool:

@@ -190,7 +190,7 @@ def test_out_of_range_token_ids_raise_before_any_kernel():
 @pytest.mark.parametrize("name", ["GPTNeoXModel", "GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification",
                                   "GPTNeoXForTokenClassification", "GPTNeoXForQuestionAnswering"])
 def test_every_class_saves_what_transformers_loads(name, tmp_path):
-    from neox_lab.heads import MODEL_CLASSES
+    from neox_lab.model.tasks import MODEL_CLASSES
 
     torch.manual_seed(1)
     model = MODEL_CLASSES[name](CFG.replace(num_labels=3, pad_token_id=1)).eval()

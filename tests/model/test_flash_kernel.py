@@ -18,9 +18,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neox_lab import flash_kernel
-from neox_lab.backends import AttnMask, StaticDecodeMask, eager_attention
-from neox_lab.flash_kernel import FlashKernel
+from neox_lab.model import flash as flash_kernel
+from neox_lab.model.flash import FlashKernel
+from neox_lab.model.kernels import AttnMask, StaticDecodeMask, eager_attention
 
 
 def _one_sequence(q, k, v, scale, causal):
@@ -197,7 +197,7 @@ def test_torch_fused_honours_torch_global_switches(monkeypatch):
 @pytest.fixture
 def flash_on_cpu(stand_in_flash_attn):
     """The model's "flash" path on CPU: stand-in flash-attn functions, and the device check lifted."""
-    from neox_lab import model as model_module
+    from neox_lab.model import base as model_module
 
     real_resolve = model_module.resolve_backend
     stand_in_flash_attn.setattr(flash_kernel, "FLASH_KVCACHE_LEFTPAD", True)
@@ -260,7 +260,7 @@ def test_model_on_torch_fused_kernels_matches_eager_without_padding(monkeypatch)
     """No flash-attn: prefill (causal), a chunk after the cache (lower-right CausalBias) and one-token
     steps, all on torch's flash kernel (CPU has it; masks would need memory-efficient, which CPU lacks)."""
     from neox_lab import KVCache, NeoXConfig, NeoXForCausalLM
-    from neox_lab import model as model_module
+    from neox_lab.model import base as model_module
 
     real_resolve = model_module.resolve_backend
     monkeypatch.setattr(flash_kernel, "HAVE_FLASH_ATTN", False)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.heads import MODEL_CLASSES
+from neox_lab.model.tasks import MODEL_CLASSES
 from neox_lab.tokenizer import NeoXTokenizer
 
 EOT, PAD = 0, 1  # ids of <|endoftext|> and <|padding|>

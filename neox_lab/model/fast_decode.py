@@ -26,8 +26,8 @@ import weakref
 
 import torch
 
-from .backends import HALF, StaticDecodeMask, resolve_backend
-from .flash_kernel import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
+from .flash import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
+from .kernels import HALF, StaticDecodeMask, resolve_backend
 from .kv_cache import KVCache
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import neox_lab
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.generation import filter_logits
+from neox_lab.model.generation import filter_logits
 from neox_lab.tokenizer import NeoXTokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -15,8 +15,9 @@ import weakref
 import pytest
 import torch
 
-from neox_lab import NeoXConfig, NeoXForCausalLM, fast_decode
-from neox_lab.fast_decode import StaticDecoder, decoder_of, static_decoder
+from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab.model import fast_decode
+from neox_lab.model.fast_decode import StaticDecoder, decoder_of, static_decoder
 
 FP32_REL = 1e-5
 TINY = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import NeoXConfig
+from ..config import NeoXConfig
 
 # (transformers prefix, neox_lab prefix) inside the body; "{L}" is the layer index. The body sits at
 # `gpt_neox.` in transformers' head classes and at `model.` in neox_lab's.
@@ -80,7 +80,7 @@ def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
 
     The reserved id "neox-lab/default" is the small model shipped in the package (`load_default`).
     """
-    from .default_model import DEFAULT_MODEL_ID, default_model_dir
+    from ..default_model import DEFAULT_MODEL_ID, default_model_dir
 
     if os.fspath(path_or_repo_id) == DEFAULT_MODEL_ID:
         return default_model_dir()
@@ -205,13 +205,13 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
 
 
 def _attach_tokenizer(model, directory: Path) -> None:
-    from .default_model import attach_default_tokenizer, package_model_dir
+    from ..default_model import attach_default_tokenizer, package_model_dir
 
     if not (directory / "tokenizer.json").exists() and directory.resolve() == package_model_dir().resolve():
         attach_default_tokenizer(model)  # the shipped model reuses the package's tokenizer file
     if (directory / "tokenizer.json").exists():
         try:
-            from .tokenizer import NeoXTokenizer
+            from ..tokenizer import NeoXTokenizer
         except ImportError:
             return
         model.tokenizer = NeoXTokenizer.from_pretrained(directory)
@@ -230,7 +230,7 @@ def save_pretrained(model, directory) -> None:
                v.detach().contiguous().cpu() for k, v in state.items()}
     dtype = next(iter(tensors.values())).dtype
     config = model.cfg.to_hf()
-    from .heads import MODEL_CLASSES
+    from .tasks import MODEL_CLASSES
 
     arch = next(name for name, klass in MODEL_CLASSES.items() if klass is type(model))
     config.update(architectures=[arch], torch_dtype=str(dtype).removeprefix("torch."))

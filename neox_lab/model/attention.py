@@ -6,10 +6,10 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from . import axes
-from .backends import AttnMask, FlashKernel, eager_attention, sdpa_attention
-from .config import NeoXConfig
-from .hooks.points import HookPoint
+from .. import axes
+from ..config import NeoXConfig
+from ..hooks.points import HookPoint
+from .kernels import AttnMask, FlashKernel, eager_attention, sdpa_attention
 from .rotary import Rotary
 
 HEADS = "batch pos n_heads d_head"

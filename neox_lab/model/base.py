@@ -9,11 +9,11 @@ import warnings
 import torch
 from torch import nn
 
-from .backends import BACKENDS, AttnMask, resolve_backend
+from ..config import NeoXConfig
+from ..hooks.hooked import HookedMixin
+from ..hooks.points import HookPoint
 from .block import Block
-from .config import NeoXConfig
-from .hooks.hooked import HookedMixin
-from .hooks.points import HookPoint
+from .kernels import BACKENDS, AttnMask, resolve_backend
 from .kv_cache import KVCache
 from .outputs import NeoXOutput
 from .rotary import Rotary
@@ -91,7 +91,8 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
 
 def _caller_stacklevel() -> int:
     """The `stacklevel` that makes a warning point at the first frame outside neox_lab and torch."""
-    internal = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    # The package root, not this file's folder: hooks/ and model/ frames are neox_lab's alike.
+    internal = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
     level, frame = 1, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1

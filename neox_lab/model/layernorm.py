@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks.points import HookPoint
+from ..hooks.points import HookPoint
 
 
 class LayerNorm(nn.Module):
