@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from neox_lab import plotting
+from neox_lab.analysis import plotting
+from neox_lab.analysis.induction import repeated_tokens, word_token_ids
+from neox_lab.analysis.logit_lens import logit_lens
 from neox_lab.default_model import load_or_default
-from neox_lab.induction import repeated_tokens, word_token_ids
-from neox_lab.logit_lens import logit_lens
 
 SNIPPET = '''def read_lines(path):
     """Return the lines of a text file."""

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import plotting
+from .analysis import plotting
+from .analysis.induction import InductionResult, measure_induction, repeated_tokens, word_token_ids
+from .analysis.logit_lens import LogitLens, logit_lens
 from .demo_summary import summarize, token_strs
-from .induction import InductionResult, measure_induction, repeated_tokens, word_token_ids
-from .logit_lens import LogitLens, logit_lens
 
 __all__ = ["DemoResult", "PatchingPrompts", "make_patching_prompts", "patch_sweep", "run_demo"]
 

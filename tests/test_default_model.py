@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 import neox_lab
 from neox_lab import NeoXForCausalLM, load_default
+from neox_lab.analysis.induction import measure_induction, repeated_tokens, word_token_ids
 from neox_lab.default_model import default_model_dir, training_report
-from neox_lab.induction import measure_induction, repeated_tokens, word_token_ids
 from neox_lab.tokenizer import NeoXTokenizer
 
 #: Best head's induction score the shipped model must reach on bos + 2 x 20 random " word" tokens. Measured

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.interventions import (
+from neox_lab.analysis.interventions import (
     add_vector,
     clamp,
     mean_ablate,

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from neox_lab import NeoXConfig, NeoXForCausalLM, patching
-from neox_lab.interventions import patch_from_cache, record
+from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab.analysis import patching
+from neox_lab.analysis.interventions import patch_from_cache, record
 
 BASE = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, rotary_pct=0.5, max_position_embeddings=64)
@@ -260,7 +261,7 @@ def test_attribution_correlates_with_exact_patching(parallel, init, bound):
 
 # ------------------------------------------------------------------------------------------ experiments
 def load_experiment(name):
-    path = Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
+    path = Path(__file__).resolve().parents[2] / "experiments" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -4,8 +4,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from neox_lab import plotting
-from neox_lab.plotting import (
+from neox_lab.analysis import plotting
+from neox_lab.analysis.plotting import (
     attention_pattern,
     attention_patterns,
     format_token,
@@ -328,8 +328,8 @@ def test_module_does_not_import_pyplot():
     import sys
     from pathlib import Path
 
-    root = str(Path(plotting.__file__).resolve().parents[1])
+    root = str(Path(plotting.__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, neox_lab.plotting; print('matplotlib.pyplot' in sys.modules)"
+    code = "import sys, neox_lab.analysis.plotting; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"

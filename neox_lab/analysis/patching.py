@@ -1,0 +1,272 @@
+"""Activation patching: put clean activations into a corrupted run, one cell at a time.
+
+    from neox_lab import patching
+    metric = patching.logit_diff(correct=mary_id, incorrect=john_id)
+    res = patching.activation_patch(model, clean, corrupted, metric, target="resid_pre")
+    patching_heatmap(patching.normalize(res).values, row_labels=res.row_labels,
+                     col_labels=res.col_labels, xlabel="position", ylabel="layer")
+
+A *cell* is one (layer, position), (layer, head) or (layer, head, position) of a target stream; its
+value is ``metric(logits)`` of the corrupted run with the clean activation patched into that cell
+(for every batch row at once). Batched patching (the default) stacks many cells' corrupted runs on
+the batch axis, so one forward evaluates up to ``batch_size // batch`` cells; ``batched=False`` runs
+the plain one-forward-per-cell loop built on `interventions.patch_from_cache`.
+`attribution_patch` (attribution.py) gives the first-order approximation of the same grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import interventions
+from .metrics import kl_to_clean, logit_diff, loss, prob
+
+#: target -> (hook name template, cell axes after the layer axis).
+TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "resid_pre": ("blocks.{}.hook_resid_pre", ("pos",)),
+    "resid_mid": ("blocks.{}.hook_resid_mid", ("pos",)),
+    "resid_post": ("blocks.{}.hook_resid_post", ("pos",)),
+    "attn_out": ("blocks.{}.hook_attn_out", ("pos",)),
+    "mlp_out": ("blocks.{}.hook_mlp_out", ("pos",)),
+    "z": ("blocks.{}.attn.hook_z", ("head",)),
+    "z_pos": ("blocks.{}.attn.hook_z", ("head", "pos")),
+    "q": ("blocks.{}.attn.hook_q", ("head",)),
+    "k": ("blocks.{}.attn.hook_k", ("head",)),
+    "v": ("blocks.{}.attn.hook_v", ("head",)),
+    "pattern": ("blocks.{}.attn.hook_pattern", ("head",)),
+}
+#: cell axis -> the names it has in hook shape strings.
+AXIS_NAMES = {"head": ("n_heads",), "pos": ("pos", "query_pos")}
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PatchResult:
+    """A patching grid. `values` is [layer, *cell axes, *metric shape] (metric shape is () for scalar
+    metrics, [batch] for per-row ones); `axes` names the cell axes, e.g. ("layer", "pos") or
+    ("layer", "head", "pos"), and `row_labels` / `col_labels` / `depth_labels` label them."""
+
+    values: torch.Tensor
+    target: str
+    axes: tuple[str, ...]
+    row_labels: list[str]
+    col_labels: list[str]
+    depth_labels: list[str] | None = None
+    clean_value: torch.Tensor | None = None
+    corrupted_value: torch.Tensor | None = None
+    method: str = "activation"
+
+
+def normalize(result, clean_value=None, corrupted_value=None):
+    """``(v - corrupted) / (clean - corrupted)``: 1 where a patch restores the clean metric, 0 where it does
+    nothing. Takes a PatchResult (baselines default to its own) or a tensor; returns the same kind."""
+    values = result.values if isinstance(result, PatchResult) else torch.as_tensor(result)
+    clean = result.clean_value if clean_value is None and isinstance(result, PatchResult) else clean_value
+    corrupted = (result.corrupted_value if corrupted_value is None and isinstance(result, PatchResult)
+                 else corrupted_value)
+    if clean is None or corrupted is None:
+        raise ValueError("normalize needs clean_value and corrupted_value")
+    clean, corrupted = torch.as_tensor(clean), torch.as_tensor(corrupted)
+    out = (values - corrupted) / (clean - corrupted)
+    return dataclasses.replace(result, values=out) if isinstance(result, PatchResult) else out
+
+
+# ---------------------------------------------------------------------------------------------- setup
+@dataclass
+class _Plan:
+    target: str
+    names: list[str]               # hook name per selected layer
+    layers: list[int]
+    cell_axes: tuple[str, ...]     # after the layer axis
+    choices: list[list[int]]       # selected indices per cell axis
+    hook_axes: dict[str, int]      # cell axis -> axis in the hook's tensor
+
+    def cells(self):
+        """(layer index into `layers`, index values per cell axis) for every cell, row-major."""
+        return itertools.product(range(len(self.layers)), *self.choices)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return (len(self.layers), *(len(c) for c in self.choices))
+
+
+def _as_batch(tokens: torch.Tensor, what: str) -> torch.Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2:
+        raise ValueError(f"{what} must be token ids [batch pos], got {tuple(tokens.shape)}")
+    return tokens
+
+
+def _select(sel, size: int, what: str) -> list[int]:
+    if sel is None:
+        return list(range(size))
+    out = []
+    for i in ([sel] if isinstance(sel, int) else list(sel)):
+        if not -size <= int(i) < size:
+            raise IndexError(f"{what} {int(i)} out of range for {size} {what}s")
+        out.append(int(i) % size)
+    return out
+
+
+def _plan(model, target: str, seq_len: int, layers, positions, heads) -> _Plan:
+    if target not in TARGETS:
+        raise ValueError(f"unknown patching target {target!r}; choose one of {sorted(TARGETS)}")
+    if target == "resid_mid" and model.cfg.use_parallel_residual:
+        raise ValueError("target 'resid_mid' does not exist in this model: it uses the parallel residual "
+                         "(resid_post = resid_pre + attn_out + mlp_out), so attention and MLP both read "
+                         "resid_pre; patch 'resid_pre', 'attn_out' or 'mlp_out' instead")
+    template, cell_axes = TARGETS[target]
+    layers = _select(layers, model.cfg.num_hidden_layers, "layer")
+    names = [template.format(layer) for layer in layers]
+    hp = model.hook_dict[names[0]]
+    dims = hp.shape.split()
+    hook_axes = {}
+    for axis in cell_axes:
+        found = [dims.index(n) for n in AXIS_NAMES[axis] if n in dims]
+        if not found:
+            raise ValueError(f"hook {hp.name!r} [{hp.shape}] has no {axis} axis")
+        hook_axes[axis] = found[0]
+    sizes = {"pos": seq_len, "head": model.cfg.num_attention_heads}
+    picks = {"pos": positions, "head": heads}
+    for axis, what in (("pos", "positions"), ("head", "heads")):
+        if picks[axis] is not None and axis not in cell_axes:
+            raise ValueError(f"{what}= was given, but target {target!r} has no {axis} axis (its cells are "
+                             f"layer x {' x '.join(cell_axes)}); 'z_pos' is per head and position")
+    if model.training:
+        warnings.warn("the model is in training mode, so dropout makes patched runs noisy; call model.eval()",
+                      stacklevel=3)
+    choices = [_select(picks[a], sizes[a], {"pos": "position", "head": "head"}[a]) for a in cell_axes]
+    return _Plan(target, names, layers, cell_axes, choices, hook_axes)
+
+
+def _labels(plan: _Plan) -> dict:
+    labels = [[str(layer) for layer in plan.layers]]
+    labels += [[str(i) for i in c] for c in plan.choices]
+    return dict(row_labels=labels[0], col_labels=labels[1],
+                depth_labels=labels[2] if len(labels) > 2 else None)
+
+
+def _inputs(model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask,
+            corrupted_attention_mask):
+    device = next(model.parameters()).device
+    clean = _as_batch(clean_tokens, "clean_tokens").to(device)
+    corrupted = _as_batch(corrupted_tokens, "corrupted_tokens").to(device)
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean_tokens {tuple(clean.shape)} and corrupted_tokens {tuple(corrupted.shape)} "
+                         "must have the same shape: patching swaps activations cell by cell (pad the "
+                         "shorter prompt, or align the pair to the same length)")
+    clean_mask = clean_attention_mask if clean_attention_mask is not None else attention_mask
+    corrupted_mask = corrupted_attention_mask if corrupted_attention_mask is not None else attention_mask
+    clean_mask, corrupted_mask = (None if m is None else torch.as_tensor(m).to(device)
+                                  for m in (clean_mask, corrupted_mask))
+    return clean, corrupted, clean_mask, corrupted_mask
+
+
+def _record(model, tokens, mask, names) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    store: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        out = model.run_with_hooks(tokens, attention_mask=mask,
+                                   fwd_hooks=[(n, interventions.record(store)) for n in names])
+    return out.logits, store
+
+
+def _stack(values: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    flat = torch.stack([torch.as_tensor(v).detach().float().cpu() for v in values])
+    return flat.reshape(*shape, *flat.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------- patching
+def _batched_hook(clean: torch.Tensor, plan: _Plan, entries: list[tuple[int, tuple[int, ...]]], batch: int):
+    """Patch cell `idx` into rows [v*batch, (v+1)*batch) for each (v, idx) in `entries`."""
+    device = clean.device
+    rows = torch.cat([v * batch + torch.arange(batch) for v, _ in entries]).to(device)
+    src_rows = torch.arange(batch, device=device).repeat(len(entries))
+    per_axis = [torch.tensor([idx[k] for _, idx in entries], device=device).repeat_interleave(batch)
+                for k in range(len(plan.cell_axes))]
+
+    def hook_fn(x: torch.Tensor, *, hook) -> torch.Tensor:
+        dst = [slice(None)] * x.dim()
+        src = [slice(None)] * x.dim()
+        dst[0], src[0] = rows, src_rows
+        for axis, idx in zip(plan.cell_axes, per_axis, strict=True):
+            dst[plan.hook_axes[axis]] = src[plan.hook_axes[axis]] = idx
+        x = x.clone()
+        x[tuple(dst)] = clean[tuple(src)].to(x.dtype)
+        return x
+    return hook_fn
+
+
+def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, target: str = "resid_pre", *,
+                     batch_size: int = 64, batched: bool = True, attention_mask=None,
+                     clean_attention_mask=None, corrupted_attention_mask=None, layers=None, positions=None,
+                     heads=None) -> PatchResult:
+    """Patch each cell of `target` from the clean run into the corrupted run; return ``metric`` per cell.
+
+    Targets: "resid_pre", "resid_mid" (sequential-residual models only), "resid_post", "attn_out",
+    "mlp_out" (layer x pos); "z", "q", "k", "v", "pattern" (layer x head, every position); "z_pos"
+    (layer x head x pos). `layers`, `positions`, `heads` restrict the grid (default: all).
+    `metric(logits)` sees the B corrupted rows of one cell and returns a scalar or a [B] tensor.
+    `attention_mask` applies to both runs unless `clean_attention_mask` / `corrupted_attention_mask`
+    override it. Batched (default): up to ``max(1, batch_size // B)`` cells per forward; ``batched=False``
+    runs one forward per cell (the reference loop, for checking and timing).
+    """
+    clean, corrupted, clean_mask, corrupted_mask = _inputs(
+        model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask, corrupted_attention_mask)
+    plan = _plan(model, target, clean.shape[1], layers, positions, heads)
+    clean_logits, cache = _record(model, clean, clean_mask, plan.names)
+    values = []
+    with torch.no_grad():
+        corrupted_logits = model(corrupted, attention_mask=corrupted_mask).logits
+        if batched:
+            values = _patch_batched(model, corrupted, corrupted_mask, cache, plan, metric, batch_size)
+        else:
+            for cell in plan.cells():
+                layer, idx = cell[0], dict(zip(plan.cell_axes, cell[1:], strict=True))
+                fn = interventions.patch_from_cache(cache, heads=idx.get("head"), positions=idx.get("pos"))
+                out = model.run_with_hooks(corrupted, attention_mask=corrupted_mask,
+                                           fwd_hooks=[(plan.names[layer], fn)])
+                values.append(metric(out.logits))
+        clean_value = torch.as_tensor(metric(clean_logits))
+        corrupted_value = torch.as_tensor(metric(corrupted_logits))
+    return PatchResult(values=_stack(values, plan.grid_shape), target=target, axes=("layer", *plan.cell_axes),
+                       clean_value=clean_value.detach().float().cpu(),
+                       corrupted_value=corrupted_value.detach().float().cpu(), **_labels(plan))
+
+
+def _patch_batched(model, corrupted, mask, cache, plan: _Plan, metric: Metric, batch_size: int):
+    batch = corrupted.shape[0]
+    per_forward = max(1, batch_size // batch)
+    cells = list(plan.cells())
+    values = []
+    for start in range(0, len(cells), per_forward):
+        chunk = cells[start:start + per_forward]
+        by_layer: dict[int, list] = {}
+        for v, (layer, *idx) in enumerate(chunk):
+            by_layer.setdefault(layer, []).append((v, tuple(idx)))
+        hooks = [(plan.names[layer], _batched_hook(cache[plan.names[layer]], plan, entries, batch))
+                 for layer, entries in by_layer.items()]
+        tokens = corrupted.repeat(len(chunk), 1)
+        rep_mask = None if mask is None else mask.repeat(len(chunk), 1)
+        logits = model.run_with_hooks(tokens, attention_mask=rep_mask, fwd_hooks=hooks).logits
+        values.extend(metric(logits[v * batch:(v + 1) * batch]) for v in range(len(chunk)))
+    return values
+
+
+def attribution_patch(*args, **kwargs) -> PatchResult:
+    """The gradient approximation of `activation_patch`; see `neox_lab.attribution.attribution_patch`."""
+    from .attribution import attribution_patch as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = ["PatchResult", "TARGETS", "activation_patch", "attribution_patch", "kl_to_clean", "logit_diff",
+           "loss", "normalize", "prob"]
