@@ -14,7 +14,7 @@ import importlib
 
 _EXPORTS = {
     "ActivationCache": "hooks.activation_cache",
-    "CachedActivations": "cached_activations",
+    "CachedActivations": "store.reader",
     "CheckpointError": "model.loading",
     "HookError": "hooks.points",
     "HookPoint": "hooks.points",
@@ -28,7 +28,7 @@ _EXPORTS = {
     "NeoXModel": "model.base",
     "NeoXOutput": "model.outputs",
     "NeoXTokenizer": "tokenizer",
-    "cache_dataset": "disk_cache",
+    "cache_dataset": "store.writer",
     "hook_names": "hooks.registry",
     "load_default": "default_model",
 }

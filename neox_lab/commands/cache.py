@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..cache_manifest import DTYPES, CacheMismatchError, CacheWriteError
-from ..disk_cache import DEFAULT_SHARD_TOKENS, cache_dataset, expand_hook_patterns
+from ..store.manifest import DTYPES, CacheMismatchError, CacheWriteError
+from ..store.writer import DEFAULT_SHARD_TOKENS, cache_dataset, expand_hook_patterns
 
 
 def _default_loader():

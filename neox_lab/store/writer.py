@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache_manifest import (
+from .manifest import (
     DTYPES,
     FORMAT,
     VERSION,
@@ -32,9 +32,9 @@ from .cache_manifest import (
     read_manifest,
     weights_sha256,
 )
-from .cache_sources import Documents, load_documents, pad_right, tokenizer_fingerprint
-from .cache_writer import ShardWriter
-from .cached_activations import CachedActivations
+from .reader import CachedActivations
+from .shards import ShardWriter
+from .sources import Documents, load_documents, pad_right, tokenizer_fingerprint
 
 DEFAULT_SHARD_TOKENS = 16384
 _PART_IDENTITY = (("world_size",), ("doc_range",))

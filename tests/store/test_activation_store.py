@@ -16,10 +16,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.cache_manifest import CacheMismatchError, CacheWriteError, file_sha256
-from neox_lab.cache_writer import DIE_AFTER_ENV
-from neox_lab.cached_activations import CachedActivations
-from neox_lab.disk_cache import cache_dataset, expand_hook_patterns, rank_doc_range
+from neox_lab.store.manifest import CacheMismatchError, CacheWriteError, file_sha256
+from neox_lab.store.reader import CachedActivations
+from neox_lab.store.shards import DIE_AFTER_ENV
+from neox_lab.store.writer import cache_dataset, expand_hook_patterns, rank_doc_range
 from neox_lab.tokenizer import NeoXTokenizer
 
 CFG = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -301,7 +301,7 @@ def test_write_error_keeps_complete_shards_and_resumes_byte_identical(model, tmp
 
 
 def test_a_second_writer_is_refused(model, tmp_path):
-    from neox_lab.cache_writer import _Lock
+    from neox_lab.store.shards import _Lock
 
     lock = _Lock(tmp_path)
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from .cache_manifest import (
+from .manifest import (
     MANIFEST,
     CacheMismatchError,
     CacheWriteError,

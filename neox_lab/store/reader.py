@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .cache_manifest import DTYPES, MANIFEST, file_sha256, read_manifest
+from .manifest import DTYPES, MANIFEST, file_sha256, read_manifest
 
 #: Per-token tensors every shard holds next to the hook activations.
 META = ("token_ids", "doc_ids", "positions")
