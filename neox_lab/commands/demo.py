@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neox_lab.demo import run_demo
+    from ..demo import run_demo
 
     try:
         result = run_demo(args.model, args.out, progress=not args.no_progress, seed=args.seed)

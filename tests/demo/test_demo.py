@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.demo import PatchingPrompts, make_patching_prompts, patch_sweep, run_demo
-from neox_lab.demo_summary import INDUCTION_THRESHOLD, induction_heads
+from neox_lab.demo.study import PatchingPrompts, make_patching_prompts, patch_sweep, run_demo
+from neox_lab.demo.summary import INDUCTION_THRESHOLD, induction_heads
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("induction_scores", "induction_heads", "patching_resid", "patching_heads", "logit_lens")

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import plotting
-from .analysis.induction import InductionResult, measure_induction, repeated_tokens, word_token_ids
-from .analysis.logit_lens import LogitLens, logit_lens
-from .demo_summary import summarize, token_strs
+from ..analysis import plotting
+from ..analysis.induction import InductionResult, measure_induction, repeated_tokens, word_token_ids
+from ..analysis.logit_lens import LogitLens, logit_lens
+from .summary import summarize, token_strs
 
 __all__ = ["DemoResult", "PatchingPrompts", "make_patching_prompts", "patch_sweep", "run_demo"]
 
@@ -115,12 +115,12 @@ def patch_sweep(model, prompts: PatchingPrompts, name: str, clean_act: torch.Ten
 
 def _load(model):
     if model is None:
-        from .default_model import load_default
+        from ..default_model import load_default
 
         return load_default(), "neox-lab/default (shipped)"
     if isinstance(model, (str, Path)):
-        from .default_model import attach_default_tokenizer
-        from .model.tasks import NeoXForCausalLM
+        from ..default_model import attach_default_tokenizer
+        from ..model.tasks import NeoXForCausalLM
 
         loaded = NeoXForCausalLM.from_pretrained(model, dtype=torch.float32)
         attach_default_tokenizer(loaded)  # a checkpoint without tokenizer files gets the NeoX one

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .analysis.plotting import format_token
+from ..analysis.plotting import format_token
 
 #: A head whose mean attention to the induction target exceeds this is called an induction head (on the
 #: demo's 31-token sequences a head attending uniformly to every earlier token scores about 0.05).
