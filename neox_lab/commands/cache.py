@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..store.manifest import DTYPES, CacheMismatchError, CacheWriteError
+from ..dtypes import DTYPES
+from ..store.manifest import CacheMismatchError, CacheWriteError
 from ..store.writer import DEFAULT_SHARD_TOKENS, cache_dataset, expand_hook_patterns
 
 

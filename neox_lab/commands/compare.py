@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+from ..dtypes import DTYPES
+
 BACKENDS = ("eager", "sdpa", "flash", "auto")
 # neox_lab backend name -> transformers attn_implementation ("auto": transformers' own default)
 HF_BACKENDS = {"eager": "eager", "sdpa": "sdpa", "flash": "flash_attention_2", "auto": None}

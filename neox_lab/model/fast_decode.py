@@ -26,8 +26,9 @@ import weakref
 
 import torch
 
+from ..dtypes import HALF
 from .flash import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
-from .kernels import HALF, StaticDecodeMask, resolve_backend
+from .kernels import StaticDecodeMask, resolve_backend
 from .kv_cache import KVCache
 
 

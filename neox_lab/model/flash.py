@@ -29,7 +29,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .kernels import HALF, AttnMask, StaticDecodeMask, finish, log, sdpa_mask
+from ..dtypes import HALF
+from .kernels import AttnMask, StaticDecodeMask, finish, log, sdpa_mask
 
 
 def _flash_attn_version_ok(version: str) -> bool:

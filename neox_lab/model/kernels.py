@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from einops import einsum
 
 from .. import axes
+from ..dtypes import HALF, widen
 
 log = logging.getLogger("neox_lab")
 
 BACKENDS = ("auto", "eager", "sdpa", "flash")
-HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -136,7 +136,7 @@ def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p
     scores = scores.masked_fill(~mask.allowed, float("-inf"))
     if hook_scores is not None:
         scores = hook_scores(scores)
-    scores32 = scores.float() if scores.dtype in HALF else scores
+    scores32 = widen(scores)
     dead = mask.dead
     if dead is not None:
         # A row with every key masked has no softmax; give it zero attention instead of NaN.
@@ -225,5 +225,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "HALF", "AttnMask", "StaticDecodeMask", "eager_attention", "finish",
+__all__ = ["BACKENDS", "AttnMask", "StaticDecodeMask", "eager_attention", "finish",
            "resolve_backend", "sdpa_attention", "sdpa_mask"]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import widen
 from ..hooks.points import HookPoint
 
 
@@ -35,7 +36,7 @@ class LayerNorm(nn.Module):
                               or self.hook_normalized.active):
             return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         dtype = x.dtype
-        xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        xf = widen(x)
         centered = xf - xf.mean(-1, keepdim=True)
         scale = (centered.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
         if self.hook_scale.active:

@@ -1,4 +1,7 @@
-"""Task heads on top of `NeoXModel`, with transformers' losses and pooling."""
+"""Task heads on top of `NeoXModel`, with transformers' losses and pooling.
+
+Losses are taken in at least fp32 (`widen`), as transformers takes them, whatever the model's dtype.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import NeoXConfig
+from ..dtypes import widen
 from ..hooks.points import HookPoint
 from .base import NeoXModel, NeoXPreTrained
 from .outputs import NeoXOutput
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """Losses are taken in at least fp32 (fp64 stays fp64)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
 
 _BODY_ARGS = ("attention_mask", "position_ids", "inputs_embeds", "past_key_values", "use_cache",
               "output_hidden_states", "output_attentions", "head_mask", "stop_at_layer")
@@ -70,7 +68,7 @@ class NeoXForCausalLM(_Head):
             return out
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
         if labels is not None:
-            logits = _wide(out.logits[:, :-1])
+            logits = widen(out.logits[:, :-1])
             target = labels[:, 1:].to(logits.device)
             out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         return out
@@ -121,11 +119,11 @@ class NeoXForSequenceClassification(_Head):
             else:
                 kind = "multi_label_classification"
         if kind == "regression":
-            return F.mse_loss(_wide(logits.squeeze()), labels.squeeze().to(_wide(logits).dtype)) if n == 1 else \
-                F.mse_loss(_wide(logits), labels.to(_wide(logits).dtype))
+            return F.mse_loss(widen(logits.squeeze()), labels.squeeze().to(widen(logits).dtype)) if n == 1 else \
+                F.mse_loss(widen(logits), labels.to(widen(logits).dtype))
         if kind == "single_label_classification":
-            return F.cross_entropy(_wide(logits.view(-1, n)), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(_wide(logits), labels.to(_wide(logits).dtype))
+            return F.cross_entropy(widen(logits.view(-1, n)), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(widen(logits), labels.to(widen(logits).dtype))
 
 
 class NeoXForTokenClassification(_Head):
@@ -143,7 +141,7 @@ class NeoXForTokenClassification(_Head):
             return out
         out.logits = self.hook_logits(self.classifier(self.dropout(out.last_hidden_state)))
         if labels is not None:
-            logits = _wide(out.logits)
+            logits = widen(out.logits)
             out.loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1),
                                        ignore_index=-100)
         return out
@@ -167,8 +165,8 @@ class NeoXForQuestionAnswering(_Head):
             ignored = out.start_logits.shape[1]
             start = start_positions.to(out.logits.device).view(-1).clamp(0, ignored)
             end = end_positions.to(out.logits.device).view(-1).clamp(0, ignored)
-            out.loss = (F.cross_entropy(_wide(out.start_logits), start, ignore_index=ignored)
-                        + F.cross_entropy(_wide(out.end_logits), end, ignore_index=ignored)) / 2
+            out.loss = (F.cross_entropy(widen(out.start_logits), start, ignore_index=ignored)
+                        + F.cross_entropy(widen(out.end_logits), end, ignore_index=ignored)) / 2
         return out
 
 

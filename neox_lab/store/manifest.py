@@ -36,7 +36,6 @@ import torch
 FORMAT = "neox_lab.activation_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 #: Manifest fields that must agree before a run may resume or reuse a cache ("source.path" may differ).
 IDENTITY = (
@@ -54,14 +53,6 @@ class CacheMismatchError(ValueError):
 
 class CacheWriteError(OSError):
     """Writing a shard or the manifest failed; the cache on disk is still valid and a rerun resumes it."""
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    """Canonical name ("float16", "bfloat16", "float32") of an on-disk dtype."""
-    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return name
 
 
 def positions_spec(positions: str | slice) -> str:

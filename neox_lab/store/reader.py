@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .manifest import DTYPES, MANIFEST, file_sha256, read_manifest
+from ..dtypes import DTYPES
+from .manifest import MANIFEST, file_sha256, read_manifest
 
 #: Per-token tensors every shard holds next to the hook activations.
 META = ("token_ids", "doc_ids", "positions")

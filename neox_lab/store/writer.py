@@ -18,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..dtypes import DTYPES, dtype_name
 from .manifest import (
-    DTYPES,
     FORMAT,
     VERSION,
     CacheMismatchError,
     atomic_write_json,
     check_compatible,
     config_sha256,
-    dtype_name,
     parse_positions,
     positions_spec,
     read_manifest,

@@ -28,11 +28,11 @@ from test_gpu import (  # noqa: F401 - collected here as the emulated runs
     test_pattern_hook_falls_back_to_eager_for_that_layer_and_matches_eager,
 )
 
+from neox_lab.dtypes import HALF
 from neox_lab.model import base as model_module
 from neox_lab.model import fast_decode
 from neox_lab.model import flash as flash_kernel
 from neox_lab.model.flash import FlashKernel
-from neox_lab.model.kernels import HALF
 
 
 def resolve_on_cpu(name: str, x: torch.Tensor) -> str:
