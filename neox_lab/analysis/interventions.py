@@ -25,21 +25,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..axes import POSITIONS, find_axis
 from ..hooks.points import HookPoint
 
 Selection = int | Sequence[int] | slice | torch.Tensor | None
 
 
 # ---------------------------------------------------------------------------------------------- selection
-def _axis(hook: HookPoint, x: torch.Tensor, names: tuple[str, ...]) -> int | None:
-    dims = hook.shape.split()
-    if len(dims) != x.dim():
+def _axis(hook: HookPoint, x: torch.Tensor, names: str | tuple[str, ...]) -> int | None:
+    if len(hook.shape.split()) != x.dim():
         raise ValueError(f"hook {hook.name!r}: its shape string [{hook.shape}] does not describe the "
                          f"{x.dim()}-d activation {tuple(x.shape)}; cannot find the axes to select")
-    for name in names:
-        if name in dims:
-            return dims.index(name)
-    return None
+    return find_axis(hook.shape, names)
 
 
 def _index_mask(sel: Selection, size: int, what: str, hook: HookPoint) -> torch.Tensor:
@@ -71,7 +68,7 @@ def selection_mask(x: torch.Tensor, hook: HookPoint, heads: Selection = None,
         return None
     mask = torch.ones((1,) * x.dim(), dtype=torch.bool)
     if heads is not None:
-        axis = _axis(hook, x, ("n_heads",))
+        axis = _axis(hook, x, "n_heads")
         if axis is None:
             raise ValueError(f"hook {hook.name!r} [{hook.shape}] has no n_heads axis, so heads= cannot "
                              "select on it; use an attention stream (q, k, v, rot_q, rot_k, z, result, "
@@ -80,7 +77,7 @@ def selection_mask(x: torch.Tensor, hook: HookPoint, heads: Selection = None,
         shape[axis] = x.shape[axis]
         mask = mask & _index_mask(heads, x.shape[axis], "heads", hook).view(shape)
     if positions is not None:
-        axis = _axis(hook, x, ("pos", "query_pos"))
+        axis = _axis(hook, x, POSITIONS)
         if axis is None:
             raise ValueError(f"hook {hook.name!r} [{hook.shape}] has no pos axis to select positions on")
         shape = [1] * x.dim()
@@ -142,7 +139,7 @@ def mean_ablate(source, heads: Selection = None, positions: Selection = None, *,
     def hook_fn(x: torch.Tensor, *, hook: HookPoint) -> torch.Tensor:
         mean = _source(source, hook, "mean_ablate")
         if not isinstance(source, torch.Tensor):
-            dims = [0] if average_over == "batch" else [0, _axis(hook, mean, ("pos", "query_pos"))]
+            dims = [0] if average_over == "batch" else [0, _axis(hook, mean, POSITIONS)]
             if None in dims:
                 raise ValueError(f"mean_ablate: hook {hook.name!r} [{hook.shape}] has no pos axis to "
                                  "average over")

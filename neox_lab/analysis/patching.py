@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..axes import POSITIONS, find_axis
 from . import interventions
 from .metrics import kl_to_clean, logit_diff, loss, prob
 
@@ -42,7 +43,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pattern": ("blocks.{}.attn.hook_pattern", ("head",)),
 }
 #: cell axis -> the names it has in hook shape strings.
-AXIS_NAMES = {"head": ("n_heads",), "pos": ("pos", "query_pos")}
+AXIS_NAMES = {"head": "n_heads", "pos": POSITIONS}
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -128,13 +129,12 @@ def _plan(model, target: str, seq_len: int, layers, positions, heads) -> _Plan:
     layers = _select(layers, model.cfg.num_hidden_layers, "layer")
     names = [template.format(layer) for layer in layers]
     hp = model.hook_dict[names[0]]
-    dims = hp.shape.split()
     hook_axes = {}
     for axis in cell_axes:
-        found = [dims.index(n) for n in AXIS_NAMES[axis] if n in dims]
-        if not found:
+        found = find_axis(hp.shape, AXIS_NAMES[axis])
+        if found is None:
             raise ValueError(f"hook {hp.name!r} [{hp.shape}] has no {axis} axis")
-        hook_axes[axis] = found[0]
+        hook_axes[axis] = found
     sizes = {"pos": seq_len, "head": model.cfg.num_attention_heads}
     picks = {"pos": positions, "head": heads}
     for axis, what in (("pos", "positions"), ("head", "heads")):

@@ -7,18 +7,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from ..axes import POSITIONS, find_axis
 from .points import HookFn, HookPoint
 from .registry import unknown_hook_message
 
 NameOrFilter = str | Callable[[str], bool]
-
-
-def _pos_axis(hp: HookPoint) -> int | None:
-    dims = hp.shape.split()
-    for axis in ("pos", "query_pos"):
-        if axis in dims:
-            return dims.index(axis)
-    return None
 
 
 class HookedMixin:
@@ -137,7 +130,7 @@ class HookedMixin:
         def saver(suffix: str):
             def save(t: torch.Tensor, *, hook: HookPoint) -> None:
                 t = t.detach()
-                axis = _pos_axis(hook)
+                axis = find_axis(hook.shape, POSITIONS)
                 if pos_slice is not None and axis is not None:
                     t = t[(slice(None),) * axis + (pos_slice,)]
                 store[hook.name + suffix] = t.to(device=device or t.device, dtype=dtype or t.dtype)

@@ -8,49 +8,47 @@ from __future__ import annotations
 
 import difflib
 
+from ..axes import HEAD_WRITES, HEADS, LN_SCALE, LOGITS, MLP_ACTS, PATTERN, RESID
 from ..config import NeoXConfig
-
-D = "batch pos d_model"
-HEADS = "batch pos n_heads d_head"
 
 #: Hooks on the whole model (before/after the blocks).
 MODEL_HOOKS = {
-    "hook_embed": D,
-    "ln_final.hook_scale": "batch pos 1",
-    "ln_final.hook_standardized": D,
-    "ln_final.hook_normalized": D,
+    "hook_embed": RESID,
+    "ln_final.hook_scale": LN_SCALE,
+    "ln_final.hook_standardized": RESID,
+    "ln_final.hook_normalized": RESID,
 }
 
 #: LayerNorm streams: scale = sqrt(var + eps); standardized = (x - mean) / scale, before the affine
 #: weight and bias; normalized = standardized * w + b, the output that feeds attention / MLP / unembed.
-LN_HOOKS = {"hook_scale": "batch pos 1", "hook_standardized": D, "hook_normalized": D}
+LN_HOOKS = {"hook_scale": LN_SCALE, "hook_standardized": RESID, "hook_normalized": RESID}
 
 #: Hooks of every block, relative to `blocks.{L}.`.
 BLOCK_HOOKS = {
-    "hook_resid_pre": D,
+    "hook_resid_pre": RESID,
     **{f"ln1.{k}": v for k, v in LN_HOOKS.items()},
     "attn.hook_q": HEADS,
     "attn.hook_k": HEADS,
     "attn.hook_v": HEADS,
     "attn.hook_rot_q": HEADS,
     "attn.hook_rot_k": HEADS,
-    "attn.hook_attn_scores": "batch n_heads query_pos key_pos",
-    "attn.hook_pattern": "batch n_heads query_pos key_pos",
+    "attn.hook_attn_scores": PATTERN,
+    "attn.hook_pattern": PATTERN,
     "attn.hook_z": HEADS,
-    "attn.hook_result": "batch pos n_heads d_model",
-    "hook_attn_out": D,
+    "attn.hook_result": HEAD_WRITES,
+    "hook_attn_out": RESID,
     **{f"ln2.{k}": v for k, v in LN_HOOKS.items()},
-    "mlp.hook_pre": "batch pos d_mlp",
-    "mlp.hook_post": "batch pos d_mlp",
-    "hook_mlp_out": D,
-    "hook_resid_post": D,
+    "mlp.hook_pre": MLP_ACTS,
+    "mlp.hook_post": MLP_ACTS,
+    "hook_mlp_out": RESID,
+    "hook_resid_post": RESID,
 }
 
 #: Only sequential-residual blocks have a stream between attention and MLP.
-SEQUENTIAL_ONLY = {"hook_resid_mid": D}
+SEQUENTIAL_ONLY = {"hook_resid_mid": RESID}
 
 #: Hooks of the task heads (the unembedding / classifier output, per position).
-HEAD_HOOKS = {"hook_logits": "batch pos d_vocab"}
+HEAD_HOOKS = {"hook_logits": LOGITS}
 
 
 def block_hook_names(cfg: NeoXConfig) -> dict[str, str]:

@@ -12,8 +12,6 @@ from ..hooks.points import HookPoint
 from .kernels import AttnMask, FlashKernel, eager_attention, sdpa_attention
 from .rotary import Rotary
 
-HEADS = "batch pos n_heads d_head"
-
 
 class Attention(nn.Module):
     """One attention layer. `qkv` and `out` keep transformers' fused layout, so weights load as-is."""
@@ -29,12 +27,12 @@ class Attention(nn.Module):
         self.flash = FlashKernel()
         self.last_kernel: str | None = None  # what the latest forward ran; see NeoXPreTrained.attn_kernels
         self._warned_fallback = False
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(HEADS), HookPoint(HEADS), HookPoint(HEADS)
-        self.hook_rot_q, self.hook_rot_k = HookPoint(HEADS), HookPoint(HEADS)
-        self.hook_attn_scores = HookPoint("batch n_heads query_pos key_pos")
-        self.hook_pattern = HookPoint("batch n_heads query_pos key_pos")
-        self.hook_z = HookPoint(HEADS)
-        self.hook_result = HookPoint("batch pos n_heads d_model")
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(axes.HEADS), HookPoint(axes.HEADS), HookPoint(axes.HEADS)
+        self.hook_rot_q, self.hook_rot_k = HookPoint(axes.HEADS), HookPoint(axes.HEADS)
+        self.hook_attn_scores = HookPoint(axes.PATTERN)
+        self.hook_pattern = HookPoint(axes.PATTERN)
+        self.hook_z = HookPoint(axes.HEADS)
+        self.hook_result = HookPoint(axes.HEAD_WRITES)
 
     @property
     def W_O(self) -> torch.Tensor:

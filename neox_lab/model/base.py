@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import axes
 from ..config import NeoXConfig
 from ..hooks.hooked import HookedMixin
 from ..hooks.points import HookPoint
@@ -105,7 +106,7 @@ class NeoXModel(NeoXPreTrained):
     def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto", *, _setup: bool = True):
         super().__init__(cfg, attn_backend)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.hook_embed = HookPoint("batch pos d_model")
+        self.hook_embed = HookPoint(axes.RESID)
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
         self.rotary = Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))

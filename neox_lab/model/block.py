@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import axes
 from ..config import NeoXConfig
 from ..hooks.points import HookPoint
 from .attention import Attention
 from .layernorm import LayerNorm
 from .mlp import MLP
-
-D = "batch pos d_model"
 
 
 class Block(nn.Module):
@@ -25,13 +24,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.attn_dropout = nn.Dropout(cfg.hidden_dropout)
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
-        self.hook_resid_pre = HookPoint(D)
-        self.hook_attn_out = HookPoint(D)
-        self.hook_mlp_out = HookPoint(D)
-        self.hook_resid_post = HookPoint(D)
+        self.hook_resid_pre = HookPoint(axes.RESID)
+        self.hook_attn_out = HookPoint(axes.RESID)
+        self.hook_mlp_out = HookPoint(axes.RESID)
+        self.hook_resid_post = HookPoint(axes.RESID)
         if not self.parallel:
             # Only here is there a stream between attention and MLP.
-            self.hook_resid_mid = HookPoint(D)
+            self.hook_resid_mid = HookPoint(axes.RESID)
 
     def forward(self, resid_pre, rotary, cos, sin, mask, **attn_kwargs):
         resid_pre = self.hook_resid_pre(resid_pre)

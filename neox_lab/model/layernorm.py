@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import axes
 from ..dtypes import widen
 from ..hooks.points import HookPoint
 
@@ -27,9 +28,9 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model))
         self.bias = nn.Parameter(torch.zeros(d_model))
-        self.hook_scale = HookPoint("batch pos 1")
-        self.hook_standardized = HookPoint("batch pos d_model")
-        self.hook_normalized = HookPoint("batch pos d_model")
+        self.hook_scale = HookPoint(axes.LN_SCALE)
+        self.hook_standardized = HookPoint(axes.RESID)
+        self.hook_normalized = HookPoint(axes.RESID)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and not (self.hook_scale.active or self.hook_standardized.active

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import axes
 from ..config import NeoXConfig
 from ..hooks.points import HookPoint
 
@@ -41,8 +42,8 @@ class MLP(nn.Module):
         self.fc_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = ACT_FNS[cfg.hidden_act]
-        self.hook_pre = HookPoint("batch pos d_mlp")
-        self.hook_post = HookPoint("batch pos d_mlp")
+        self.hook_pre = HookPoint(axes.MLP_ACTS)
+        self.hook_post = HookPoint(axes.MLP_ACTS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.hook_pre(self.fc_in(x))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import axes
 from ..config import NeoXConfig
 from ..dtypes import widen
 from ..hooks.points import HookPoint
@@ -31,7 +32,7 @@ class _Head(NeoXPreTrained):
     def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto"):
         super().__init__(cfg, attn_backend)
         self.model = NeoXModel(cfg, attn_backend, _setup=False)
-        self.hook_logits = HookPoint("batch pos d_vocab")
+        self.hook_logits = HookPoint(axes.LOGITS)
         self._build_head(cfg)
         self.init_weights()
         self.tie_weights()

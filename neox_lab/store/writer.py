@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..axes import POSITIONS, find_axis
 from ..dtypes import DTYPES, dtype_name
 from .manifest import (
     FORMAT,
@@ -71,7 +72,7 @@ def part_dir_name(rank: int, world_size: int) -> str:
 
 def _pos_axes(shape: str, name: str) -> tuple[int, list[str]]:
     dims = shape.split()
-    q = next((dims.index(a) for a in ("pos", "query_pos") if a in dims), None)
+    q = find_axis(shape, POSITIONS)
     if q is None or dims[0] != "batch":
         raise ValueError(f"hook {name!r} [{shape}] has no batch/position axes to cache per token")
     return q, ["token"] + [d for i, d in enumerate(dims) if i not in (0, q)]
