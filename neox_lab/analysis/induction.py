@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..hooks.registry import block_hook
+
 __all__ = ["InductionResult", "copy_losses", "induction_scores", "measure_induction", "repeated_tokens",
            "word_token_ids"]
 
@@ -109,7 +111,7 @@ def measure_induction(model, tokens: torch.Tensor, n: int) -> InductionResult:
     """Run `model` on repeated tokens once; return induction scores, patterns and per-copy loss."""
     offset = _offset(tokens, n)
     n_layers = model.cfg.num_hidden_layers
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    names = [block_hook(layer, "attn.hook_pattern") for layer in range(n_layers)]
     device = next(model.parameters()).device
     previous = model.attn_backend
     model.set_attn_backend("eager")  # patterns exist only in the eager kernel

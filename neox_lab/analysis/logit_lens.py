@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hooks.registry import block_hook
+
 __all__ = ["LogitLens", "logit_lens"]
 
 
@@ -27,8 +29,8 @@ class LogitLens:
 
 def lens_names(n_layers: int) -> list[str]:
     """The residual-stream hooks the lens reads, shallowest first."""
-    pre = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    return pre + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    pre = [block_hook(layer, "hook_resid_pre") for layer in range(n_layers)]
+    return pre + [block_hook(n_layers - 1, "hook_resid_post")]
 
 
 @torch.no_grad()

@@ -25,22 +25,23 @@ from dataclasses import dataclass
 import torch
 
 from ..axes import POSITIONS, find_axis
+from ..hooks.registry import block_hook
 from . import interventions
 from .metrics import kl_to_clean, logit_diff, loss, prob
 
-#: target -> (hook name template, cell axes after the layer axis).
+#: target -> (hook name relative to the block, cell axes after the layer axis).
 TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "resid_pre": ("blocks.{}.hook_resid_pre", ("pos",)),
-    "resid_mid": ("blocks.{}.hook_resid_mid", ("pos",)),
-    "resid_post": ("blocks.{}.hook_resid_post", ("pos",)),
-    "attn_out": ("blocks.{}.hook_attn_out", ("pos",)),
-    "mlp_out": ("blocks.{}.hook_mlp_out", ("pos",)),
-    "z": ("blocks.{}.attn.hook_z", ("head",)),
-    "z_pos": ("blocks.{}.attn.hook_z", ("head", "pos")),
-    "q": ("blocks.{}.attn.hook_q", ("head",)),
-    "k": ("blocks.{}.attn.hook_k", ("head",)),
-    "v": ("blocks.{}.attn.hook_v", ("head",)),
-    "pattern": ("blocks.{}.attn.hook_pattern", ("head",)),
+    "resid_pre": ("hook_resid_pre", ("pos",)),
+    "resid_mid": ("hook_resid_mid", ("pos",)),
+    "resid_post": ("hook_resid_post", ("pos",)),
+    "attn_out": ("hook_attn_out", ("pos",)),
+    "mlp_out": ("hook_mlp_out", ("pos",)),
+    "z": ("attn.hook_z", ("head",)),
+    "z_pos": ("attn.hook_z", ("head", "pos")),
+    "q": ("attn.hook_q", ("head",)),
+    "k": ("attn.hook_k", ("head",)),
+    "v": ("attn.hook_v", ("head",)),
+    "pattern": ("attn.hook_pattern", ("head",)),
 }
 #: cell axis -> the names it has in hook shape strings.
 AXIS_NAMES = {"head": "n_heads", "pos": POSITIONS}
@@ -125,9 +126,9 @@ def _plan(model, target: str, seq_len: int, layers, positions, heads) -> _Plan:
         raise ValueError("target 'resid_mid' does not exist in this model: it uses the parallel residual "
                          "(resid_post = resid_pre + attn_out + mlp_out), so attention and MLP both read "
                          "resid_pre; patch 'resid_pre', 'attn_out' or 'mlp_out' instead")
-    template, cell_axes = TARGETS[target]
+    hook, cell_axes = TARGETS[target]
     layers = _select(layers, model.cfg.num_hidden_layers, "layer")
-    names = [template.format(layer) for layer in layers]
+    names = [block_hook(layer, hook) for layer in layers]
     hp = model.hook_dict[names[0]]
     hook_axes = {}
     for axis in cell_axes:

@@ -18,7 +18,7 @@ from einops import einsum, rearrange
 
 from .. import axes
 from ..config import NeoXConfig
-from .registry import expand_shorthand, hook_names, unknown_hook_message
+from .registry import LN_STREAMS, block_hook, expand_shorthand, hook_names, unknown_hook_message
 
 PosSlice = int | slice | list | torch.Tensor | None
 
@@ -106,7 +106,7 @@ class ActivationCache(Mapping):
         if isinstance(head, str) and head.endswith("_grad") and head not in self._store:
             grad, head = "_grad", head[: -len("_grad")]
             key = head if isinstance(key, str) else (head, *key[1:])
-        if isinstance(key, str) and key in ("scale", "standardized", "normalized"):
+        if isinstance(key, str) and key in LN_STREAMS:
             key = (key,)  # a bare LayerNorm stream means ln_final's
         try:
             name = expand_shorthand(key, self.n_layers)
@@ -226,13 +226,13 @@ class ActivationCache(Mapping):
                              "read resid_pre), so its blocks have no resid_mid stream")
         parts, labels = [], []
         for i in range(min(layer + 1, self.n_layers)):
-            parts.append(self[f"blocks.{i}.hook_resid_pre"])
+            parts.append(self[block_hook(i, "hook_resid_pre")])
             labels.append(f"{i}_pre")
             if incl_mid and i < layer:
-                parts.append(self[f"blocks.{i}.hook_resid_mid"])
+                parts.append(self[block_hook(i, "hook_resid_mid")])
                 labels.append(f"{i}_mid")
         if layer == self.n_layers:
-            parts.append(self[f"blocks.{self.n_layers - 1}.hook_resid_post"])
+            parts.append(self[block_hook(self.n_layers - 1, "hook_resid_post")])
             labels.append("final_post")
         stack = slice_pos(torch.stack(parts), pos_slice)
         if apply_ln:
@@ -260,10 +260,10 @@ class ActivationCache(Mapping):
                              "after the last block")
         parts, labels = [self["hook_embed"]], ["embed"]
         for i in range(layer):
-            parts += [self[f"blocks.{i}.hook_attn_out"], self[f"blocks.{i}.hook_mlp_out"]]
+            parts += [self[block_hook(i, "hook_attn_out")], self[block_hook(i, "hook_mlp_out")]]
             labels += [f"{i}_attn_out", f"{i}_mlp_out"]
         if mlp_input and not self.cfg.use_parallel_residual:
-            parts.append(self[f"blocks.{layer}.hook_attn_out"])
+            parts.append(self[block_hook(layer, "hook_attn_out")])
             labels.append(f"{layer}_attn_out")
         stack = slice_pos(torch.stack(parts), pos_slice)
         if apply_ln:
@@ -283,12 +283,12 @@ class ActivationCache(Mapping):
         layer = self._layer_arg(layer)
         parts, labels = [], []
         for i in range(layer):
-            name = f"blocks.{i}.attn.hook_result"
+            name = block_hook(i, "attn.hook_result")
             if name in self._store:
                 result = self._store[name]
             else:
                 # hook_result is opt-in (n_heads times attn_out's size); z @ W_O gives it exactly.
-                z = self[f"blocks.{i}.attn.hook_z"]
+                z = self[block_hook(i, "attn.hook_z")]
                 W_O = model_body(self.model).blocks[i].attn.W_O.detach()
                 result = einsum(z, W_O.to(z.device, z.dtype), axes.HEAD_RESULT)
             parts.append(rearrange(result, "batch pos n_heads d_model -> n_heads batch pos d_model"))
@@ -320,7 +320,7 @@ class ActivationCache(Mapping):
             prefix, ln = "ln_final", lambda body: body.ln_final
         else:
             which = "ln2" if mlp_input else "ln1"
-            prefix, ln = f"blocks.{layer}.{which}", lambda body: getattr(body.blocks[layer], which)
+            prefix, ln = block_hook(layer, which), lambda body: getattr(body.blocks[layer], which)
         scale = slice_pos(self[f"{prefix}.hook_scale"], pos_slice)
         module = ln(model_body(self.model))
         centered = residual_stack - residual_stack.mean(-1, keepdim=True)

@@ -9,7 +9,7 @@ import torch
 
 from ..axes import POSITIONS, find_axis
 from .points import HookFn, HookPoint
-from .registry import unknown_hook_message
+from .registry import layer_of, unknown_hook_message
 
 NameOrFilter = str | Callable[[str], bool]
 
@@ -25,8 +25,7 @@ class HookedMixin:
             if isinstance(module, HookPoint):
                 name = path[len(strip):] if strip and path.startswith(strip) else path
                 module.name = name
-                parts = name.split(".")
-                module.layer = int(parts[1]) if parts[0] == "blocks" else None
+                module.layer = layer_of(name)
                 points[name] = module
         from .registry import hook_names
 

@@ -51,6 +51,17 @@ SEQUENTIAL_ONLY = {"hook_resid_mid": RESID}
 HEAD_HOOKS = {"hook_logits": LOGITS}
 
 
+def block_hook(layer: int, hook: str) -> str:
+    """The full name of hook `hook` of block `layer`, e.g. ``block_hook(3, "attn.hook_z")``."""
+    return f"blocks.{layer}.{hook}"
+
+
+def layer_of(name: str) -> int | None:
+    """The block a full hook name belongs to; None for the hooks before and after the blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else None
+
+
 def block_hook_names(cfg: NeoXConfig) -> dict[str, str]:
     """Hook names (relative to the block) and shapes of one block of this config."""
     names = {}
@@ -65,7 +76,7 @@ def hook_names(cfg: NeoXConfig, *, head: bool = True) -> dict[str, str]:
     """Every hook name of a model built from `cfg`, mapped to its shape in the axis vocabulary."""
     names = {"hook_embed": MODEL_HOOKS["hook_embed"]}
     for layer in range(cfg.num_hidden_layers):
-        names.update({f"blocks.{layer}.{k}": v for k, v in block_hook_names(cfg).items()})
+        names.update({block_hook(layer, k): v for k, v in block_hook_names(cfg).items()})
     names.update({k: v for k, v in MODEL_HOOKS.items() if k.startswith("ln_final")})
     if head:
         names.update(HEAD_HOOKS)
@@ -86,43 +97,45 @@ def unknown_hook_message(name: str, known: list[str], parallel: bool) -> str:
 
 
 # TransformerLens-style shorthand: cache["resid_post", 3] -> "blocks.3.hook_resid_post".
-SHORTHAND = {
-    "embed": "hook_embed",
-    "resid_pre": "blocks.{}.hook_resid_pre",
-    "resid_mid": "blocks.{}.hook_resid_mid",
-    "resid_post": "blocks.{}.hook_resid_post",
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-    "q": "blocks.{}.attn.hook_q",
-    "k": "blocks.{}.attn.hook_k",
-    "v": "blocks.{}.attn.hook_v",
-    "rot_q": "blocks.{}.attn.hook_rot_q",
-    "rot_k": "blocks.{}.attn.hook_rot_k",
-    "attn_scores": "blocks.{}.attn.hook_attn_scores",
-    "scores": "blocks.{}.attn.hook_attn_scores",
-    "pattern": "blocks.{}.attn.hook_pattern",
-    "z": "blocks.{}.attn.hook_z",
-    "result": "blocks.{}.attn.hook_result",
-    "pre": "blocks.{}.mlp.hook_pre",
-    "post": "blocks.{}.mlp.hook_post",
-    "logits": "hook_logits",
+MODEL_SHORTHAND = {"embed": "hook_embed", "logits": "hook_logits"}
+BLOCK_SHORTHAND = {  # short name -> hook name relative to its block
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "rot_q": "attn.hook_rot_q",
+    "rot_k": "attn.hook_rot_k",
+    "attn_scores": "attn.hook_attn_scores",
+    "scores": "attn.hook_attn_scores",
+    "pattern": "attn.hook_pattern",
+    "z": "attn.hook_z",
+    "result": "attn.hook_result",
+    "pre": "mlp.hook_pre",
+    "post": "mlp.hook_post",
 }
+#: LayerNorm streams by short name: ("scale", 2, "ln2") is block 2's ln2, ("scale",) ln_final's.
+LN_STREAMS = ("scale", "standardized", "normalized")
 
 
 def expand_shorthand(key: str | tuple, n_layers: int) -> str:
     """Turn ``"resid_post", 3`` / ``("scale", 2, "ln1")`` style keys into a full hook name."""
     if isinstance(key, str):
-        return SHORTHAND[key] if key in SHORTHAND and "{}" not in SHORTHAND[key] else key
+        return MODEL_SHORTHAND.get(key, key)
     name, *rest = key
     layer = rest[0] if rest else None
     if isinstance(layer, int) and layer < 0:
         layer += n_layers
-    if name in ("scale", "standardized", "normalized"):
+    if name in LN_STREAMS:
         where = rest[1] if len(rest) > 1 else None
         if layer is None or where == "ln_final":
             return f"ln_final.hook_{name}"
-        return f"blocks.{layer}.{where or 'ln1'}.hook_{name}"
-    template = SHORTHAND.get(name)
-    if template is None:
-        raise KeyError(f"unknown shorthand {name!r}; known: {sorted(SHORTHAND)}")
-    return template.format(layer) if "{}" in template else template
+        return block_hook(layer, f"{where or 'ln1'}.hook_{name}")
+    if name in MODEL_SHORTHAND:
+        return MODEL_SHORTHAND[name]
+    if name not in BLOCK_SHORTHAND:
+        raise KeyError(f"unknown shorthand {name!r}; known: {sorted(MODEL_SHORTHAND | BLOCK_SHORTHAND)}")
+    return block_hook(layer, BLOCK_SHORTHAND[name])
