@@ -23,18 +23,6 @@ from .registry import LN_STREAMS, block_hook, expand_shorthand, hook_names, unkn
 PosSlice = int | slice | list | torch.Tensor | None
 
 
-def model_body(model):
-    """The `NeoXModel` inside any neox_lab model class (the model itself for a bare `NeoXModel`)."""
-    from ..model.base import NeoXModel
-
-    if isinstance(model, NeoXModel):
-        return model
-    body = getattr(model, "model", None)
-    if not isinstance(body, NeoXModel):
-        raise TypeError(f"{type(model).__name__} is not a neox_lab model (no NeoXModel body)")
-    return body
-
-
 def slice_pos(t: torch.Tensor, pos_slice: PosSlice, dim: int = -2) -> torch.Tensor:
     """Select positions along `dim`. An int keeps the axis (length 1), as `run_with_cache` does."""
     if pos_slice is None:
@@ -91,6 +79,13 @@ class ActivationCache(Mapping):
             raise ValueError("this model's config differs from the config the cache was made with")
         self.cfg = model.cfg
         self._model_ref = weakref.ref(model)
+
+    def _body(self):
+        """The model's bare NeoX, whose weights (W_O, LayerNorms) some methods read."""
+        body = getattr(self.model, "body", None)
+        if body is None:
+            raise TypeError(f"{type(self.model).__name__} is not a neox_lab model (it has no `.body`)")
+        return body
 
     @property
     def n_layers(self) -> int:
@@ -289,7 +284,7 @@ class ActivationCache(Mapping):
             else:
                 # hook_result is opt-in (n_heads times attn_out's size); z @ W_O gives it exactly.
                 z = self[block_hook(i, "attn.hook_z")]
-                W_O = model_body(self.model).blocks[i].attn.W_O.detach()
+                W_O = self._body().blocks[i].attn.W_O.detach()
                 result = einsum(z, W_O.to(z.device, z.dtype), axes.HEAD_RESULT)
             parts.append(rearrange(result, "batch pos n_heads d_model -> n_heads batch pos d_model"))
             labels += [f"L{i}H{h}" for h in range(result.shape[-2])]
@@ -322,7 +317,7 @@ class ActivationCache(Mapping):
             which = "ln2" if mlp_input else "ln1"
             prefix, ln = block_hook(layer, which), lambda body: getattr(body.blocks[layer], which)
         scale = slice_pos(self[f"{prefix}.hook_scale"], pos_slice)
-        module = ln(model_body(self.model))
+        module = ln(self._body())
         centered = residual_stack - residual_stack.mean(-1, keepdim=True)
         out = centered / scale * module.weight.detach().to(residual_stack.device, residual_stack.dtype)
         if add_bias:

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from ..axes import POSITIONS, find_axis
+from .activation_cache import ActivationCache
 from .points import HookFn, HookPoint
-from .registry import layer_of, unknown_hook_message
+from .registry import hook_names, layer_of, unknown_hook_message
 
 NameOrFilter = str | Callable[[str], bool]
 
@@ -27,8 +28,6 @@ class HookedMixin:
                 module.name = name
                 module.layer = layer_of(name)
                 points[name] = module
-        from .registry import hook_names
-
         order = {name: i for i, name in enumerate(hook_names(self.cfg))}  # type: ignore[attr-defined]
         self._hook_points = dict(sorted(points.items(), key=lambda kv: order.get(kv[0], len(order))))
 
@@ -116,8 +115,6 @@ class HookedMixin:
         output's `.loss` (or the logits' sum when there is no loss) is backpropagated and gradients are
         cached under "<name>_grad". `stop_at_layer=L` runs blocks 0..L-1 only and returns None for logits.
         """
-        from .activation_cache import ActivationCache
-
         if incl_bwd and stop_at_layer is not None:
             raise ValueError("run_with_cache: incl_bwd=True needs the whole forward (a loss or logits to "
                              "backpropagate), so it cannot be combined with stop_at_layer")

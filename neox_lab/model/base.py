@@ -38,6 +38,14 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
     def config(self) -> NeoXConfig:
         return self.cfg
 
+    @property
+    def body(self) -> NeoXModel:
+        """The bare `NeoXModel` this model runs: itself, or the one under a task head.
+
+        Tools that read weights (W_O, the LayerNorms) reach them through here, so they serve every
+        model class without importing any."""
+        raise NotImplementedError(f"{type(self).__name__} must say where its NeoXModel is")
+
     def set_attn_backend(self, name: str) -> None:
         """"eager" (reference), "sdpa", "flash" (CUDA fp16/bf16) or "auto" (flash where it can run)."""
         if name not in BACKENDS:
@@ -116,6 +124,10 @@ class NeoXModel(NeoXPreTrained):
         if _setup:
             self.init_weights()
             self._setup_hooks()
+
+    @property
+    def body(self) -> NeoXModel:
+        return self
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len):
         if (input_ids is None) == (inputs_embeds is None):

@@ -38,6 +38,10 @@ class _Head(NeoXPreTrained):
         self.tie_weights()
         self._setup_hooks(strip="model.")
 
+    @property
+    def body(self) -> NeoXModel:
+        return self.model
+
     def tie_weights(self) -> None:
         """Share the embedding with the unembedding where the config says so (causal LM only)."""
 
