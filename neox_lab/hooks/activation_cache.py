@@ -24,7 +24,9 @@ PosSlice = int | slice | list | torch.Tensor | None
 
 
 def slice_pos(t: torch.Tensor, pos_slice: PosSlice, dim: int = -2) -> torch.Tensor:
-    """Select positions along `dim`. An int keeps the axis (length 1), as `run_with_cache` does."""
+    """Positions `pos_slice` of `t` along `dim`: None (all), an int (kept as a length-1 axis; negative
+    counts from the end), a slice, or a list / tensor of positions. What `run_with_cache(pos_slice=)`
+    and every stack method of the cache slice with."""
     if pos_slice is None:
         return t
     if isinstance(pos_slice, int):

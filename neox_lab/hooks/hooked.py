@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from ..axes import POSITIONS, find_axis
-from .activation_cache import ActivationCache
+from .activation_cache import ActivationCache, slice_pos
 from .points import HookFn, HookPoint
 from .registry import hook_names, layer_of, unknown_hook_message
 
@@ -120,15 +120,11 @@ class HookedMixin:
                              "backpropagate), so it cannot be combined with stop_at_layer")
         points = self.resolve_hooks(names_filter)
         store: dict[str, torch.Tensor] = {}
-        if isinstance(pos_slice, int):
-            pos_slice = slice(pos_slice, pos_slice + 1) if pos_slice != -1 else slice(-1, None)
 
         def saver(suffix: str):
             def save(t: torch.Tensor, *, hook: HookPoint) -> None:
-                t = t.detach()
                 axis = find_axis(hook.shape, POSITIONS)
-                if pos_slice is not None and axis is not None:
-                    t = t[(slice(None),) * axis + (pos_slice,)]
+                t = t.detach() if axis is None else slice_pos(t.detach(), pos_slice, dim=axis)
                 store[hook.name + suffix] = t.to(device=device or t.device, dtype=dtype or t.dtype)
             return save
 
