@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 
+from .version import __version__  # noqa: F401 - the package's version, as neox_lab.__version__
+
 _EXPORTS = {
     "ActivationCache": "hooks.activation_cache",
     "CachedActivations": "store.reader",
@@ -33,7 +35,6 @@ _EXPORTS = {
     "load_default": "default_model",
 }
 __all__ = sorted(_EXPORTS)
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

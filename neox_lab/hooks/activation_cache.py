@@ -18,6 +18,7 @@ from einops import einsum, rearrange
 
 from .. import axes
 from ..config import NeoXConfig
+from ..version import __version__
 from .registry import LN_STREAMS, block_hook, expand_shorthand, hook_names, unknown_hook_message
 
 PosSlice = int | slice | list | torch.Tensor | None
@@ -171,8 +172,6 @@ class ActivationCache(Mapping):
             ptr = t.untyped_storage().data_ptr()
             tensors[name] = t.clone() if ptr in seen else t
             seen.add(ptr)
-        from .. import __version__
-
         meta = {"format": "pt", "neox_lab.version": __version__, "neox_lab.keys": json.dumps(list(tensors)),
                 "neox_lab.config": json.dumps(self.cfg.to_hf()),
                 "neox_lab.config_hash": _config_hash(self.cfg)}
