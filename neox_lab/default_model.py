@@ -12,31 +12,11 @@ the exact command) is `training_report()`.
 from __future__ import annotations
 
 import json
-from importlib import resources
-from pathlib import Path
 
 import torch
 
-#: The id `from_pretrained` resolves to the package's own model directory (no hub involved).
-DEFAULT_MODEL_ID = "neox-lab/default"
-_FILES = ("config.json", "model.safetensors")
-
-
-def package_model_dir() -> Path:
-    """Where the shipped model lives (whether or not its files are there)."""
-    return Path(str(resources.files("neox_lab") / "data" / "default"))
-
-
-def default_model_dir() -> Path:
-    """Directory of the shipped model; raises FileNotFoundError naming what is missing."""
-    directory = package_model_dir()
-    missing = [name for name in _FILES if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the default model's package data is missing from {directory} ({', '.join(missing)}); "
-            "reinstall neox-lab, or rebuild it with `python experiments/train_default.py`"
-        )
-    return directory
+from .model.shipped import attach_default_tokenizer, default_model_dir
+from .model.tasks import NeoXForCausalLM
 
 
 def load_default(dtype: torch.dtype = torch.float32, device=None, attn_backend: str = "auto"):
@@ -44,8 +24,6 @@ def load_default(dtype: torch.dtype = torch.float32, device=None, attn_backend: 
 
     Stored in fp16; loaded as float32 by default, so interpretability runs use exact fp32 arithmetic.
     """
-    from .model.tasks import NeoXForCausalLM
-
     model = NeoXForCausalLM.from_pretrained(default_model_dir(), dtype=dtype, device=device,
                                             attn_backend=attn_backend)
     attach_default_tokenizer(model)
@@ -57,20 +35,9 @@ def load_or_default(model_dir=None, dtype: torch.dtype = torch.float32, device=N
     tokenizer attached either way: the checkpoint's own, else the package's GPT-NeoX tokenizer."""
     if model_dir is None:
         return load_default(dtype=dtype, device=device)
-    from .model.tasks import NeoXForCausalLM
-
     model = NeoXForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
     attach_default_tokenizer(model)
     return model
-
-
-def attach_default_tokenizer(model) -> None:
-    """Give `model` the package's GPT-NeoX tokenizer unless it already has one (the shipped model
-    directory holds no tokenizer.json: it is the same file the package already carries)."""
-    if getattr(model, "tokenizer", None) is None:
-        from .tokenizer import NeoXTokenizer
-
-        model.tokenizer = NeoXTokenizer.default()
 
 
 def training_report() -> dict:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import neox_lab
 from neox_lab import NeoXForCausalLM, load_default
 from neox_lab.analysis.induction import measure_induction, repeated_tokens, word_token_ids
 from neox_lab.default_model import default_model_dir, training_report
+from neox_lab.model import shipped
 from neox_lab.tokenizer import NeoXTokenizer
 
 #: Best head's induction score the shipped model must reach on bos + 2 x 20 random " word" tokens. Measured
@@ -87,7 +87,7 @@ def test_training_report_beats_the_unigram_baseline():
 
 
 def test_missing_package_data_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(neox_lab.default_model, "package_model_dir", lambda: tmp_path)
+    monkeypatch.setattr(shipped, "package_model_dir", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match="train_default.py"):
         load_default()
     with pytest.raises(FileNotFoundError, match="config.json"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from ..hooks.points import HookPoint
 from .block import Block
 from .kernels import BACKENDS, AttnMask, resolve_backend
 from .kv_cache import KVCache
+from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
 from .rotary import Rotary
 from .text import TextMixin
@@ -25,6 +27,8 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
     """What every neox_lab model class has: a config, an attention backend, hooks, load and save."""
 
     cfg: NeoXConfig
+    #: The transformers class a checkpoint of this class is saved as (config.json's `architectures`).
+    hf_architecture: ClassVar[str]
 
     def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto"):
         super().__init__()
@@ -81,15 +85,11 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
     def from_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backend: str = "auto",
                         revision: str | None = None):
         """Load a transformers GPTNeoX checkpoint (local directory or hub id)."""
-        from .loading import load_pretrained
-
         return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
                                revision=revision)
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors that transformers loads with identical logits."""
-        from .loading import save_pretrained
-
         save_pretrained(self, directory)
 
     def _reset_buffers(self, device=None) -> None:
@@ -110,6 +110,8 @@ def _caller_stacklevel() -> int:
 
 class NeoXModel(NeoXPreTrained):
     """The bare NeoX: returns the final LayerNorm's output as `last_hidden_state`."""
+
+    hf_architecture = "GPTNeoXModel"
 
     def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto", *, _setup: bool = True):
         super().__init__(cfg, attn_backend)

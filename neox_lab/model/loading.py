@@ -18,6 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import NeoXConfig
+from ..tokenizer import NeoXTokenizer
+from .shipped import DEFAULT_MODEL_ID, attach_default_tokenizer, default_model_dir, package_model_dir
 
 # (transformers prefix, neox_lab prefix) inside the body; "{L}" is the layer index. The body sits at
 # `gpt_neox.` in transformers' head classes and at `model.` in neox_lab's.
@@ -80,8 +82,6 @@ def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
 
     The reserved id "neox-lab/default" is the small model shipped in the package (`load_default`).
     """
-    from ..default_model import DEFAULT_MODEL_ID, default_model_dir
-
     if os.fspath(path_or_repo_id) == DEFAULT_MODEL_ID:
         return default_model_dir()
     path = Path(os.fspath(path_or_repo_id)).expanduser()
@@ -205,16 +205,10 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
 
 
 def _attach_tokenizer(model, directory: Path) -> None:
-    from ..default_model import attach_default_tokenizer, package_model_dir
-
-    if not (directory / "tokenizer.json").exists() and directory.resolve() == package_model_dir().resolve():
-        attach_default_tokenizer(model)  # the shipped model reuses the package's tokenizer file
     if (directory / "tokenizer.json").exists():
-        try:
-            from ..tokenizer import NeoXTokenizer
-        except ImportError:
-            return
         model.tokenizer = NeoXTokenizer.from_pretrained(directory)
+    elif directory.resolve() == package_model_dir().resolve():
+        attach_default_tokenizer(model)  # the shipped model reuses the package's tokenizer file
 
 
 # ---------------------------------------------------------------------------------------- saving
@@ -230,10 +224,7 @@ def save_pretrained(model, directory) -> None:
                v.detach().contiguous().cpu() for k, v in state.items()}
     dtype = next(iter(tensors.values())).dtype
     config = model.cfg.to_hf()
-    from .tasks import MODEL_CLASSES
-
-    arch = next(name for name, klass in MODEL_CLASSES.items() if klass is type(model))
-    config.update(architectures=[arch], torch_dtype=str(dtype).removeprefix("torch."))
+    config.update(architectures=[model.hf_architecture], torch_dtype=str(dtype).removeprefix("torch."))
     tmp = directory / "model.safetensors.tmp"
     save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / "model.safetensors")

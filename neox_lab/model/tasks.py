@@ -60,6 +60,8 @@ class _Head(NeoXPreTrained):
 class NeoXForCausalLM(_Head):
     """NeoX with the unembedding (`embed_out` / `lm_head` in checkpoints); loss shifts labels, ignores -100."""
 
+    hf_architecture = "GPTNeoXForCausalLM"
+
     def _build_head(self, cfg: NeoXConfig) -> None:
         self.unembed = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -88,6 +90,7 @@ class NeoXForCausalLM(_Head):
 class NeoXForSequenceClassification(_Head):
     """Scores every position, returns the rightmost non-pad token's scores (as transformers)."""
 
+    hf_architecture = "GPTNeoXForSequenceClassification"
     head_modules = ("score",)
 
     def _build_head(self, cfg: NeoXConfig) -> None:
@@ -134,6 +137,7 @@ class NeoXForSequenceClassification(_Head):
 class NeoXForTokenClassification(_Head):
     """Per-token labels through `classifier_dropout` and a linear classifier; loss ignores -100."""
 
+    hf_architecture = "GPTNeoXForTokenClassification"
     head_modules = ("classifier",)
 
     def _build_head(self, cfg: NeoXConfig) -> None:
@@ -155,6 +159,7 @@ class NeoXForTokenClassification(_Head):
 class NeoXForQuestionAnswering(_Head):
     """Span start/end logits; the loss clamps positions to [0, T] and ignores T (as transformers)."""
 
+    hf_architecture = "GPTNeoXForQuestionAnswering"
     head_modules = ("qa_outputs",)
 
     def _build_head(self, cfg: NeoXConfig) -> None:
@@ -175,10 +180,6 @@ class NeoXForQuestionAnswering(_Head):
         return out
 
 
-MODEL_CLASSES = {
-    "GPTNeoXModel": NeoXModel,
-    "GPTNeoXForCausalLM": NeoXForCausalLM,
-    "GPTNeoXForSequenceClassification": NeoXForSequenceClassification,
-    "GPTNeoXForTokenClassification": NeoXForTokenClassification,
-    "GPTNeoXForQuestionAnswering": NeoXForQuestionAnswering,
-}
+#: transformers architecture name -> the neox_lab class that loads it.
+MODEL_CLASSES = {cls.hf_architecture: cls for cls in (NeoXModel, NeoXForCausalLM, NeoXForSequenceClassification,
+                                                      NeoXForTokenClassification, NeoXForQuestionAnswering)}

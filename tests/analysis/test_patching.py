@@ -275,9 +275,9 @@ def test_bench_patching_quick(capsys):
 
 
 def test_activation_patching_study_on_a_random_model(tmp_path, monkeypatch, capsys):
-    from neox_lab import default_model
+    from neox_lab.model import shipped
 
-    monkeypatch.setattr(default_model, "package_model_dir", lambda: tmp_path / "no-default-here")
+    monkeypatch.setattr(shipped, "package_model_dir", lambda: tmp_path / "no-default-here")
     study = load_experiment("activation_patching")
     with pytest.warns(UserWarning, match="RANDOM tiny model"):
         assert study.main(["--out", str(tmp_path)]) == 0

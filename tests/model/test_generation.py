@@ -333,9 +333,9 @@ def test_cli_sampling_is_reproducible_with_a_seed(cli, text_ckpt, capsys):
 def test_cli_errors(cli, text_ckpt, tmp_path, capsys, monkeypatch):
     assert cli(["generate", "--model", str(text_ckpt), "--greedy", "--temperature", "2", "x"]) == 2
     assert "--greedy" in capsys.readouterr().err
-    from neox_lab import default_model
+    from neox_lab.model import shipped
 
-    monkeypatch.setattr(default_model, "package_model_dir", lambda: tmp_path / "no-default-here")
+    monkeypatch.setattr(shipped, "package_model_dir", lambda: tmp_path / "no-default-here")
     assert cli(["generate", "x"]) == 2
     assert "default model's package data is missing" in capsys.readouterr().err
     assert cli(["generate", "--model", str(tmp_path / "nowhere"), "x"]) == 2
