@@ -9,7 +9,8 @@ from torch import nn
 from .. import axes
 from ..config import NeoXConfig
 from ..hooks.points import HookPoint
-from .kernels import AttnMask, FlashKernel, eager_attention, sdpa_attention
+from .flash import FlashKernel
+from .kernels import AttnMask, eager_attention, sdpa_attention
 from .rotary import Rotary
 
 

@@ -1,4 +1,4 @@
-"""Attention kernels: "eager" (einsum, every stream materialised), "sdpa" and "flash" (flash_kernel.py).
+"""Attention kernels: "eager" (einsum, every stream materialised), "sdpa" and "flash" (flash.py).
 
 All kernels take q, k, v in [batch pos n_heads d_head] (k, v with the KV cache's past positions
 prepended) and return z in the same layout. Masks are described once per forward by `AttnMask` (or,
@@ -213,16 +213,6 @@ def resolve_backend(name: str, x: torch.Tensor) -> str:
             f"{x.device}; use 'eager' or 'sdpa' (or 'auto', which picks flash only where it can run)"
         )
     return name
-
-
-def __getattr__(name: str):
-    # FlashKernel lives in flash_kernel.py, which builds on this module: resolve it on first use so
-    # either module can be imported first.
-    if name == "FlashKernel":
-        from .flash import FlashKernel
-
-        return FlashKernel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["BACKENDS", "AttnMask", "StaticDecodeMask", "eager_attention", "finish",
