@@ -14,9 +14,11 @@ from .. import axes
 from ..config import NeoXConfig
 from ..hooks.hooked import HookedMixin
 from ..hooks.points import HookPoint
+from .attention import Attention
 from .block import Block
 from .kernels import BACKENDS, AttnMask, resolve_backend
 from .kv_cache import KVCache
+from .layernorm import LayerNorm
 from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
 from .rotary import Rotary
@@ -61,8 +63,6 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
         "eager (fallback)" (scores/pattern requested on a fast backend), "sdpa", or the flash kernel's
         name ("flash_attn.func", "flash_attn.kvcache", "flash_attn.varlen", "sdpa.flash", "sdpa.cudnn",
         "sdpa.efficient"); None for a layer that has not run yet."""
-        from .attention import Attention
-
         layers = sorted((m for m in self.modules() if isinstance(m, Attention)), key=lambda m: m.layer)
         return [m.last_kernel for m in layers]
 
@@ -120,8 +120,6 @@ class NeoXModel(NeoXPreTrained):
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
         self.rotary = Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        from .layernorm import LayerNorm
-
         self.ln_final = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         if _setup:
             self.init_weights()

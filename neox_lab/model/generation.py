@@ -31,13 +31,11 @@ from collections.abc import Iterable
 
 import torch
 
+from .fast_decode import static_decoder
 from .kv_cache import KVCache
+from .text import no_tokenizer_error
 
 _UNSET = object()
-
-
-def no_tokenizer_error() -> RuntimeError:
-    return RuntimeError("model.tokenizer is None; attach one: model.tokenizer = NeoXTokenizer.default()")
 
 
 @torch.no_grad()
@@ -89,8 +87,6 @@ def generate(model, input_ids=None, *, prompt: str | list[str] | None = None, at
     cache = KVCache(model.cfg.num_hidden_layers, max_length=total) if use_cache else None
     decoder = None
     if compile and use_cache:
-        from .fast_decode import static_decoder
-
         decoder = static_decoder(model, ids, total)  # None (with a warning) where it cannot run
     step_ids = ids
     for step in range(total - prompt_len):

@@ -13,6 +13,7 @@ from .. import axes
 from ..config import NeoXConfig
 from ..dtypes import widen
 from ..hooks.points import HookPoint
+from . import generation
 from .base import NeoXModel, NeoXPreTrained
 from .outputs import NeoXOutput
 
@@ -80,11 +81,9 @@ class NeoXForCausalLM(_Head):
             out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         return out
 
-    def generate(self, *args, **kwargs):
-        """Greedy or sampled decoding with a KV cache; see `neox_lab.generation.generate`."""
-        from .generation import generate
-
-        return generate(self, *args, **kwargs)
+    # Greedy or sampled decoding with a KV cache: generation.generate, bound as a method (its
+    # signature and docstring come along).
+    generate = generation.generate
 
 
 class NeoXForSequenceClassification(_Head):

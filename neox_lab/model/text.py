@@ -11,6 +11,11 @@ from collections.abc import Sequence
 import torch
 
 
+def no_tokenizer_error() -> RuntimeError:
+    """What every text convenience (and `generate(prompt=...)`) raises on a model without a tokenizer."""
+    return RuntimeError("model.tokenizer is None; attach one: model.tokenizer = NeoXTokenizer.default()")
+
+
 class TextMixin:
     """Tokenizer conveniences for a model with a `tokenizer` attribute and parameters on one device."""
 
@@ -18,8 +23,6 @@ class TextMixin:
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
-            from .generation import no_tokenizer_error
-
             raise no_tokenizer_error()
         return self.tokenizer
 
