@@ -13,6 +13,9 @@ from .flash import FlashKernel
 from .kernels import AttnMask, eager_attention, sdpa_attention
 from .rotary import Rotary
 
+#: `last_kernel` of a layer that left a fast backend for one call, because scores or the pattern were asked for.
+EAGER_FALLBACK = "eager (fallback)"
+
 
 class Attention(nn.Module):
     """One attention layer. `qkv` and `out` keep transformers' fused layout, so weights load as-is."""
@@ -27,7 +30,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.flash = FlashKernel()
         self.last_kernel: str | None = None  # what the latest forward ran; see NeoXPreTrained.attn_kernels
-        self._warned_fallback = False
+        self._fallback_reported = False
         self.hook_q, self.hook_k, self.hook_v = HookPoint(axes.HEADS), HookPoint(axes.HEADS), HookPoint(axes.HEADS)
         self.hook_rot_q, self.hook_rot_k = HookPoint(axes.HEADS), HookPoint(axes.HEADS)
         self.hook_attn_scores = HookPoint(axes.PATTERN)
@@ -44,6 +47,14 @@ class Attention(nn.Module):
         """Scores and pattern exist only in the eager kernel: any consumer of them forces it."""
         return output_attentions or self.hook_attn_scores.active or self.hook_pattern.active
 
+    def report_fallback(self) -> bool:
+        """True when the latest forward fell back to the eager kernel and no warning has said so yet
+        for this layer; marks it said, so each layer is reported once."""
+        if self.last_kernel != EAGER_FALLBACK or self._fallback_reported:
+            return False
+        self._fallback_reported = True
+        return True
+
     def forward(self, x, rotary: Rotary, cos, sin, mask: AttnMask, *, backend: str, kv_cache=None,
                 head_mask=None, output_attentions: bool = False):
         """x [batch pos d_model] -> (attn_out [batch pos d_model], pattern or None)."""
@@ -58,7 +69,7 @@ class Attention(nn.Module):
         kernel_name = backend
         if backend != "eager" and self.needs_eager(output_attentions):
             # Only this layer leaves the fast kernel, for this call; NeoXModel.forward warns once per layer.
-            kernel_name = "eager (fallback)"
+            kernel_name = EAGER_FALLBACK
             backend = "eager"
         if backend == "eager":
             z, pattern = eager_attention(

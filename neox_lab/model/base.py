@@ -200,7 +200,7 @@ class NeoXModel(NeoXPreTrained):
 
         hidden, attentions = [], []
         n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
-        snapshot = None if cache is None else (list(cache.keys), list(cache.values), list(cache.lengths))
+        snapshot = None if cache is None else cache.snapshot()
         try:
             for layer, block in enumerate(self.blocks[:n_run]):
                 if output_hidden_states:
@@ -213,16 +213,13 @@ class NeoXModel(NeoXPreTrained):
                 x = self.ln_final(x)
         except BaseException:
             if snapshot is not None:  # a failing hook must not leave a half-updated cache behind
-                cache.keys, cache.values, cache.lengths = snapshot
+                cache.restore(snapshot)
             raise
         if output_hidden_states:
             hidden.append(x)
-        fallen = [block.attn for block in self.blocks[:n_run]
-                  if block.attn.last_kernel == "eager (fallback)" and not block.attn._warned_fallback]
+        # Once per layer, one warning per call naming them all.
+        fallen = [block.attn for block in self.blocks[:n_run] if block.attn.report_fallback()]
         if fallen:
-            # Once per layer, one warning per call naming them all.
-            for attn in fallen:
-                attn._warned_fallback = True
             layers = ", ".join(str(attn.layer) for attn in fallen)
             warnings.warn(f"layer{'s' if len(fallen) > 1 else ''} {layers}: attention scores/pattern were "
                           f"requested, which the {backend!r} kernel never materialises; "

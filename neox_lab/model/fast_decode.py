@@ -176,7 +176,7 @@ class StaticDecoder:
         self._slot += 1
         self.col.add_(1)
         self.position_ids.add_(1)
-        self.cache.lengths = [self._slot] * self.cache.n_layers
+        self.cache.set_length(self._slot)
 
     def _capture(self, ids, attention_mask) -> bool:
         # Warm-up runs repeat this very step (same ids, same slot), so their cache writes are the ones
@@ -200,7 +200,7 @@ class StaticDecoder:
         return True
 
     def _plain(self, ids, attention_mask) -> torch.Tensor:
-        self.cache.lengths = [self._slot] * self.cache.n_layers
+        self.cache.set_length(self._slot)
         out = self.model(ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True)
         self._slot += ids.shape[1]
         self.col.fill_(self._slot)

@@ -60,6 +60,21 @@ class KVCache:
         cache.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         return cache
 
+    def snapshot(self) -> tuple:
+        """What `restore` needs to undo the updates that follow. Cheap: tensors are referenced, not
+        copied, since a growing cache replaces them and a preallocated one writes only past `lengths`."""
+        return list(self.keys), list(self.values), list(self.lengths)
+
+    def restore(self, snapshot: tuple) -> None:
+        """Forget every update made since `snapshot()` was taken."""
+        keys, values, lengths = snapshot
+        self.keys, self.values, self.lengths = list(keys), list(values), list(lengths)
+
+    def set_length(self, length: int) -> None:
+        """Declare the first `length` slots of every layer written: a captured decoding step writes
+        them in place, without `update`, and the host side keeps count."""
+        self.lengths = [length] * self.n_layers
+
     def reset(self) -> None:
         """Forget every position but keep preallocated buffers (stale slots are masked, never read)."""
         self.lengths = [0] * self.n_layers
