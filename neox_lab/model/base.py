@@ -16,7 +16,7 @@ from ..hooks.hooked import HookedMixin
 from ..hooks.points import HookPoint
 from .attention import Attention
 from .block import Block
-from .kernels import BACKENDS, AttnMask, resolve_backend
+from .kernels import BACKENDS, AttnMask, StaticDecodeMask, resolve_backend
 from .kv_cache import KVCache
 from .layernorm import LayerNorm
 from .loading import load_pretrained, save_pretrained
@@ -195,28 +195,19 @@ class NeoXModel(NeoXPreTrained):
             position_ids = torch.arange(past_len, past_len + q_len, device=device)[None].expand(batch, -1)
         position_ids = position_ids.to(device).expand(batch, -1)
         mask = AttnMask(q_len=q_len, k_len=past_len + q_len, device=device, key_mask=key_mask)
-        cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
         backend = resolve_backend(self.attn_backend, x)
 
-        hidden, attentions = [], []
-        n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
         snapshot = None if cache is None else cache.snapshot()
         try:
-            for layer, block in enumerate(self.blocks[:n_run]):
-                if output_hidden_states:
-                    hidden.append(x)
-                x, pattern = block(x, self.rotary, cos, sin, mask, backend=backend, kv_cache=cache,
-                                   head_mask=head_masks[layer], output_attentions=output_attentions)
-                if output_attentions:
-                    attentions.append(pattern)
-            if stop_at_layer is None:
-                x = self.ln_final(x)
+            x, hidden, attentions = self.run_blocks(
+                x, position_ids, mask, backend=backend, kv_cache=cache, head_masks=head_masks,
+                stop_at_layer=stop_at_layer, output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions)
         except BaseException:
             if snapshot is not None:  # a failing hook must not leave a half-updated cache behind
                 cache.restore(snapshot)
             raise
-        if output_hidden_states:
-            hidden.append(x)
+        n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
         # Once per layer, one warning per call naming them all.
         fallen = [block.attn for block in self.blocks[:n_run] if block.attn.report_fallback()]
         if fallen:
@@ -232,3 +223,33 @@ class NeoXModel(NeoXPreTrained):
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
+
+    def run_blocks(self, x: torch.Tensor, position_ids: torch.Tensor, mask: AttnMask | StaticDecodeMask, *,
+                   backend: str, kv_cache=None, head_masks: list | None = None, stop_at_layer: int | None = None,
+                   output_hidden_states: bool = False, output_attentions: bool = False,
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The one loop over the blocks: rotary tables, blocks 0..stop_at_layer-1, then (when
+        `stop_at_layer` is None) the final LayerNorm, on the embedded input x [batch pos d_model].
+
+        `forward` runs it after checking its inputs and building `mask`; the CUDA-graph decoding step
+        (fast_decode.py) runs it on its fixed buffers, which it may because nothing here reads a value
+        back to the host. `backend` is a resolved one ("eager", "sdpa" or "flash"). Returns the output,
+        the hidden states (each block's input, then the output; empty unless asked for) and the
+        attention patterns (empty unless asked for).
+        """
+        cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
+        hidden, attentions = [], []
+        n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
+        for layer, block in enumerate(self.blocks[:n_run]):
+            if output_hidden_states:
+                hidden.append(x)
+            x, pattern = block(x, self.rotary, cos, sin, mask, backend=backend, kv_cache=kv_cache,
+                               head_mask=None if head_masks is None else head_masks[layer],
+                               output_attentions=output_attentions)
+            if output_attentions:
+                attentions.append(pattern)
+        if stop_at_layer is None:
+            x = self.ln_final(x)
+        if output_hidden_states:
+            hidden.append(x)
+        return x, hidden, attentions

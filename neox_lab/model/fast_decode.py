@@ -164,13 +164,10 @@ class StaticDecoder:
         """One token for every row, reading and writing only the fixed buffers (the captured part)."""
         self.key_mask.index_fill_(1, self.col, True)
         self.cache_seqlens.copy_((self.col + 1).to(torch.int32).expand(self.batch))
-        body = self.model.model
-        x = body.embed(self.ids)
-        cos, sin = body.rotary.cos_sin(self.position_ids, x.dtype)
-        for block in body.blocks:
-            x, _ = block(x, body.rotary, cos, sin, self.mask, backend=self.backend, kv_cache=self._step_cache,
-                         head_mask=None, output_attentions=False)
-        return self.model.unembed(body.ln_final(x))[:, -1]
+        body = self.model.body
+        x, _, _ = body.run_blocks(body.embed(self.ids), self.position_ids, self.mask, backend=self.backend,
+                                  kv_cache=self._step_cache)
+        return self.model.unembed(x)[:, -1]
 
     def _advance(self) -> None:
         self._slot += 1
