@@ -178,11 +178,18 @@ def _inputs(model, clean_tokens, corrupted_tokens, attention_mask, clean_attenti
     return clean, corrupted, clean_mask, corrupted_mask
 
 
-def _record(model, tokens, mask, names) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _forward_kwargs(logits_to_keep: int) -> dict:
+    # Passed only when asked for: it is a causal-LM argument, and the other heads refuse it.
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
+    return {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+
+
+def _record(model, tokens, mask, names, fwd: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     store: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         out = model.run_with_hooks(tokens, attention_mask=mask,
-                                   fwd_hooks=[(n, interventions.record(store)) for n in names])
+                                   fwd_hooks=[(n, interventions.record(store)) for n in names], **fwd)
     return out.logits, store
 
 
@@ -215,7 +222,7 @@ def _batched_hook(clean: torch.Tensor, plan: _Plan, entries: list[tuple[int, tup
 def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, target: str = "resid_pre", *,
                      batch_size: int = 64, batched: bool = True, attention_mask=None,
                      clean_attention_mask=None, corrupted_attention_mask=None, layers=None, positions=None,
-                     heads=None) -> PatchResult:
+                     heads=None, logits_to_keep: int = 0) -> PatchResult:
     """Patch each cell of `target` from the clean run into the corrupted run; return ``metric`` per cell.
 
     Targets: "resid_pre", "resid_mid" (sequential-residual models only), "resid_post", "attn_out",
@@ -225,22 +232,28 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, targ
     `attention_mask` applies to both runs unless `clean_attention_mask` / `corrupted_attention_mask`
     override it. Batched (default): up to ``max(1, batch_size // B)`` cells per forward; ``batched=False``
     runs one forward per cell (the reference loop, for checking and timing).
+
+    `logits_to_keep=N` (causal LMs) unembeds only the last N positions of every run, so `metric` sees
+    [B N d_vocab] logits: with a large vocabulary and a metric that reads the last position only
+    (``logit_diff(..., pos=-1)``), ``logits_to_keep=1`` skips nearly all of the unembedding, which
+    otherwise costs more than the blocks. 0 (default) keeps every position.
     """
+    fwd = _forward_kwargs(logits_to_keep)
     clean, corrupted, clean_mask, corrupted_mask = _inputs(
         model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask, corrupted_attention_mask)
     plan = _plan(model, target, clean.shape[1], layers, positions, heads)
-    clean_logits, cache = _record(model, clean, clean_mask, plan.names)
+    clean_logits, cache = _record(model, clean, clean_mask, plan.names, fwd)
     values = []
     with torch.no_grad():
-        corrupted_logits = model(corrupted, attention_mask=corrupted_mask).logits
+        corrupted_logits = model(corrupted, attention_mask=corrupted_mask, **fwd).logits
         if batched:
-            values = _patch_batched(model, corrupted, corrupted_mask, cache, plan, metric, batch_size)
+            values = _patch_batched(model, corrupted, corrupted_mask, cache, plan, metric, batch_size, fwd)
         else:
             for cell in plan.cells():
                 layer, idx = cell[0], dict(zip(plan.cell_axes, cell[1:], strict=True))
                 fn = interventions.patch_from_cache(cache, heads=idx.get("head"), positions=idx.get("pos"))
                 out = model.run_with_hooks(corrupted, attention_mask=corrupted_mask,
-                                           fwd_hooks=[(plan.names[layer], fn)])
+                                           fwd_hooks=[(plan.names[layer], fn)], **fwd)
                 values.append(metric(out.logits))
         clean_value = torch.as_tensor(metric(clean_logits))
         corrupted_value = torch.as_tensor(metric(corrupted_logits))
@@ -249,7 +262,7 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, targ
                        corrupted_value=corrupted_value.detach().float().cpu(), **_labels(plan))
 
 
-def _patch_batched(model, corrupted, mask, cache, plan: _Plan, metric: Metric, batch_size: int):
+def _patch_batched(model, corrupted, mask, cache, plan: _Plan, metric: Metric, batch_size: int, fwd: dict):
     batch = corrupted.shape[0]
     per_forward = max(1, batch_size // batch)
     cells = list(plan.cells())
@@ -263,7 +276,7 @@ def _patch_batched(model, corrupted, mask, cache, plan: _Plan, metric: Metric, b
                  for layer, entries in by_layer.items()]
         tokens = corrupted.repeat(len(chunk), 1)
         rep_mask = None if mask is None else mask.repeat(len(chunk), 1)
-        logits = model.run_with_hooks(tokens, attention_mask=rep_mask, fwd_hooks=hooks).logits
+        logits = model.run_with_hooks(tokens, attention_mask=rep_mask, fwd_hooks=hooks, **fwd).logits
         values.extend(metric(logits[v * batch:(v + 1) * batch]) for v in range(len(chunk)))
     return values
 
@@ -271,17 +284,18 @@ def _patch_batched(model, corrupted, mask, cache, plan: _Plan, metric: Metric, b
 # ---------------------------------------------------------------------------------------------- attribution
 def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, target: str = "resid_pre", *,
                       attention_mask=None, clean_attention_mask=None, corrupted_attention_mask=None,
-                      layers=None, positions=None, heads=None) -> PatchResult:
+                      layers=None, positions=None, heads=None, logits_to_keep: int = 0) -> PatchResult:
     """Estimate `activation_patch`'s grid (same arguments, targets and output shapes) from gradients.
 
     `metric` must return a scalar or a [batch] tensor (rows never interact, so one backward of the sum
     gives each row its own gradient). Parameter gradients are neither needed nor touched: only the
     activations' gradients are taken, so frozen models work and `.grad` fields stay as they were.
     """
+    fwd = _forward_kwargs(logits_to_keep)
     clean, corrupted, clean_mask, corrupted_mask = _inputs(
         model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask, corrupted_attention_mask)
     plan = _plan(model, target, clean.shape[1], layers, positions, heads)
-    clean_logits, clean_acts = _record(model, clean, clean_mask, plan.names)
+    clean_logits, clean_acts = _record(model, clean, clean_mask, plan.names, fwd)
     acts: dict[str, torch.Tensor] = {}
 
     def grad_from_here(x: torch.Tensor, *, hook) -> torch.Tensor:
@@ -293,7 +307,7 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 
     with torch.enable_grad():
         hooks = [("hook_embed", grad_from_here)] + [(n, keep) for n in plan.names]
-        out = model.run_with_hooks(corrupted, attention_mask=corrupted_mask, fwd_hooks=hooks)
+        out = model.run_with_hooks(corrupted, attention_mask=corrupted_mask, fwd_hooks=hooks, **fwd)
         value = metric(out.logits)
         if not (isinstance(value, torch.Tensor) and value.requires_grad):
             raise ValueError("attribution_patch needs a metric returning a tensor differentiable in the "

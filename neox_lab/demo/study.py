@@ -9,7 +9,8 @@
    prompt with the first copy's A_6 replaced by a new token R (so the model answers R). The metric is
    logit(A_6) - logit(R) at the last position; the clean residual stream is patched into the corrupted
    run one (layer, position) at a time (`hook_resid_pre`) and one head at a time (`hook_z`, every
-   position), reported as the fraction of the clean-corrupted gap restored.
+   position) by `neox_lab.analysis.patching.activation_patch`, reported as the fraction of the
+   clean-corrupted gap restored.
 3. The logit lens on the clean prompt.
 Figures go through `neox_lab.plotting`; `summary.txt` says what was found.
 """
@@ -26,9 +27,10 @@ from tqdm.auto import tqdm
 from ..analysis import plotting
 from ..analysis.induction import InductionResult, measure_induction, repeated_tokens, word_token_ids
 from ..analysis.logit_lens import LogitLens, logit_lens
+from ..analysis.patching import activation_patch, logit_diff
 from .summary import summarize, token_strs
 
-__all__ = ["DemoResult", "PatchingPrompts", "make_patching_prompts", "patch_sweep", "run_demo"]
+__all__ = ["DemoResult", "PatchingPrompts", "make_patching_prompts", "run_demo"]
 
 SPAN, ANSWER_AT = 10, 6  # patching prompt: a span of 10 words, then its first 6 again
 
@@ -76,43 +78,6 @@ def make_patching_prompts(candidates: torch.Tensor, batch: int, bos: int,
     return PatchingPrompts(clean, corrupted, span[:, ANSWER_AT], fresh, 1 + ANSWER_AT, SPAN)
 
 
-def _last_logits(model, tokens: torch.Tensor, hooks=()) -> torch.Tensor:
-    # Only the last position is scored, so only it is unembedded: with a 50k vocabulary the full
-    # [batch pos vocab] logits of every patched run would cost far more than the blocks do.
-    with model.hooks(fwd_hooks=hooks):
-        hidden = model.model(tokens).last_hidden_state[:, -1]
-    return model.unembed(hidden).float()
-
-
-def _logit_diff(logits: torch.Tensor, answer: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(logits.shape[0])
-    return logits[rows, answer] - logits[rows, wrong]
-
-
-@torch.no_grad()
-def patch_sweep(model, prompts: PatchingPrompts, name: str, clean_act: torch.Tensor, cells: list[tuple],
-                max_rows: int = 512) -> torch.Tensor:
-    """Mean logit difference of the corrupted run with `clean_act` (hook `name`'s activation on the
-    clean prompts) patched in, one value per cell; a cell is an index into the activation after its
-    batch axis (e.g. `(p,)` a position of resid_pre, `(slice(None), h)` head h of hook_z). Many cells
-    share one forward: cell c's copy of the batch occupies rows c*batch .. (c+1)*batch."""
-    batch = prompts.clean.shape[0]
-    per_forward = max(1, max_rows // batch)
-    out = []
-    for start in range(0, len(cells), per_forward):
-        chunk = cells[start: start + per_forward]
-
-        def patch(x, *, hook, chunk=chunk):
-            for c, index in enumerate(chunk):
-                x[(slice(c * batch, (c + 1) * batch), *index)] = clean_act[(slice(None), *index)]
-            return x
-
-        logits = _last_logits(model, prompts.corrupted.repeat(len(chunk), 1), [(name, patch)])
-        diff = _logit_diff(logits, prompts.answer.repeat(len(chunk)), prompts.wrong.repeat(len(chunk)))
-        out.append(diff.view(len(chunk), batch).mean(1))
-    return torch.cat(out)
-
-
 def _load(model):
     if model is None:
         from ..default_model import load_default
@@ -156,22 +121,15 @@ def run_demo(model=None, out_dir: str | Path = "neox_lab_demo", *, progress: boo
 
     stages.set_postfix_str("patching")
     prompts = make_patching_prompts(candidates, batch, bos, gen)
-    L, H, P = model.cfg.num_hidden_layers, model.cfg.num_attention_heads, prompts.clean.shape[1]
-    with torch.no_grad():
-        clean_diff, corrupted_diff = (
-            float(_logit_diff(_last_logits(model, t), prompts.answer, prompts.wrong).mean())
-            for t in (prompts.clean, prompts.corrupted))
+    metric = logit_diff(prompts.answer, prompts.wrong)  # at the last position, mean over the prompts
+    # Only the last position is scored, so only it is unembedded: with a 50k vocabulary the full
+    # [batch pos vocab] logits of every patched run would cost far more than the blocks do.
+    resid, heads = (activation_patch(model, prompts.clean, prompts.corrupted, metric, target, batch_size=512,
+                                     logits_to_keep=1) for target in ("resid_pre", "z"))
+    clean_diff, corrupted_diff = float(resid.clean_value), float(resid.corrupted_value)
     gap = clean_diff - corrupted_diff
     gap = gap if abs(gap) > 1e-6 else 1e-6
-    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
-    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
-    # stop_at_layer=L: every block runs, the unembedding (which nothing here reads) does not
-    _, cache = model.run_with_cache(prompts.clean, names_filter=resid_names + z_names, stop_at_layer=L)
-    resid = torch.stack([patch_sweep(model, prompts, name, cache[name], [(p,) for p in range(P)])
-                         for name in resid_names])
-    heads = torch.stack([patch_sweep(model, prompts, name, cache[name], [(slice(None), h) for h in range(H)])
-                         for name in z_names])
-    resid_patch, head_patch = (resid - corrupted_diff) / gap, (heads - corrupted_diff) / gap
+    resid_patch, head_patch = (resid.values - corrupted_diff) / gap, (heads.values - corrupted_diff) / gap
     stages.update()
 
     stages.set_postfix_str("logit lens")

@@ -70,11 +70,18 @@ class NeoXForCausalLM(_Head):
         if self.cfg.tie_word_embeddings:
             self.unembed.weight = self.model.embed.weight
 
-    def forward(self, input_ids=None, *, labels=None, **kwargs) -> NeoXOutput:
+    def forward(self, input_ids=None, *, labels=None, logits_to_keep: int = 0, **kwargs) -> NeoXOutput:
+        """`logits_to_keep=N` unembeds only the last N positions (0: all): logits and `hook_logits`
+        are [batch N d_vocab]; with a large vocabulary that is most of a short forward's cost."""
         out = self._body(input_ids, kwargs)
         if kwargs.get("stop_at_layer") is not None:
             return out
-        out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            if labels is not None:
+                raise ValueError("labels= needs logits at every position; drop logits_to_keep to compute a loss")
+            hidden = hidden[:, -logits_to_keep:]
+        out.logits = self.hook_logits(self.unembed(hidden))
         if labels is not None:
             logits = widen(out.logits[:, :-1])
             target = labels[:, 1:].to(logits.device)

@@ -294,3 +294,14 @@ def test_selection_that_the_target_lacks_is_an_error():
         patching.attribution_patch(model, clean, corrupted, METRIC, "resid_post", heads=[1])
     with pytest.raises(ValueError, match="differentiable"):
         patching.attribution_patch(model, clean, corrupted, lambda logits: logits.argmax())
+
+
+def test_logits_of_the_last_position_only_give_the_same_grid(model):
+    clean, corrupted = pair()
+    for method in (patching.activation_patch, patching.attribution_patch):
+        full = method(model, clean, corrupted, METRIC, "resid_pre")
+        last = method(model, clean, corrupted, METRIC, "resid_pre", logits_to_keep=1)
+        torch.testing.assert_close(last.values, full.values, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(last.clean_value, full.clean_value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        patching.activation_patch(model, clean, corrupted, METRIC, logits_to_keep=-1)

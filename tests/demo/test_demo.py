@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.demo.study import PatchingPrompts, make_patching_prompts, patch_sweep, run_demo
+from neox_lab.analysis.patching import activation_patch, logit_diff
+from neox_lab.demo.study import PatchingPrompts, make_patching_prompts, run_demo
 from neox_lab.demo.summary import INDUCTION_THRESHOLD, induction_heads
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -104,7 +105,7 @@ def _tiny(vocab=50304):
     return NeoXForCausalLM(cfg).eval()
 
 
-def test_batched_patch_sweep_matches_one_run_per_cell():
+def test_batched_last_position_patching_matches_one_run_per_cell():
     model = _tiny(vocab=97)
     gen = torch.Generator().manual_seed(1)
     prompts = make_patching_prompts(torch.arange(3, 97), batch=3, bos=0, gen=gen)
@@ -112,9 +113,12 @@ def test_batched_patch_sweep_matches_one_run_per_cell():
     assert (prompts.clean != prompts.corrupted).sum(1).tolist() == [1, 1, 1]
     names = ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"]
     _, cache = model.run_with_cache(prompts.clean, names_filter=names)
-    for name, cells in ((names[0], [(p,) for p in range(prompts.clean.shape[1])]),
-                        (names[1], [(slice(None), h) for h in range(4)])):
-        got = patch_sweep(model, prompts, name, cache[name], cells, max_rows=7)  # several chunks
+    metric = logit_diff(prompts.answer, prompts.wrong)
+    for (target, layer), name, cells in ((("resid_pre", 1), names[0], [(p,) for p in range(prompts.clean.shape[1])]),
+                                         (("z", 0), names[1], [(slice(None), h) for h in range(4)])):
+        # What the demo runs: batched, logits of the last position only; batch_size=7 makes several chunks.
+        got = activation_patch(model, prompts.clean, prompts.corrupted, metric, target, layers=[layer],
+                               batch_size=7, logits_to_keep=1).values[0]
         for c, index in enumerate(cells):
             def patch(x, *, hook, index=index, clean=cache[name]):
                 x = x.clone()
