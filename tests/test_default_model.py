@@ -92,3 +92,18 @@ def test_missing_package_data_is_a_clear_error(monkeypatch, tmp_path):
         load_default()
     with pytest.raises(FileNotFoundError, match="config.json"):
         NeoXForCausalLM.from_pretrained("neox-lab/default")
+
+
+def test_load_or_default_loads_the_class_a_checkpoint_names(tmp_path):
+    from neox_lab import CheckpointError, NeoXConfig, NeoXForSequenceClassification
+    from neox_lab.default_model import load_or_default
+
+    cfg = NeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)
+    NeoXForSequenceClassification(cfg).save_pretrained(tmp_path / "clf")
+    model = load_or_default(tmp_path / "clf")
+    assert type(model) is NeoXForSequenceClassification and isinstance(model.tokenizer, NeoXTokenizer)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_or_default(tmp_path / "clf", cls=NeoXForCausalLM)
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory .*no config.json"):
+        load_or_default(tmp_path / "nowhere")

@@ -28,6 +28,8 @@ from ..analysis import plotting
 from ..analysis.induction import InductionResult, measure_induction, repeated_tokens, word_token_ids
 from ..analysis.logit_lens import LogitLens, logit_lens
 from ..analysis.patching import activation_patch, logit_diff
+from ..default_model import load_or_default
+from ..model.tasks import NeoXForCausalLM
 from .summary import summarize, token_strs
 
 __all__ = ["DemoResult", "PatchingPrompts", "make_patching_prompts", "run_demo"]
@@ -78,18 +80,11 @@ def make_patching_prompts(candidates: torch.Tensor, batch: int, bos: int,
     return PatchingPrompts(clean, corrupted, span[:, ANSWER_AT], fresh, 1 + ANSWER_AT, SPAN)
 
 
-def _load(model):
-    if model is None:
-        from ..default_model import load_default
-
-        return load_default(), "neox-lab/default (shipped)"
-    if isinstance(model, (str, Path)):
-        from ..default_model import attach_default_tokenizer
-        from ..model.tasks import NeoXForCausalLM
-
-        loaded = NeoXForCausalLM.from_pretrained(model, dtype=torch.float32)
-        attach_default_tokenizer(loaded)  # a checkpoint without tokenizer files gets the NeoX one
-        return loaded, str(model)
+def _load(model) -> tuple:
+    """(model, the name the summary gives it) for run_demo's `model` argument."""
+    if model is None or isinstance(model, (str, Path)):
+        name = "neox-lab/default (shipped)" if model is None else str(model)
+        return load_or_default(model, cls=NeoXForCausalLM, dtype=torch.float32), name
     return model, type(model).__name__
 
 

@@ -86,12 +86,16 @@ def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
         return default_model_dir()
     path = Path(os.fspath(path_or_repo_id)).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no config.json, so it is not a checkpoint directory "
+                                    "(save_pretrained writes one)")
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; pass the checkpoint directory holding config.json")
     text = os.fspath(path_or_repo_id)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no checkpoint directory at {text!r}")
+        raise FileNotFoundError(f"no checkpoint directory at {text!r} (no config.json to read), and it is not "
+                                "a hub id 'owner/name' either")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
@@ -111,6 +115,13 @@ def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
             f"could not get {text!r} from the hub ({type(err).__name__}: {err}); if you are offline, download "
             "the checkpoint elsewhere and pass its local directory"
         ) from err
+
+
+def checkpoint_architecture(directory: Path) -> str:
+    """The transformers class a checkpoint's config.json names in `architectures`; GPTNeoXForCausalLM
+    when it names none (configs written by hand often leave it out)."""
+    config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    return (config.get("architectures") or ["GPTNeoXForCausalLM"])[0]
 
 
 def _weight_files(directory: Path) -> list[Path]:

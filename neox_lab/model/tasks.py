@@ -15,6 +15,7 @@ from ..dtypes import widen
 from ..hooks.points import HookPoint
 from . import generation
 from .base import NeoXModel, NeoXPreTrained
+from .loading import checkpoint_architecture
 from .outputs import NeoXOutput
 
 _BODY_ARGS = ("attention_mask", "position_ids", "inputs_embeds", "past_key_values", "use_cache",
@@ -189,3 +190,12 @@ class NeoXForQuestionAnswering(_Head):
 #: transformers architecture name -> the neox_lab class that loads it.
 MODEL_CLASSES = {cls.hf_architecture: cls for cls in (NeoXModel, NeoXForCausalLM, NeoXForSequenceClassification,
                                                       NeoXForTokenClassification, NeoXForQuestionAnswering)}
+
+
+def model_class(directory) -> type[NeoXPreTrained]:
+    """The neox_lab class that loads a checkpoint directory: the one its config.json's `architectures` names."""
+    arch = checkpoint_architecture(directory)
+    if arch not in MODEL_CLASSES:
+        raise ValueError(f"{directory}: config.json names architecture {arch!r}, not a GPTNeoX class neox_lab "
+                         f"loads ({', '.join(sorted(MODEL_CLASSES))})")
+    return MODEL_CLASSES[arch]

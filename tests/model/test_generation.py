@@ -6,8 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import neox_lab
-from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab import NeoXConfig, NeoXForCausalLM, default_model
 from neox_lab.model.generation import filter_logits
 from neox_lab.tokenizer import NeoXTokenizer
 
@@ -343,7 +342,7 @@ def test_cli_errors(cli, text_ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_uses_the_default_model_when_there_is_one(cli, text_model, capsys, monkeypatch):
-    monkeypatch.setattr(neox_lab, "load_default", lambda **kw: text_model, raising=False)
+    monkeypatch.setattr(default_model, "load_default", lambda **kw: text_model)
     assert cli(["generate", "--greedy", "--max-new-tokens", "3", "--completion-only", "Hi"]) == 0
     ids = text_model.generate(prompt="Hi", max_new_tokens=3)
     new = ids[0, len(text_model.tokenizer.encode("Hi")):]
