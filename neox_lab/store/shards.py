@@ -28,8 +28,6 @@ from .manifest import (
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors(\.tmp)?$")
 # safetensors >= 0.5 itself writes through a ".tmpXXXXXX" file next to the target; a kill can leave one.
 LIBRARY_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
-#: Test hook: a process that has written this many shards exits at once, as if killed.
-DIE_AFTER_ENV = "NEOX_LAB_TEST_DIE_AFTER_SHARDS"
 
 
 def shard_name(index: int) -> str:
@@ -78,7 +76,6 @@ class ShardWriter:
             raise
         self.pending: dict[str, list[torch.Tensor]] = {}
         self.pending_tokens = self.pending_docs = 0
-        self.written_now = 0
 
     # ------------------------------------------------------------------ start / resume
     def _open(self, extra_identity: tuple) -> None:
@@ -168,10 +165,6 @@ class ShardWriter:
             m["n_documents"] -= self.pending_docs
             raise
         self.pending, self.pending_tokens, self.pending_docs = {}, 0, 0
-        self.written_now += 1
-        die_after = os.environ.get(DIE_AFTER_ENV)
-        if die_after and self.written_now >= int(die_after):
-            os._exit(1)
 
     def finish(self) -> dict:
         """Mark this directory's part complete; returns its manifest."""

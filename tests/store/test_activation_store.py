@@ -4,6 +4,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from neox_lab import NeoXConfig, NeoXForCausalLM
 from neox_lab.store.manifest import CacheMismatchError, CacheWriteError, file_sha256
 from neox_lab.store.reader import CachedActivations
-from neox_lab.store.shards import DIE_AFTER_ENV
 from neox_lab.store.writer import cache_dataset, expand_hook_patterns, rank_doc_range
 from neox_lab.tokenizer import NeoXTokenizer
 
@@ -349,6 +349,44 @@ def cli(args, env=None, torchrun=0):
                           text=True, timeout=120)
 
 
+# The child a test kills mid-run: the CLI with ShardWriter.flush wrapped to say when shard N is safely on
+# disk and then wait there, so the test can kill it from outside (SIGKILL, as the OOM killer or a lost
+# node would) at a known point; the production code carries no test switch.
+PAUSE_AFTER_SHARDS = """
+import sys
+from neox_lab.cli import main
+from neox_lab.store.shards import ShardWriter
+
+flush, wanted = ShardWriter.flush, int(sys.argv[1])
+
+
+def flush_then_pause(self, axes):
+    flush(self, axes)
+    if len(self.manifest["shards"]) >= wanted:
+        print("paused", flush=True)
+        sys.stdin.readline()  # killed while waiting here
+
+
+ShardWriter.flush = flush_then_pause
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def cli_killed_after_shards(n_shards, args):
+    """`neox-lab cache ARGS` in a child process, killed with SIGKILL once its n-th shard is on disk."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_SHARDS, str(n_shards), "cache", *map(str, args)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        said = child.stdout.readline()
+    finally:
+        child.kill()
+        _, err = child.communicate(timeout=120)
+    assert said == "paused\n", f"the run ended before its shard {n_shards}: {err}"
+    return child
+
+
 def cache_args(checkpoint, out):
     return ["--model", checkpoint / "model", "--data", checkpoint / "data.txt", "--hooks",
             "blocks.*.hook_resid_post", "blocks.1.attn.hook_pattern", "--out", out, "--batch-size", "3",
@@ -366,8 +404,8 @@ def single_run(checkpoint):
 
 
 def test_cli_killed_run_resumes_to_identical_files(checkpoint, single_run, tmp_path):
-    killed = cli(cache_args(checkpoint, tmp_path), env={DIE_AFTER_ENV: "2"})
-    assert killed.returncode == 1
+    killed = cli_killed_after_shards(2, cache_args(checkpoint, tmp_path))
+    assert killed.returncode == -signal.SIGKILL
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert not manifest["completed"] and len(manifest["shards"]) == 2
     resumed = cli(cache_args(checkpoint, tmp_path))
