@@ -16,6 +16,7 @@ from .version import __version__  # noqa: F401 - the package's version, as neox_
 
 _EXPORTS = {
     "ActivationCache": "hooks.activation_cache",
+    "ActivationStore": "store.reader",
     "CachedActivations": "store.reader",
     "CheckpointError": "model.loading",
     "HookError": "hooks.points",

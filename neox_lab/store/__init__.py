@@ -4,7 +4,7 @@
     shards    `ShardWriter`: appends shards to one directory so that no kill or write error loses data
     manifest  the on-disk format: manifest layout, atomic writes, fingerprints, compatibility
     sources   the documents a store is made from (.txt, .jsonl, .npy, lists, tensors)
-    reader    `CachedActivations`: a lazy, memory-mapped reader of a finished store
+    reader    `ActivationStore` (alias `CachedActivations`): a lazy, memory-mapped reader of a finished store
 
 Uses a hooked model only through its public methods (`resolve_hooks`, `run_with_cache`); imports
 neither the model's internals nor `neox_lab.analysis`.

@@ -1,6 +1,6 @@
-"""The on-disk format of an activation cache: manifest layout, atomic writes, fingerprints, compatibility.
+"""The on-disk format of an activation store: manifest layout, atomic writes, fingerprints, compatibility.
 
-A cache directory holds ``manifest.json`` and ``shard-NNNNN.safetensors`` files (a distributed run puts
+A store directory holds ``manifest.json`` and ``shard-NNNNN.safetensors`` files (a distributed run puts
 each rank's shards and a per-rank manifest in ``rank-RRRRR-of-WWWWW/``, and the top-level manifest lists
 all shards). The manifest is JSON with sorted keys and no timestamps, so equal runs write equal bytes:
 
@@ -12,7 +12,7 @@ all shards). The manifest is JSON with sorted keys and no timestamps, so equal r
   source                 kind (txt | jsonl | npy | token_ids | texts), path, text_field, n_documents,
                          documents_sha256 (of the parsed documents), tokenizer_sha256 (texts only)
   hooks                  per hook: axes (["token", ...]) and the per-token shape
-  world_size, doc_range  processes that wrote the cache; documents [first, end) it covers (a rank's
+  world_size, doc_range  processes that wrote the store; documents [first, end) it covers (a rank's
                          manifest also has "rank")
   n_tokens, n_documents  cached so far
   shards                 in document order: file (relative path), first_token, n_tokens, first_doc,
@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
+# The format name predates the store's own name; stores on disk carry it, so it stays.
 FORMAT = "neox_lab.activation_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 
-#: Manifest fields that must agree before a run may resume or reuse a cache ("source.path" may differ).
+#: Manifest fields that must agree before a run may resume or reuse a store ("source.path" may differ).
 IDENTITY = (
     ("model", "config_sha256"), ("model", "weights_sha256"), ("model", "param_dtype"),
     ("settings", "hook_names"), ("settings", "dtype"), ("settings", "positions"), ("settings", "max_length"),
@@ -48,11 +49,11 @@ IDENTITY = (
 
 
 class CacheMismatchError(ValueError):
-    """The output directory holds a cache made by another model, another dataset or other settings."""
+    """The output directory holds a store made by another model, another dataset or other settings."""
 
 
 class CacheWriteError(OSError):
-    """Writing a shard or the manifest failed; the cache on disk is still valid and a rerun resumes it."""
+    """Writing a shard or the manifest failed; the store on disk is still valid and a rerun resumes it."""
 
 
 def positions_spec(positions: str | slice) -> str:

@@ -1,7 +1,7 @@
-"""`CachedActivations`: a lazy, memory-mapped reader of a cache written by `cache_dataset`.
+"""`ActivationStore`: a lazy, memory-mapped reader of a store written by `cache_dataset`.
 
 Shards are opened on first use with `safetensors.safe_open` (which memory-maps the file) and only the
-token ranges asked for are read, so a cache far larger than memory can be sliced and streamed.
+token ranges asked for are read, so a store far larger than memory can be sliced and streamed.
 """
 
 from __future__ import annotations
@@ -26,25 +26,25 @@ class HookView:
     """One cached stream, [token ...], read lazily: ``view[i]``, ``view[a:b]``, ``view[a:b, 3]``,
     ``view[[5, 1, 9]]`` read only the shards that hold those tokens."""
 
-    def __init__(self, cache: CachedActivations, name: str):
-        self.cache, self.name = cache, name
+    def __init__(self, store: ActivationStore, name: str):
+        self.store, self.name = store, name
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.cache), *self.cache.manifest["hooks"].get(self.name, {}).get("shape", ()))
+        return (len(self.store), *self.store.manifest["hooks"].get(self.name, {}).get("shape", ()))
 
     @property
     def axes(self) -> list[str]:
-        return self.cache.manifest["hooks"].get(self.name, {}).get("axes", ["token"])
+        return self.store.manifest["hooks"].get(self.name, {}).get("axes", ["token"])
 
     @property
     def dtype(self) -> torch.dtype:
         if self.name in META:
             return torch.int64
-        return DTYPES[self.cache.manifest["settings"]["dtype"]]
+        return DTYPES[self.store.manifest["settings"]["dtype"]]
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return len(self.store)
 
     def __repr__(self) -> str:
         axes = " ".join(self.axes)
@@ -58,19 +58,19 @@ class HookView:
         rest = ()
         if isinstance(index, tuple):
             index, rest = index[0], index[1:]
-        n = len(self.cache)
+        n = len(self.store)
         if isinstance(index, slice):
             start, stop, step = index.indices(n)
             if step < 0:
                 raise ValueError(f"{self.name}: negative slice steps are not supported, got {index}")
-            out = self.cache._read(self.name, start, max(start, stop))[::step]
+            out = self.store._read(self.name, start, max(start, stop))[::step]
             return out[(slice(None), *rest)] if rest else out
         if isinstance(index, (int, np.integer)) or (isinstance(index, torch.Tensor) and index.dim() == 0):
             i = int(index)
             if not -n <= i < n:
                 raise IndexError(f"{self.name}: token {i} is out of range for a cache of {n} tokens")
             i %= n
-            out = self.cache._read(self.name, i, i + 1)[0]
+            out = self.store._read(self.name, i, i + 1)[0]
             return out[rest] if rest else out
         idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)
         if idx.dtype == bool:
@@ -78,16 +78,16 @@ class HookView:
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"{self.name}: index with an int, a slice or a 1-d sequence of ints, "
                             f"got {index!r}")
-        out = self.cache._gather(self.name, idx)
+        out = self.store._gather(self.name, idx)
         return out[(slice(None), *rest)] if rest else out
 
 
-class CachedActivations:
-    """A cache directory written by `cache_dataset`, read lazily.
+class ActivationStore:
+    """An activation store: a directory written by `cache_dataset`, read lazily.
 
-    ``len(cache)`` is the number of cached tokens; ``cache[hook_name]`` is a `HookView` [token ...];
-    ``cache.tokens(a, b)``, ``cache.doc_ids(a, b)``, ``cache.positions(a, b)`` give each token's id,
-    document and position in that document; ``cache.document(d)`` is document d's token range.
+    ``len(store)`` is the number of stored tokens; ``store[hook_name]`` is a `HookView` [token ...];
+    ``store.tokens(a, b)``, ``store.doc_ids(a, b)``, ``store.positions(a, b)`` give each token's id,
+    document and position in that document; ``store.document(d)`` is document d's token range.
     """
 
     def __init__(self, out_dir, *, allow_incomplete: bool = False):
@@ -120,7 +120,7 @@ class CachedActivations:
 
     def __repr__(self) -> str:
         s = self.manifest["settings"]
-        return (f"CachedActivations({str(self.dir)!r}, tokens={len(self)}, documents={self.n_documents}, "
+        return (f"ActivationStore({str(self.dir)!r}, tokens={len(self)}, documents={self.n_documents}, "
                 f"shards={len(self.shards)}, dtype={s['dtype']}, positions={s['positions']!r}, "
                 f"hooks={self.hook_names})")
 
@@ -185,7 +185,7 @@ class CachedActivations:
         """Drop the open shard handles (they are reopened on demand)."""
         self._handles.clear()
 
-    def __enter__(self) -> CachedActivations:
+    def __enter__(self) -> ActivationStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -234,3 +234,7 @@ class CachedActivations:
                 out = torch.empty((len(idx), *block.shape[1:]), dtype=block.dtype)
             out[torch.from_numpy(sel)] = block
         return out
+
+
+#: The store's name before it had one of its own; kept so code written against it keeps working.
+CachedActivations = ActivationStore

@@ -1,4 +1,5 @@
-"""`cache_dataset`: run a model over a dataset and keep chosen hook activations on disk as safetensors shards.
+"""`cache_dataset`: run a model over a dataset and keep chosen hook activations on disk, as an activation
+store of safetensors shards.
 
 Documents are cut into fixed batches (batch k = documents [k*batch_size, (k+1)*batch_size)) and a shard is
 closed after the first batch that brings it to `shard_tokens` tokens. Both depend only on the data and the
@@ -32,7 +33,7 @@ from .manifest import (
     read_manifest,
     weights_sha256,
 )
-from .reader import CachedActivations
+from .reader import ActivationStore
 from .shards import ShardWriter
 from .sources import Documents, load_documents, pad_right, tokenizer_fingerprint
 
@@ -135,7 +136,7 @@ def _header(model, docs: Documents, tokenizer, names, dtype, positions, max_leng
 def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, max_length: int = 128,
                   dtype: torch.dtype | str = torch.float16, positions: str | slice = "all", tokenizer=None,
                   text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
-                  rank: int | None = None, world_size: int | None = None) -> CachedActivations | None:
+                  rank: int | None = None, world_size: int | None = None) -> ActivationStore | None:
     """Run `model` over every document of `source` and store the activations of hooks `names` in `out_dir`.
 
     source: a .txt file (a document per non-blank line), a .jsonl file (field `text_field`), a .npy file
@@ -146,11 +147,11 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     slice of each document's positions. Activations are stored as `dtype` [token ...], plus "token_ids",
     "doc_ids" and "positions" [token], in shards of at least `shard_tokens` tokens (batch boundaries).
 
-    A rerun into the same `out_dir` resumes an unfinished cache (and returns a finished one at once);
-    a cache made by another model, dataset or settings raises `CacheMismatchError`. With several
+    A rerun into the same `out_dir` resumes an unfinished store (and returns a finished one at once);
+    a store made by another model, dataset or settings raises `CacheMismatchError`. With several
     ranks (`torch.distributed` initialised, or `rank`/`world_size` given) each rank caches its block of
     batches under ``rank-RRRRR-of-WWWWW/`` and one manifest lists all shards in document order.
-    Returns a `CachedActivations` over the finished cache (None on a rank that cannot merge yet, which
+    Returns an `ActivationStore` over the finished store (None on a rank that cannot merge yet, which
     happens only with explicit ranks and no process group).
     """
     sizes = (("batch_size", batch_size), ("max_length", max_length), ("shard_tokens", shard_tokens))
@@ -177,7 +178,7 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     if top is not None:
         check_compatible(top, header, out)
         if top["completed"]:
-            return CachedActivations(out)
+            return ActivationStore(out)
         if world > 1:
             raise CacheMismatchError(f"{out} holds an unfinished single-process cache; resume it with one "
                                      "process or use another output directory")
@@ -203,7 +204,7 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     finally:
         writer.close()
     if world == 1:
-        return CachedActivations(out)
+        return ActivationStore(out)
     return _merge(out, header, len(docs), world, rank, group)
 
 
@@ -216,7 +217,7 @@ def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int, *, batch
     first, start = writer.header["doc_range"][0], writer.next_doc
     bar = tqdm(total=end - first, initial=start - first, unit="doc", desc=desc, disable=not progress)
     seen, t0, was_training = 0, time.perf_counter(), model.training
-    model.eval()  # dropout would make the cache differ from run to run
+    model.eval()  # dropout would make the store differ from run to run
     try:
         for b0 in range(start, end, batch_size):
             b1 = min(b0 + batch_size, end)
@@ -244,7 +245,7 @@ def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int, *, batch
 
 
 def merge_parts(out: Path, header: dict, n_docs: int, world: int) -> dict | None:
-    """Write the one manifest of a distributed cache from its ranks' parts (None while one is unfinished)."""
+    """Write the one manifest of a distributed store from its ranks' parts (None while one is unfinished)."""
     parts = []
     for rank in range(world):
         part = read_manifest(out / part_dir_name(rank, world))
@@ -267,7 +268,7 @@ def merge_parts(out: Path, header: dict, n_docs: int, world: int) -> dict | None
 
 def _merge(out: Path, header: dict, n_docs: int, world: int, rank: int, group: bool):
     if not group:  # independent jobs: whoever finishes last merges (equal bytes if two race)
-        return CachedActivations(out) if merge_parts(out, header, n_docs, world) else None
+        return ActivationStore(out) if merge_parts(out, header, n_docs, world) else None
     import torch.distributed as dist
 
     dist.barrier()
@@ -283,4 +284,4 @@ def _merge(out: Path, header: dict, n_docs: int, world: int, rank: int, group: b
     top = read_manifest(out)
     if top is None or not top["completed"]:
         raise RuntimeError(f"rank 0 failed to write the merged manifest of {out}; see rank 0's error")
-    return CachedActivations(out)
+    return ActivationStore(out)
