@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from ..axes import POSITIONS, find_axis
-from .activation_cache import ActivationCache, slice_pos
+from .activation_cache import ActivationCache, PosSlice, slice_pos
 from .points import HookFn, HookPoint
 from .registry import hook_names, layer_of, unknown_hook_message
 
 NameOrFilter = str | Callable[[str], bool]
+#: What `hooks`, `run_with_hooks` and `run_with_cache` take: (hook name or filter, hook function) pairs.
+HookPairs = Iterable[tuple[NameOrFilter, HookFn]]
 
 
 class HookedMixin:
@@ -72,7 +75,7 @@ class HookedMixin:
             hp.remove(including_permanent=including_permanent)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Iterable = (), bwd_hooks: Iterable = ()) -> Iterator:
+    def hooks(self, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = ()) -> Iterator[HookedMixin]:
         """Attach hooks for the duration of a `with` block; they are removed however the block ends.
 
         Every name is resolved before anything is attached, so a bad name attaches nothing.
@@ -96,7 +99,7 @@ class HookedMixin:
                         del fns[i]
                         break
 
-    def run_with_hooks(self, *args, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (), **kwargs):
+    def run_with_hooks(self, *args: Any, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = (), **kwargs: Any) -> Any:
         """Forward with temporary hooks; returns what `forward` returns.
 
         Backward hooks are bound to the graph this forward builds, so a later `.backward()` on its
@@ -105,9 +108,10 @@ class HookedMixin:
         with self.hooks(fwd_hooks, bwd_hooks):
             return self(*args, **kwargs)  # type: ignore[operator]
 
-    def run_with_cache(self, *args, names_filter: NameOrFilter | Iterable[str] | None = None,
-                       device=None, dtype=None, pos_slice=None, stop_at_layer: int | None = None,
-                       incl_bwd: bool = False, **kwargs):
+    def run_with_cache(self, *args: Any, names_filter: NameOrFilter | Iterable[str] | None = None,
+                       device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                       pos_slice: PosSlice = None, stop_at_layer: int | None = None, incl_bwd: bool = False,
+                       **kwargs: Any) -> tuple[torch.Tensor | None, ActivationCache]:
         """Forward once, caching activations; returns ``(logits, ActivationCache)``.
 
         Activations are stored detached (on `device`, in `dtype` when given, sliced along their

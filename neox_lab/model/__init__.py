@@ -1,8 +1,9 @@
 """The NeoX itself, in the order a forward pass meets it.
 
     rotary        rotary position tables and the rotation (rotate-half, partial, scaled)
-    kernels       attention masks, the "eager" and "sdpa" kernels, and the backend choice
-    flash         the "flash" kernels: flash-attn, else torch's fused CUDA kernels
+    kernels       attention masks, the "eager" and "sdpa" kernels, and the backend choice (a *backend*
+                  is what the user picks, "auto" / "eager" / "sdpa" / "flash"; a *kernel* is what ran)
+    flash         the "flash" backend's kernels: flash-attn, else torch's fused CUDA kernels
     attention     fused QKV, rotary, a kernel, per-head hook points
     mlp, layernorm, block
     base          `NeoXPreTrained` (what every model class shares) and the bare `NeoXModel`

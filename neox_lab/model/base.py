@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -23,6 +23,8 @@ from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
 from .rotary import Rotary
 from .text import TextMixin
+
+ModelT = TypeVar("ModelT", bound="NeoXPreTrained")
 
 
 class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
@@ -82,13 +84,17 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
                 param.zero_()
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backend: str = "auto",
-                        revision: str | None = None):
-        """Load a transformers GPTNeoX checkpoint (local directory or hub id)."""
+    def from_pretrained(cls: type[ModelT], path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, attn_backend: str = "auto",
+                        revision: str | None = None) -> ModelT:
+        """Load a transformers GPTNeoX checkpoint (local directory or hub id), in eval mode.
+
+        `dtype` None keeps the checkpoint's own; the tokenizer is the checkpoint's tokenizer.json when
+        it has one."""
         return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
                                revision=revision)
 
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers loads with identical logits."""
         save_pretrained(self, directory)
 
@@ -168,9 +174,11 @@ class NeoXModel(NeoXPreTrained):
                              f"got {tuple(head_mask.shape)}")
         return list(head_mask.to(self.embed.weight.device))
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                past_key_values: KVCache | None = None, use_cache: bool = False, output_hidden_states=False,
-                output_attentions=False, head_mask=None, stop_at_layer: int | None = None) -> NeoXOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False, output_hidden_states: bool = False,
+                output_attentions: bool = False, head_mask: torch.Tensor | None = None,
+                stop_at_layer: int | None = None) -> NeoXOutput:
         """Run the blocks. When `attention_mask` is given without `position_ids`, positions count only
         unmasked tokens (cumsum - 1), so a left-padded row computes what the unpadded row computes."""
         cache = past_key_values
@@ -213,7 +221,7 @@ class NeoXModel(NeoXPreTrained):
         if fallen:
             layers = ", ".join(str(attn.layer) for attn in fallen)
             warnings.warn(f"layer{'s' if len(fallen) > 1 else ''} {layers}: attention scores/pattern were "
-                          f"requested, which the {backend!r} kernel never materialises; "
+                          f"requested, which the {backend!r} backend's kernels never materialise; "
                           f"{'these layers run' if len(fallen) > 1 else 'this layer runs'} the eager kernel "
                           "for such calls (every other layer stays on the fast kernel)",
                           stacklevel=_caller_stacklevel())

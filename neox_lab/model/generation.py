@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from ..hooks.activation_cache import ActivationCache
+from ..hooks.hooked import NameOrFilter
 from .fast_decode import static_decoder
 from .kv_cache import KVCache
 from .text import no_tokenizer_error
@@ -39,11 +41,15 @@ _UNSET = object()
 
 
 @torch.no_grad()
-def generate(model, input_ids=None, *, prompt: str | list[str] | None = None, attention_mask=None,
-             max_length: int | None = None, max_new_tokens: int | None = None, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id=_UNSET, pad_token_id=_UNSET, generator: torch.Generator | None = None,
-             use_cache: bool = True, return_cache: bool = False, names_filter=None, compile: bool = False):
+def generate(model, input_ids: torch.Tensor | Sequence | None = None, *, prompt: str | list[str] | None = None,
+             attention_mask: torch.Tensor | Sequence | None = None, max_length: int | None = None,
+             max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | Sequence[int] | None = _UNSET,  # type: ignore[assignment]
+             pad_token_id: int | None = _UNSET,  # type: ignore[assignment]
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             return_cache: bool = False, names_filter: NameOrFilter | Iterable[str] | None = None,
+             compile: bool = False) -> torch.Tensor | tuple[torch.Tensor, ActivationCache]:
     """Extend prompts token by token; returns the ids ``[batch prompt_len + new]``.
 
     input_ids: int ``[batch pos]`` (or ``[pos]``), left-padded with `attention_mask` ``[batch pos]``

@@ -1,5 +1,11 @@
 """Attention kernels: "eager" (einsum, every stream materialised), "sdpa" and "flash" (flash.py).
 
+Words. A *backend* is what the user chooses: `attn_backend=` / `set_attn_backend` take "auto", "eager",
+"sdpa" or "flash", and `resolve_backend` turns "auto" into one of the other three for each call. A
+*kernel* is the implementation that actually ran in a layer: `Attention.last_kernel`, listed per
+layer by `model.attn_kernels()`: "eager", "eager (fallback)", "sdpa", or the one the flash backend
+picked ("flash_attn.func", ..., "sdpa.cudnn"; see flash.py).
+
 All kernels take q, k, v in [batch pos n_heads d_head] (k, v with the KV cache's past positions
 prepended) and return z in the same layout. Masks are described once per forward by `AttnMask` (or,
 for a CUDA-graph decoding step, by `StaticDecodeMask`), shared by every layer.

@@ -5,6 +5,8 @@ Losses are taken in at least fp32 (`widen`), as transformers takes them, whateve
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +73,8 @@ class NeoXForCausalLM(_Head):
         if self.cfg.tie_word_embeddings:
             self.unembed.weight = self.model.embed.weight
 
-    def forward(self, input_ids=None, *, labels=None, logits_to_keep: int = 0, **kwargs) -> NeoXOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+                logits_to_keep: int = 0, **kwargs: Any) -> NeoXOutput:
         """`logits_to_keep=N` unembeds only the last N positions (0: all): logits and `hook_logits`
         are [batch N d_vocab]; with a large vocabulary that is most of a short forward's cost."""
         out = self._body(input_ids, kwargs)
@@ -103,7 +106,8 @@ class NeoXForSequenceClassification(_Head):
     def _build_head(self, cfg: NeoXConfig) -> None:
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
 
-    def forward(self, input_ids=None, *, labels=None, **kwargs) -> NeoXOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+                **kwargs: Any) -> NeoXOutput:
         out = self._body(input_ids, kwargs)
         if kwargs.get("stop_at_layer") is not None:
             return out
@@ -151,7 +155,8 @@ class NeoXForTokenClassification(_Head):
         self.dropout = nn.Dropout(cfg.classifier_dropout or 0.0)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
-    def forward(self, input_ids=None, *, labels=None, **kwargs) -> NeoXOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+                **kwargs: Any) -> NeoXOutput:
         out = self._body(input_ids, kwargs)
         if kwargs.get("stop_at_layer") is not None:
             return out
@@ -172,7 +177,8 @@ class NeoXForQuestionAnswering(_Head):
     def _build_head(self, cfg: NeoXConfig) -> None:
         self.qa_outputs = nn.Linear(cfg.hidden_size, 2)
 
-    def forward(self, input_ids=None, *, start_positions=None, end_positions=None, **kwargs) -> NeoXOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, *, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None, **kwargs: Any) -> NeoXOutput:
         out = self._body(input_ids, kwargs)
         if kwargs.get("stop_at_layer") is not None:
             return out
