@@ -1,11 +1,17 @@
 """neox_lab: an einops GPT-NeoX with hook points on every stream, for interpretability and equivalence testing.
 
-The file list is the architecture: config, rotary, attention (+ backends), mlp, layernorm, block, model,
-heads, loading, hook_points / hook_registry / hooked, activation_cache, kv_cache, generation, tokenizer;
-then the tools built on them: interventions, patching, disk_cache, plotting, demo, testing.
+The folders are the architecture; each imports only what is listed below it (README, "Architecture"):
 
-Names are imported on first use, so `import neox_lab` (and the pytest plugin it registers) costs no
-torch import until something is actually used.
+    cli, commands/        the `neox-lab` command line, one module per subcommand
+    demo/, testing/       the demo; equivalence testing (compare, tolerances, the pytest plugin)
+    default_model         the shipped model, and the one loader of what a --model argument names
+    analysis/ | store/    interpretability tools | the on-disk activation store (not each other)
+    model/                the NeoX itself: attention and its kernels, blocks, task heads, loading, decoding
+    hooks/                the hook contract: hook points, the registry of names, run_with_cache
+    config, axes, dtypes, tokenizer, version   the foundations, importing nothing from neox_lab
+
+`neox_lab.patching`, `.interventions` and `.plotting` are aliases of the modules moved into analysis/.
+The names below are imported on first use, so `import neox_lab` costs no torch import until one is.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, *, prompt:
         (whose own logits were never needed to decode).
 
     compile: decode with a static KV cache and a CUDA-graph-captured one-token step
-        (`neox_lab.fast_decode`) where it can run (CUDA, fp16/bf16, no hooks attached, use_cache);
+        (`neox_lab.model.fast_decode`) where it can run (CUDA, fp16/bf16, no hooks attached, use_cache);
         elsewhere it warns and decodes as usual. Same tokens up to half-precision rounding. Opt-in.
 
     Runs under `torch.no_grad()`. Module docstring: what hooks see at each step.

@@ -107,7 +107,7 @@ def test_flash_attn_paths_match_eager_on_real_queries(stand_in_flash_attn, batch
     ref, _ = eager_attention(q, k, v, mask, scale=0.3, head_mask=head_mask)
     real_q = torch.ones(batch, q_len, dtype=torch.bool) if mask.key_mask is None else key_mask[:, -q_len:]
     assert torch.allclose(z[real_q], ref[real_q], atol=1e-5, rtol=1e-5)
-    assert not z[~real_q].any()  # padding queries: zero (see neox_lab/backends.py's docstring)
+    assert not z[~real_q].any()  # padding queries: zero (see neox_lab/model/kernels.py's docstring)
     expected = ("flash_attn.func" if mask.key_mask is None and (past == 0 or grad) else
                 "flash_attn.kvcache" if past and not grad and (mask.key_mask is None or
                                                                (leftpad_ok and mask.leftpad is not None)) else

@@ -37,7 +37,7 @@ from neox_lab.model.flash import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
 from neox_lab.testing.strategies import build_pair, neox_configs, token_batches
 
 pytestmark = pytest.mark.gpu
-# tests/test_gpu_emulated.py reruns most of these bodies on CPU with stand-in kernels, through these two.
+# tests/model/test_gpu_emulated.py reruns most of these bodies on CPU with stand-in kernels, through these two.
 DEVICE = "cuda"
 CAPTURES = True  # generate(compile=True) captures a CUDA graph
 

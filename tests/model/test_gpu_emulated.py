@@ -1,4 +1,4 @@
-"""tests/test_gpu.py's bodies on CPU, so CI exercises the "flash" path's integration in fp16/bf16 (masks,
+"""tests/model/test_gpu.py's bodies on CPU, so CI exercises the "flash" path's integration in fp16/bf16 (masks,
 padding, the KV cache, hooks, the eager fallback, autocast, the static decoding step) without a GPU.
 
 What is emulated, and what that leaves for the GPU run: "flash" is allowed on CPU half precision (the
