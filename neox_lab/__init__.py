@@ -5,7 +5,8 @@ The folders are the architecture; each imports only what is listed below it (REA
     cli, commands/        the `neox-lab` command line, one module per subcommand
     demo/, testing/       the demo; equivalence testing (compare, tolerances, the pytest plugin)
     default_model         the shipped model, and the one loader of what a --model argument names
-    analysis/ | store/    interpretability tools | the on-disk activation store (not each other)
+    analysis/ | store/    interpretability tools | the on-disk activation store: neither imports the
+                          other, nor model/ (they use any hooked model through its public methods)
     model/                the NeoX itself: attention and its kernels, blocks, task heads, loading, decoding
     hooks/                the hook contract: hook points, the registry of names, run_with_cache
     config, axes, dtypes, tokenizer, version   the foundations, importing nothing from neox_lab
