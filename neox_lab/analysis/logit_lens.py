@@ -43,7 +43,7 @@ def logit_lens(model, tokens: torch.Tensor) -> LogitLens:
     _, cache = model.run_with_cache(tokens, names_filter=names)
     top_ids, top_probs, target_probs = [], [], []
     for name in names:  # one depth at a time: [batch pos vocab] probabilities are large
-        probs = model.unembed(model.model.ln_final(cache[name])).float().softmax(-1)
+        probs = model.unembed(model.body.ln_final(cache[name])).float().softmax(-1)
         p, i = probs.max(-1)
         top_ids.append(i.cpu())
         top_probs.append(p.cpu())
