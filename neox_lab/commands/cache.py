@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from ..default_model import load_or_default
 from ..dtypes import DTYPES
@@ -64,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device, local_rank)
     group = False
     if world > 1:
-        import torch.distributed as dist
-
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -86,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         if group:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     if cache is not None and int(os.environ.get("RANK", "0")) == 0:
         size = sum(s["bytes"] for s in cache.shards)

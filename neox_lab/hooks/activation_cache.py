@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 from einops import einsum, rearrange
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .. import axes
 from ..config import NeoXConfig
@@ -163,8 +165,6 @@ class ActivationCache(Mapping):
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike) -> None:
         """Write the cache as a safetensors file; the config and key order go into its metadata."""
-        from safetensors.torch import save_file
-
         tensors, seen = {}, set()
         for name, t in self._store.items():
             t = t.detach().cpu().contiguous()
@@ -180,8 +180,6 @@ class ActivationCache(Mapping):
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, device="cpu") -> ActivationCache:
         """Read a cache written by `save`. With `model`, its config must match the saved one."""
-        from safetensors import safe_open
-
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
             meta = fh.metadata() or {}
             if "neox_lab.config" not in meta:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -108,8 +109,6 @@ def _stop_layer(points) -> int | None:
 
 
 def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    import torch.distributed as dist
-
     group = dist.is_available() and dist.is_initialized()
     if rank is None and world_size is None and group:
         return dist.get_rank(), dist.get_world_size(), True
@@ -269,8 +268,6 @@ def merge_parts(out: Path, header: dict, n_docs: int, world: int) -> dict | None
 def _merge(out: Path, header: dict, n_docs: int, world: int, rank: int, group: bool):
     if not group:  # independent jobs: whoever finishes last merges (equal bytes if two race)
         return ActivationStore(out) if merge_parts(out, header, n_docs, world) else None
-    import torch.distributed as dist
-
     dist.barrier()
     error = None
     if rank == 0:
