@@ -4,7 +4,6 @@
     model = NeoXForCausalLM.from_pretrained("neox-lab/default")  # the same model, by its reserved id
     model = load_or_default(args.model)                        # what a --model argument names
 
-
 4 layers x 4 heads, d_model 96, tied embeddings, parallel residual, rotary_pct 0.25, the GPT-NeoX-20B
 tokenizer's ids; trained on the Python standard library's sources, with repeated random-token spans
 mixed in so that it has clear induction heads. Its training report (held-out loss, induction scores,
@@ -24,7 +23,8 @@ from .model.shipped import attach_default_tokenizer, default_model_dir
 from .model.tasks import NeoXForCausalLM, model_class
 
 
-def load_default(dtype: torch.dtype = torch.float32, device=None, attn_backend: str = "auto"):
+def load_default(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 attn_backend: str = "auto") -> NeoXForCausalLM:
     """The shipped `NeoXForCausalLM` in `dtype` on `device`, in eval mode, with `.tokenizer` set.
 
     Stored in fp16; loaded as float32 by default, so interpretability runs use exact fp32 arithmetic.
@@ -36,7 +36,8 @@ def load_default(dtype: torch.dtype = torch.float32, device=None, attn_backend: 
 
 
 def load_or_default(model: str | os.PathLike | None = None, *, cls: type[NeoXPreTrained] | None = None,
-                    dtype: torch.dtype | None = None, device=None, attn_backend: str = "auto") -> NeoXPreTrained:
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    attn_backend: str = "auto") -> NeoXPreTrained:
     """The model a `--model` argument names: the one way every CLI command (and the demo) loads one.
 
     None: the shipped model (`load_default`). Otherwise a checkpoint directory or hub id, loaded as
