@@ -21,8 +21,8 @@ import torch
 
 import neox_lab
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.patching import activation_patch, attribution_patch, logit_diff, normalize
-from neox_lab.plotting import patching_heatmap
+from neox_lab.analysis.patching import activation_patch, attribution_patch, logit_diff, normalize
+from neox_lab.analysis.plotting import patching_heatmap
 from neox_lab.tokenizer import NeoXTokenizer
 
 IOI = ("When Mary and John went to the store, {} gave a drink to", " Mary", " John")

@@ -28,7 +28,7 @@ import time
 import torch
 
 from neox_lab import PRESETS, NeoXForCausalLM
-from neox_lab.disk_cache import cache_dataset
+from neox_lab.store.writer import cache_dataset
 
 
 def timed_forwards(model, batches, stop_at_layer) -> float:

@@ -38,7 +38,7 @@ import warnings
 import torch
 
 from neox_lab import PRESETS, NeoXConfig, NeoXForCausalLM
-from neox_lab.loading import hf_to_neox_key
+from neox_lab.model.loading import hf_to_neox_key
 
 QUICK_CFG = NeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=256, rotary_pct=0.25, max_position_embeddings=64)

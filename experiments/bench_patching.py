@@ -16,7 +16,7 @@ import time
 import torch
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.patching import activation_patch, logit_diff
+from neox_lab.analysis.patching import activation_patch, logit_diff
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:

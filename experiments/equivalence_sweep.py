@@ -6,7 +6,7 @@ Draws configs and padded batches with `neox_lab.testing.strategies` (the same sp
 builds a seeded transformers GPTNeoXForCausalLM, saves it, loads it with neox_lab, and records, in fp32
 and in fp64, the largest absolute and relative (||a - b|| / ||b||) logit and hidden-state differences at
 real (non-pad) positions. transformers takes its attention softmax in fp32 even for fp64 models, so the
-fp64 run also reports the gap with that one downcast lifted (as tests/test_equivalence.py does).
+fp64 run also reports the gap with that one downcast lifted (as tests/model/test_equivalence.py does).
 """
 
 from __future__ import annotations

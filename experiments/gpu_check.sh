@@ -39,10 +39,10 @@ for pkg in ("transformers", "flash_attn", "hypothesis"):
     spec = importlib.util.find_spec(pkg)
     version = getattr(__import__(pkg), "__version__", "?") if spec else "not installed"
     print(pkg, version)
-from neox_lab.flash_kernel import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
+from neox_lab.model.flash import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
 print("neox_lab flash-attn path:", HAVE_FLASH_ATTN, "kvcache leftpad:", FLASH_KVCACHE_LEFTPAD)
 EOF
-    step "GPU tests" 180 python -m pytest tests/test_gpu.py -q -rs --maxfail=10 --tb=short --durations=8
+    step "GPU tests" 180 python -m pytest tests/model/test_gpu.py -q -rs --maxfail=10 --tb=short --durations=8
     step "attention kernels" 40 python experiments/bench_attention_kernels.py
     step "bench_forward" 120 python experiments/bench_forward.py
     step "profile_forward" 50 python experiments/profile_forward.py

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from neox_lab import plotting
+from neox_lab import NeoXForCausalLM
+from neox_lab.analysis import plotting
+from neox_lab.analysis.induction import copy_losses, measure_induction, repeated_tokens, word_token_ids
 from neox_lab.default_model import load_or_default
-from neox_lab.induction import copy_losses, measure_induction, repeated_tokens, word_token_ids
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(model_dir):
-    return load_or_default(model_dir)
+    return load_or_default(model_dir, cls=NeoXForCausalLM, dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from neox_lab import plotting
+from neox_lab import NeoXForCausalLM
+from neox_lab.analysis import plotting
+from neox_lab.analysis.induction import repeated_tokens, word_token_ids
+from neox_lab.analysis.logit_lens import logit_lens
 from neox_lab.default_model import load_or_default
-from neox_lab.induction import repeated_tokens, word_token_ids
-from neox_lab.logit_lens import logit_lens
 
 SNIPPET = '''def read_lines(path):
     """Return the lines of a text file."""
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(model_dir):
-    return load_or_default(model_dir)
+    return load_or_default(model_dir, cls=NeoXForCausalLM, dtype=torch.float32)
 
 
 def report(name: str, lens, tokens: torch.Tensor, start: int) -> None:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.induction import measure_induction, repeated_tokens, word_token_ids
+from neox_lab.analysis.induction import measure_induction, repeated_tokens, word_token_ids
 from neox_lab.tokenizer import NeoXTokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,39 +1,48 @@
 """neox_lab: an einops GPT-NeoX with hook points on every stream, for interpretability and equivalence testing.
 
-The file list is the architecture: config, rotary, attention (+ backends), mlp, layernorm, block, model,
-heads, loading, hook_points / hook_registry / hooked, activation_cache, kv_cache, generation, tokenizer;
-then the tools built on them: interventions, patching, disk_cache, plotting, demo, testing.
+The folders are the architecture; each imports only what is listed below it (README, "Architecture"):
 
-Names are imported on first use, so `import neox_lab` (and the pytest plugin it registers) costs no
-torch import until something is actually used.
+    cli, commands/        the `neox-lab` command line, one module per subcommand
+    demo/, testing/       the demo; equivalence testing (compare, tolerances, the pytest plugin)
+    default_model         the shipped model, and the one loader of what a --model argument names
+    analysis/ | store/    interpretability tools | the on-disk activation store: neither imports the
+                          other, nor model/ (they use any hooked model through its public methods)
+    model/                the NeoX itself: attention and its kernels, blocks, task heads, loading, decoding
+    hooks/                the hook contract: hook points, the registry of names, run_with_cache
+    config, axes, dtypes, tokenizer, version   the foundations, importing nothing from neox_lab
+
+`neox_lab.patching`, `.interventions` and `.plotting` are aliases of the modules moved into analysis/.
+The names below are imported on first use, so `import neox_lab` costs no torch import until one is.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from .version import __version__  # noqa: F401 - the package's version, as neox_lab.__version__
+
 _EXPORTS = {
-    "ActivationCache": "activation_cache",
-    "CachedActivations": "cached_activations",
-    "CheckpointError": "loading",
-    "HookError": "hook_points",
-    "HookPoint": "hook_points",
-    "KVCache": "kv_cache",
+    "ActivationCache": "hooks.activation_cache",
+    "ActivationStore": "store.reader",
+    "CachedActivations": "store.reader",
+    "CheckpointError": "model.loading",
+    "HookError": "hooks.points",
+    "HookPoint": "hooks.points",
+    "KVCache": "model.kv_cache",
     "NeoXConfig": "config",
     "PRESETS": "config",
-    "NeoXForCausalLM": "heads",
-    "NeoXForQuestionAnswering": "heads",
-    "NeoXForSequenceClassification": "heads",
-    "NeoXForTokenClassification": "heads",
-    "NeoXModel": "model",
-    "NeoXOutput": "outputs",
+    "NeoXForCausalLM": "model.tasks",
+    "NeoXForQuestionAnswering": "model.tasks",
+    "NeoXForSequenceClassification": "model.tasks",
+    "NeoXForTokenClassification": "model.tasks",
+    "NeoXModel": "model.base",
+    "NeoXOutput": "model.outputs",
     "NeoXTokenizer": "tokenizer",
-    "cache_dataset": "disk_cache",
-    "hook_names": "hook_registry",
+    "cache_dataset": "store.writer",
+    "hook_names": "hooks.registry",
     "load_default": "default_model",
 }
 __all__ = sorted(_EXPORTS)
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

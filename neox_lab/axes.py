@@ -16,15 +16,31 @@ shapes it moves between:
 
 from __future__ import annotations
 
-AXES = ("batch", "pos", "query_pos", "key_pos", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab")
+# Shapes of the hooked streams: every HookPoint is built with one, and the hook registry lists them.
+RESID = "batch pos d_model"  # the residual stream and everything written into it
+LN_SCALE = "batch pos 1"  # a LayerNorm's sqrt(var + eps)
+HEADS = "batch pos n_heads d_head"  # q, k, v (before and after rotary) and z
+HEAD_WRITES = "batch pos n_heads d_model"  # each head's write into the residual stream
+PATTERN = "batch n_heads query_pos key_pos"  # attention scores and pattern
+MLP_ACTS = "batch pos d_mlp"
+LOGITS = "batch pos d_vocab"  # a head's output per position (num_labels or 2 wide for classifiers and QA)
+
+# A stream's position axis: `query_pos` in attention matrices, `pos` everywhere else.
+POSITIONS = ("pos", "query_pos")
+
+
+def find_axis(shape: str, names: str | tuple[str, ...]) -> int | None:
+    """Index in `shape` ("batch pos n_heads d_head") of the first of `names` it has, or None."""
+    dims = shape.split()
+    for name in (names,) if isinstance(names, str) else names:
+        if name in dims:
+            return dims.index(name)
+    return None
+
 
 # The fused query_key_value projection of GPT-NeoX lays its output rows out per head: for each head,
 # its q rows, then its k rows, then its v rows. Splitting as (qkv n_heads d_head) is the classic bug.
 QKV_SPLIT = "batch pos (n_heads qkv d_head) -> qkv batch pos n_heads d_head"
-
-# Attention kernels want heads before positions.
-HEADS_FIRST = "batch pos n_heads d_head -> batch n_heads pos d_head"
-HEADS_LAST = "batch n_heads pos d_head -> batch pos n_heads d_head"
 
 SCORES = "batch query_pos n_heads d_head, batch key_pos n_heads d_head -> batch n_heads query_pos key_pos"
 MIX_VALUES = "batch n_heads query_pos key_pos, batch key_pos n_heads d_head -> batch query_pos n_heads d_head"

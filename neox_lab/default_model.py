@@ -2,6 +2,7 @@
 
     model = neox_lab.load_default()                            # tokenizer attached
     model = NeoXForCausalLM.from_pretrained("neox-lab/default")  # the same model, by its reserved id
+    model = load_or_default(args.model)                        # what a --model argument names
 
 4 layers x 4 heads, d_model 96, tied embeddings, parallel residual, rotary_pct 0.25, the GPT-NeoX-20B
 tokenizer's ids; trained on the Python standard library's sources, with repeated random-token spans
@@ -12,65 +13,46 @@ the exact command) is `training_report()`.
 from __future__ import annotations
 
 import json
-from importlib import resources
-from pathlib import Path
+import os
 
 import torch
 
-#: The id `from_pretrained` resolves to the package's own model directory (no hub involved).
-DEFAULT_MODEL_ID = "neox-lab/default"
-_FILES = ("config.json", "model.safetensors")
+from .model.base import NeoXPreTrained
+from .model.loading import resolve_checkpoint
+from .model.shipped import attach_default_tokenizer, default_model_dir
+from .model.tasks import NeoXForCausalLM, model_class
 
 
-def package_model_dir() -> Path:
-    """Where the shipped model lives (whether or not its files are there)."""
-    return Path(str(resources.files("neox_lab") / "data" / "default"))
-
-
-def default_model_dir() -> Path:
-    """Directory of the shipped model; raises FileNotFoundError naming what is missing."""
-    directory = package_model_dir()
-    missing = [name for name in _FILES if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the default model's package data is missing from {directory} ({', '.join(missing)}); "
-            "reinstall neox-lab, or rebuild it with `python experiments/train_default.py`"
-        )
-    return directory
-
-
-def load_default(dtype: torch.dtype = torch.float32, device=None, attn_backend: str = "auto"):
+def load_default(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 attn_backend: str = "auto") -> NeoXForCausalLM:
     """The shipped `NeoXForCausalLM` in `dtype` on `device`, in eval mode, with `.tokenizer` set.
 
     Stored in fp16; loaded as float32 by default, so interpretability runs use exact fp32 arithmetic.
     """
-    from .heads import NeoXForCausalLM
-
     model = NeoXForCausalLM.from_pretrained(default_model_dir(), dtype=dtype, device=device,
                                             attn_backend=attn_backend)
     attach_default_tokenizer(model)
     return model
 
 
-def load_or_default(model_dir=None, dtype: torch.dtype = torch.float32, device=None):
-    """A checkpoint directory's `NeoXForCausalLM` (or the shipped model when `model_dir` is None), with a
-    tokenizer attached either way: the checkpoint's own, else the package's GPT-NeoX tokenizer."""
-    if model_dir is None:
-        return load_default(dtype=dtype, device=device)
-    from .heads import NeoXForCausalLM
+def load_or_default(model: str | os.PathLike | None = None, *, cls: type[NeoXPreTrained] | None = None,
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    attn_backend: str = "auto") -> NeoXPreTrained:
+    """The model a `--model` argument names: the one way every CLI command (and the demo) loads one.
 
-    model = NeoXForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
-    attach_default_tokenizer(model)
-    return model
-
-
-def attach_default_tokenizer(model) -> None:
-    """Give `model` the package's GPT-NeoX tokenizer unless it already has one (the shipped model
-    directory holds no tokenizer.json: it is the same file the package already carries)."""
-    if getattr(model, "tokenizer", None) is None:
-        from .tokenizer import NeoXTokenizer
-
-        model.tokenizer = NeoXTokenizer.default()
+    None: the shipped model (`load_default`). Otherwise a checkpoint directory or hub id, loaded as
+    `cls` when given (generation needs a `NeoXForCausalLM`), else as the class its config.json's
+    `architectures` names. `dtype` None keeps the checkpoint's own (the shipped model's is float32:
+    its fp16 file is only storage). A tokenizer is attached either way: the checkpoint's own, else
+    the package's GPT-NeoX one.
+    """
+    if model is None:
+        return load_default(dtype=dtype or torch.float32, device=device, attn_backend=attn_backend)
+    directory = resolve_checkpoint(model)
+    loaded = (cls or model_class(directory)).from_pretrained(directory, dtype=dtype, device=device,
+                                                               attn_backend=attn_backend)
+    attach_default_tokenizer(loaded)
+    return loaded
 
 
 def training_report() -> dict:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import neox_lab
 from neox_lab import NeoXForCausalLM, load_default
+from neox_lab.analysis.induction import measure_induction, repeated_tokens, word_token_ids
 from neox_lab.default_model import default_model_dir, training_report
-from neox_lab.induction import measure_induction, repeated_tokens, word_token_ids
+from neox_lab.model import shipped
 from neox_lab.tokenizer import NeoXTokenizer
 
 #: Best head's induction score the shipped model must reach on bos + 2 x 20 random " word" tokens. Measured
@@ -87,8 +87,23 @@ def test_training_report_beats_the_unigram_baseline():
 
 
 def test_missing_package_data_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(neox_lab.default_model, "package_model_dir", lambda: tmp_path)
+    monkeypatch.setattr(shipped, "package_model_dir", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match="train_default.py"):
         load_default()
     with pytest.raises(FileNotFoundError, match="config.json"):
         NeoXForCausalLM.from_pretrained("neox-lab/default")
+
+
+def test_load_or_default_loads_the_class_a_checkpoint_names(tmp_path):
+    from neox_lab import CheckpointError, NeoXConfig, NeoXForSequenceClassification
+    from neox_lab.default_model import load_or_default
+
+    cfg = NeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)
+    NeoXForSequenceClassification(cfg).save_pretrained(tmp_path / "clf")
+    model = load_or_default(tmp_path / "clf")
+    assert type(model) is NeoXForSequenceClassification and isinstance(model.tokenizer, NeoXTokenizer)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_or_default(tmp_path / "clf", cls=NeoXForCausalLM)
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory .*no config.json"):
+        load_or_default(tmp_path / "nowhere")

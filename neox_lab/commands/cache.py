@@ -8,30 +8,24 @@ the one manifest at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from ..cache_manifest import DTYPES, CacheMismatchError, CacheWriteError
-from ..disk_cache import DEFAULT_SHARD_TOKENS, cache_dataset, expand_hook_patterns
-
-
-def _default_loader():
-    try:
-        from ..default_model import load_default
-    except ImportError:
-        return None
-    return load_default
+from ..default_model import load_or_default
+from ..dtypes import DTYPES
+from ..model.kernels import BACKENDS
+from ..store.manifest import CacheMismatchError, CacheWriteError
+from ..store.writer import DEFAULT_SHARD_TOKENS, cache_dataset, expand_hook_patterns
+from ..tokenizer import NeoXTokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    has_default = _default_loader() is not None
-    default = " (default: neox_lab.load_default())" if has_default else ""
-    parser.add_argument("--model", required=not has_default, metavar="DIR",
-                        help="checkpoint directory" + default)
+    parser.add_argument("--model", metavar="DIR",
+                        help="checkpoint directory, loaded as the class its config.json names (default: the "
+                             "shipped model, neox_lab.load_default())")
     parser.add_argument("--data", required=True, metavar="FILE",
                         help=".txt (a document per line), .jsonl (a text field) or .npy (token ids "
                              "[document pos])")
@@ -52,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available; cuda:LOCAL_RANK "
                                          "under torchrun)")
     parser.add_argument("--model-dtype", choices=sorted(DTYPES), help="dtype to run the model in")
-    parser.add_argument("--attn-backend", default="auto", help="eager, sdpa, flash or auto")
+    parser.add_argument("--attn-backend", choices=BACKENDS, default="auto", help="attention backend of the model")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -65,48 +59,25 @@ def _device(arg: str | None, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _load_model(args, device: torch.device):
-    dtype = DTYPES[args.model_dtype] if args.model_dtype else None
-    if args.model is None:
-        return _default_loader()(dtype=dtype or torch.float32, device=device, attn_backend=args.attn_backend)
-    from ..heads import MODEL_CLASSES
-
-    config = Path(args.model) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"--model {args.model}: no config.json there")
-    archs = json.loads(config.read_text()).get("architectures") or ["GPTNeoXForCausalLM"]
-    cls = MODEL_CLASSES.get(archs[0], MODEL_CLASSES["GPTNeoXForCausalLM"])
-    return cls.from_pretrained(args.model, dtype=dtype, device=device, attn_backend=args.attn_backend)
-
-
-def _tokenizer(args, model):
-    from ..tokenizer import NeoXTokenizer
-
-    if args.tokenizer:
-        return NeoXTokenizer.from_pretrained(args.tokenizer)
-    if getattr(model, "tokenizer", None) is not None or args.data.endswith(".npy"):
-        return None
-    return NeoXTokenizer.default()
-
-
 def run(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(args.device, local_rank)
     group = False
     if world > 1:
-        import torch.distributed as dist
-
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         group = True
     try:
-        model = _load_model(args, device)
+        model = load_or_default(args.model, dtype=DTYPES[args.model_dtype] if args.model_dtype else None,
+                                device=device, attn_backend=args.attn_backend)
         names = expand_hook_patterns(model, args.hooks)
+        # Without --tokenizer, the model's: the checkpoint's own, else the package's GPT-NeoX one.
+        tokenizer = NeoXTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
         cache = cache_dataset(model, args.data, names, args.out, batch_size=args.batch_size,
                               max_length=args.max_length, dtype=args.dtype, positions=args.positions,
-                              tokenizer=_tokenizer(args, model), text_field=args.text_field,
+                              tokenizer=tokenizer, text_field=args.text_field,
                               shard_tokens=args.shard_tokens, progress=not args.no_progress)
     except (KeyError, ValueError, TypeError, FileNotFoundError, CacheMismatchError, CacheWriteError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
@@ -114,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         if group:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     if cache is not None and int(os.environ.get("RANK", "0")) == 0:
         size = sum(s["bytes"] for s in cache.shards)

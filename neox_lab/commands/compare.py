@@ -9,15 +9,20 @@ transformers. B is the reference. Example (CI): neox-lab compare ./quantised hf:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
-BACKENDS = ("eager", "sdpa", "flash", "auto")
+from ..config import NeoXConfig
+from ..default_model import load_or_default
+from ..dtypes import DTYPES
+from ..model.kernels import BACKENDS
+from ..model.loading import resolve_checkpoint
+from ..model.tasks import model_class
+from ..testing.compare import compare, default_tolerance
+from ..tokenizer import NeoXTokenizer
+
 # neox_lab backend name -> transformers attn_implementation ("auto": transformers' own default)
 HF_BACKENDS = {"eager": "eager", "sdpa": "sdpa", "flash": "flash_attention_2", "auto": None}
 
@@ -28,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of both sides")
     parser.add_argument("--dtype-a", choices=sorted(DTYPES), help="dtype of A (overrides --dtype)")
     parser.add_argument("--dtype-b", choices=sorted(DTYPES), help="dtype of B (overrides --dtype)")
-    parser.add_argument("--backend", choices=BACKENDS, default="eager", help="attention kernel of both sides")
-    parser.add_argument("--backend-a", choices=BACKENDS, help="attention kernel of A (overrides --backend)")
-    parser.add_argument("--backend-b", choices=BACKENDS, help="attention kernel of B (overrides --backend)")
+    parser.add_argument("--backend", choices=BACKENDS, default="eager", help="attention backend of both sides")
+    parser.add_argument("--backend-a", choices=BACKENDS, help="attention backend of A (overrides --backend)")
+    parser.add_argument("--backend-b", choices=BACKENDS, help="attention backend of B (overrides --backend)")
     parser.add_argument("--prompts", metavar="FILE",
                         help="text file, one prompt per line, tokenized with A's tokenizer (else the "
                              "bundled GPT-NeoX one); default: random token ids")
@@ -47,19 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(spec: str, dtype: torch.dtype, backend: str, device: str):
     """(model, checkpoint directory) for `DIR` (neox_lab) or `hf:DIR` (transformers)."""
-    from ..config import NeoXConfig
-    from ..heads import MODEL_CLASSES
-
-    hf = spec.startswith("hf:")
-    directory = Path(spec[3:] if hf else spec)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{spec}: no config.json in {directory} (expected a checkpoint directory)")
-    arch = (json.loads((directory / "config.json").read_text()).get("architectures") or ["GPTNeoXForCausalLM"])[0]
-    if arch not in MODEL_CLASSES:
-        raise ValueError(f"{spec}: architecture {arch!r} is not a GPTNeoX class ({sorted(MODEL_CLASSES)})")
-    if not hf:
-        model = MODEL_CLASSES[arch].from_pretrained(directory, dtype=dtype, device=device, attn_backend=backend)
-        return model, directory
+    if not spec.startswith("hf:"):
+        model = load_or_default(spec, dtype=dtype, device=device, attn_backend=backend)
+        return model, resolve_checkpoint(spec)
+    directory = resolve_checkpoint(spec[3:])
+    arch = model_class(directory).hf_architecture
     try:
         import transformers
     except ImportError as err:
@@ -75,8 +72,6 @@ def _inputs(args, model, directory: Path, vocab_size: int):
     if args.prompts is None:
         gen = torch.Generator().manual_seed(args.seed)
         return {"input_ids": torch.randint(0, vocab_size, (args.batch, args.seq_len), generator=gen)}
-    from ..tokenizer import NeoXTokenizer
-
     lines = [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"--prompts {args.prompts}: no non-empty lines")
@@ -94,8 +89,6 @@ def _inputs(args, model, directory: Path, vocab_size: int):
 
 
 def run(args) -> int:
-    from ..testing.compare import compare, default_tolerance
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sides = {}
     try:

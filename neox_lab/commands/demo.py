@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..demo import run_demo
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -17,8 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neox_lab.demo import run_demo
-
     try:
         result = run_demo(args.model, args.out, progress=not args.no_progress, seed=args.seed)
     except (FileNotFoundError, ValueError) as err:

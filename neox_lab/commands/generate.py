@@ -7,13 +7,16 @@ import sys
 
 import torch
 
+from ..default_model import load_or_default
+from ..model.tasks import NeoXForCausalLM
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", metavar="PROMPT",
                         help="text to continue; several prompts run as one left-padded batch")
     parser.add_argument("--model", default=None,
-                        help="checkpoint directory (config.json, weights, tokenizer.json); default: the "
-                             "bundled default model where this install has one")
+                        help="checkpoint directory (config.json, weights, and tokenizer.json, else the "
+                             "bundled GPT-NeoX tokenizer is used); default: the shipped model")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to add (default 32)")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     parser.add_argument("--temperature", type=float, default=None,
@@ -26,17 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--completion-only", action="store_true", help="print only the new text")
 
 
-def _load(args):
-    import neox_lab
-    from neox_lab import NeoXForCausalLM
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model is not None:
-        return NeoXForCausalLM.from_pretrained(args.model, device=device)
-    # Without --model, the model shipped in the package (FileNotFoundError says so if it is missing).
-    return neox_lab.load_default(device=device)
-
-
 def run(args) -> int:
     sampling = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                ("--top-p", args.top_p)) if v is not None]
@@ -45,10 +37,9 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        model = _load(args)
-        if model.tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer.json; save one with the checkpoint "
-                             "(model.tokenizer = NeoXTokenizer.default(); model.save_pretrained(DIR))")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Without --model, the shipped model (FileNotFoundError says so if its package data is missing).
+        model = load_or_default(args.model, cls=NeoXForCausalLM, device=device)
         generator = None
         if args.seed is not None:
             device = next(model.parameters()).device

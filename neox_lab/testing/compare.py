@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from ..hook_registry import hook_names, unknown_hook_message
+from ..hooks.registry import hook_names, layer_of, unknown_hook_message
 from .report import EquivalenceReport, HookResult, LogitsResult, assert_equivalent
 from .sides import Side
 from .tolerance import Tolerance, policy_for
@@ -59,7 +59,7 @@ def compare(model_a, model_b, inputs, *, hooks="all", tolerance: Tolerance | Non
         if ta.shape != tb.shape:
             raise ValueError(f"hook {name!r}: model_a gives {tuple(ta.shape)}, model_b {tuple(tb.shape)} "
                              "on the real positions")
-        layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
+        layer = layer_of(name)
         depth = _depth(name, layer, n_layers)
         max_abs, err, ref, n = _errors(ta, tb)
         results.append(HookResult(name=name, layer=layer, shape=list(ta.shape), n=n, max_abs=max_abs,

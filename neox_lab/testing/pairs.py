@@ -12,6 +12,7 @@ import tempfile
 import torch
 
 from ..config import NeoXConfig
+from ..model.tasks import MODEL_CLASSES
 
 HF_CLASSES = {
     "causal_lm": "GPTNeoXForCausalLM",
@@ -46,12 +47,10 @@ def build_pair(cfg: NeoXConfig, seed: int = 0, task: str = "causal_lm", *, direc
     """
     import transformers
 
-    from .. import heads
-
     hf_cls = getattr(transformers, HF_CLASSES[task])
     torch.manual_seed(seed)
     hf_model = hf_cls(hf_config(cfg, attn_implementation)).eval()
-    neox_cls = heads.MODEL_CLASSES[HF_CLASSES[task]]
+    neox_cls = MODEL_CLASSES[HF_CLASSES[task]]
     with tempfile.TemporaryDirectory() if directory is None else _Keep(directory) as path:
         hf_model.save_pretrained(path)
         neox_model = neox_cls.from_pretrained(path, attn_backend=attn_backend)

@@ -13,14 +13,18 @@ Option
                                    Without the option no profile is loaded, so a project's own
                                    profiles (or --hypothesis-profile) stay in charge.
 
-This module imports only pytest at import time (its parent package brings neox_lab and torch);
-hypothesis and transformers load when the option or a fixture needs them, and a missing
-hypothesis only matters if the option is given.
+At import time this module brings pytest, torch and neox_lab's model classes (its parent package
+imports torch anyway); hypothesis and transformers, both optional, load only when the option or a
+fixture needs them, and a missing hypothesis only matters if the option is given.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+from ..model.tasks import NeoXForCausalLM
+from .pairs import build_pair, tiny_config
 
 PROFILES = {"fast": "neox-fast", "thorough": "neox-thorough"}
 _PREVIOUS = pytest.StashKey[str]()
@@ -78,18 +82,12 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 @pytest.fixture
 def neox_config():
     """The config `neox_tiny_model` and `neox_pair` build; override this fixture to change it."""
-    from .pairs import tiny_config
-
     return tiny_config()
 
 
 @pytest.fixture
 def neox_tiny_model(neox_config):
     """A seeded random neox_lab causal LM in eval mode (seed 0)."""
-    import torch
-
-    from ..heads import NeoXForCausalLM
-
     torch.manual_seed(0)
     return NeoXForCausalLM(neox_config).eval()
 
@@ -101,6 +99,4 @@ def neox_pair(neox_config, tmp_path):
         import transformers  # noqa: F401
     except ImportError:
         pytest.skip("neox_pair needs transformers (pip install transformers)")
-    from .pairs import build_pair
-
     return build_pair(neox_config, seed=0, directory=str(tmp_path / "neox_pair"))

@@ -31,9 +31,9 @@ import warnings
 
 import torch
 
-from ..backends import resolve_backend
 from ..config import NeoXConfig
-from ..hook_registry import hook_names
+from ..hooks.registry import block_hook, hook_names
+from ..model.kernels import resolve_backend
 
 EAGER_ONLY = ("attn.hook_attn_scores", "attn.hook_pattern")
 HF_HEADS = ("lm_head", "embed_out", "score", "classifier", "qa_outputs")
@@ -164,34 +164,33 @@ def _run_hf(model, ids, mask, names: set[str]):
             # transformers' fused layout: per head, its q, k and v rows ((n_heads qkv d_head)).
             q, k, v = out.view(*out.shape[:-1], n_heads, -1).chunk(3, dim=-1)
             for key, t in (("q", q), ("k", k), ("v", v)):
-                keep(f"blocks.{layer}.attn.hook_{key}", t)
+                keep(block_hook(layer, f"attn.hook_{key}"), t)
         return fn
 
     def attn_out(layer):
         def fn(out):
-            keep(f"blocks.{layer}.hook_attn_out", _first(out))
+            keep(block_hook(layer, "hook_attn_out"), _first(out))
             pattern = out[-1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
             if isinstance(pattern, torch.Tensor) and pattern.dim() == 4:
-                keep(f"blocks.{layer}.attn.hook_pattern", pattern)
+                keep(block_hook(layer, "attn.hook_pattern"), pattern)
         return fn
 
     try:
         on_output(base.embed_in, lambda out: keep("hook_embed", out))
         for L, layer in enumerate(base.layers):
-            p = f"blocks.{L}."
-            on_input(layer, lambda x, p=p: keep(p + "hook_resid_pre", x))
-            on_output(layer, lambda out, p=p: keep(p + "hook_resid_post", _first(out)))
-            on_output(layer.input_layernorm, lambda out, p=p: keep(p + "ln1.hook_normalized", out))
+            on_input(layer, lambda x, L=L: keep(block_hook(L, "hook_resid_pre"), x))
+            on_output(layer, lambda out, L=L: keep(block_hook(L, "hook_resid_post"), _first(out)))
+            on_output(layer.input_layernorm, lambda out, L=L: keep(block_hook(L, "ln1.hook_normalized"), out))
             on_output(layer.attention.query_key_value, split_qkv(L))
             on_input(layer.attention.dense,
-                     lambda x, p=p: keep(p + "attn.hook_z", x.reshape(*x.shape[:-1], n_heads, -1)))
+                     lambda x, L=L: keep(block_hook(L, "attn.hook_z"), x.reshape(*x.shape[:-1], n_heads, -1)))
             on_output(layer.attention, attn_out(L))
             if not cfg.use_parallel_residual:
-                on_input(layer.post_attention_layernorm, lambda x, p=p: keep(p + "hook_resid_mid", x))
-            on_output(layer.post_attention_layernorm, lambda out, p=p: keep(p + "ln2.hook_normalized", out))
-            on_output(layer.mlp.dense_h_to_4h, lambda out, p=p: keep(p + "mlp.hook_pre", out))
-            on_output(layer.mlp.act, lambda out, p=p: keep(p + "mlp.hook_post", out))
-            on_output(layer.mlp, lambda out, p=p: keep(p + "hook_mlp_out", _first(out)))
+                on_input(layer.post_attention_layernorm, lambda x, L=L: keep(block_hook(L, "hook_resid_mid"), x))
+            on_output(layer.post_attention_layernorm, lambda out, L=L: keep(block_hook(L, "ln2.hook_normalized"), out))
+            on_output(layer.mlp.dense_h_to_4h, lambda out, L=L: keep(block_hook(L, "mlp.hook_pre"), out))
+            on_output(layer.mlp.act, lambda out, L=L: keep(block_hook(L, "mlp.hook_post"), out))
+            on_output(layer.mlp, lambda out, L=L: keep(block_hook(L, "hook_mlp_out"), _first(out)))
         on_output(base.final_layer_norm, lambda out: keep("ln_final.hook_normalized", out))
         head = _hf_head(model)
         if head is not None:

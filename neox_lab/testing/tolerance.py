@@ -150,7 +150,7 @@ class Tolerance:
 def precision_of(dtype, backend: str = "eager", device=None) -> str:
     """The rounding format a side effectively computes in: a key of UNIT_ROUNDOFF.
 
-    `backend` names the attention kernel ("eager", "sdpa", "flash") or, for a transformers model,
+    `backend` names the attention backend ("eager", "sdpa", "flash") or, for a transformers model,
     "hf-<attn_implementation>"; `device` matters only for TF32 on CUDA.
     """
     name = _dtype_name(dtype)

@@ -1,0 +1,144 @@
+"""The hook API every model class shares: run_with_hooks, hooks(), add_hook, run_with_cache."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from ..axes import POSITIONS, find_axis
+from .activation_cache import ActivationCache, PosSlice, slice_pos
+from .points import HookFn, HookPoint
+from .registry import hook_names, layer_of, unknown_hook_message
+
+NameOrFilter = str | Callable[[str], bool]
+#: What `hooks`, `run_with_hooks` and `run_with_cache` take: (hook name or filter, hook function) pairs.
+HookPairs = Iterable[tuple[NameOrFilter, HookFn]]
+
+
+class HookedMixin:
+    """Mixed into `torch.nn.Module`s whose tree holds `HookPoint`s; names them and runs hooks."""
+
+    _hook_points: dict[str, HookPoint]
+
+    def _setup_hooks(self, strip: str = "") -> None:
+        points = {}
+        for path, module in self.named_modules():  # type: ignore[attr-defined]
+            if isinstance(module, HookPoint):
+                name = path[len(strip):] if strip and path.startswith(strip) else path
+                module.name = name
+                module.layer = layer_of(name)
+                points[name] = module
+        order = {name: i for i, name in enumerate(hook_names(self.cfg))}  # type: ignore[attr-defined]
+        self._hook_points = dict(sorted(points.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+    # ------------------------------------------------------------------ lookup
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """Every hook point by name."""
+        return dict(self._hook_points)
+
+    def hook_names(self) -> list[str]:
+        """Every hook name, in forward order."""
+        return list(self._hook_points)
+
+    def _parallel(self) -> bool:
+        return bool(self.cfg.use_parallel_residual)  # type: ignore[attr-defined]
+
+    def resolve_hooks(self, name_or_filter: NameOrFilter | Iterable[str] | None) -> list[HookPoint]:
+        """Hook points named by a name, a list of names, a predicate on names, or None (all)."""
+        if name_or_filter is None:
+            return list(self._hook_points.values())
+        if callable(name_or_filter):
+            return [hp for name, hp in self._hook_points.items() if name_or_filter(name)]
+        names = [name_or_filter] if isinstance(name_or_filter, str) else list(name_or_filter)
+        out = []
+        for name in names:
+            if name not in self._hook_points:
+                raise KeyError(unknown_hook_message(name, list(self._hook_points), self._parallel()))
+            out.append(self._hook_points[name])
+        return out
+
+    # ------------------------------------------------------------------ attaching
+    def add_hook(self, name: NameOrFilter, fn: HookFn, dir: str = "fwd", permanent: bool = False) -> None:
+        """Attach `fn(tensor, *, hook) -> tensor | None` to a hook point (or every one a filter selects)."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        for hp in self.resolve_hooks(name):
+            hp.add(fn, dir=dir, permanent=permanent)
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        """Remove every temporary hook (and permanent ones too if asked)."""
+        for hp in self._hook_points.values():
+            hp.remove(including_permanent=including_permanent)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = ()) -> Iterator[HookedMixin]:
+        """Attach hooks for the duration of a `with` block; they are removed however the block ends.
+
+        Every name is resolved before anything is attached, so a bad name attaches nothing.
+        """
+        plan = []
+        for dir, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+            for name, fn in pairs:
+                plan.extend((hp, dir, fn) for hp in self.resolve_hooks(name))
+        added = []
+        try:
+            for hp, dir, fn in plan:
+                entry = (fn, False)
+                (hp.fwd_fns if dir == "fwd" else hp.bwd_fns).append(entry)
+                added.append((hp, dir, entry))
+            yield self
+        finally:
+            for hp, dir, entry in added:
+                fns = hp.fwd_fns if dir == "fwd" else hp.bwd_fns
+                for i, e in enumerate(fns):
+                    if e is entry:
+                        del fns[i]
+                        break
+
+    def run_with_hooks(self, *args: Any, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = (), **kwargs: Any) -> Any:
+        """Forward with temporary hooks; returns what `forward` returns.
+
+        Backward hooks are bound to the graph this forward builds, so a later `.backward()` on its
+        output fires them even though the hook points are clean again by then.
+        """
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(*args, **kwargs)  # type: ignore[operator]
+
+    def run_with_cache(self, *args: Any, names_filter: NameOrFilter | Iterable[str] | None = None,
+                       device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                       pos_slice: PosSlice = None, stop_at_layer: int | None = None, incl_bwd: bool = False,
+                       **kwargs: Any) -> tuple[torch.Tensor | None, ActivationCache]:
+        """Forward once, caching activations; returns ``(logits, ActivationCache)``.
+
+        Activations are stored detached (on `device`, in `dtype` when given, sliced along their
+        position axis by `pos_slice`), under `torch.no_grad()` unless `incl_bwd`, in which case the
+        output's `.loss` (or the logits' sum when there is no loss) is backpropagated and gradients are
+        cached under "<name>_grad". `stop_at_layer=L` runs blocks 0..L-1 only and returns None for logits.
+        """
+        if incl_bwd and stop_at_layer is not None:
+            raise ValueError("run_with_cache: incl_bwd=True needs the whole forward (a loss or logits to "
+                             "backpropagate), so it cannot be combined with stop_at_layer")
+        points = self.resolve_hooks(names_filter)
+        store: dict[str, torch.Tensor] = {}
+
+        def saver(suffix: str):
+            def save(t: torch.Tensor, *, hook: HookPoint) -> None:
+                axis = find_axis(hook.shape, POSITIONS)
+                t = t.detach() if axis is None else slice_pos(t.detach(), pos_slice, dim=axis)
+                store[hook.name + suffix] = t.to(device=device or t.device, dtype=dtype or t.dtype)
+            return save
+
+        fwd = [(hp.name, saver("")) for hp in points]
+        bwd = [(hp.name, saver("_grad")) for hp in points] if incl_bwd else []
+        grad_ctx = contextlib.nullcontext() if incl_bwd else torch.no_grad()
+        with grad_ctx, self.hooks(fwd, bwd):
+            out = self(*args, stop_at_layer=stop_at_layer, **kwargs)  # type: ignore[operator]
+            if incl_bwd:
+                target = out.loss if out.loss is not None else out.logits.sum()
+                target.backward()
+        logits = None if stop_at_layer is not None else out.logits
+        return logits, ActivationCache(store, self)

@@ -1,0 +1,141 @@
+"""The registry of hook names: the public contract, written once, with each stream's shape.
+
+`hook_names(cfg)` lists every hook point a model built from `cfg` has; a test checks it against the
+hook points actually present on the module tree.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from ..axes import HEAD_WRITES, HEADS, LN_SCALE, LOGITS, MLP_ACTS, PATTERN, RESID
+from ..config import NeoXConfig
+
+#: Hooks on the whole model (before/after the blocks).
+MODEL_HOOKS = {
+    "hook_embed": RESID,
+    "ln_final.hook_scale": LN_SCALE,
+    "ln_final.hook_standardized": RESID,
+    "ln_final.hook_normalized": RESID,
+}
+
+#: LayerNorm streams: scale = sqrt(var + eps); standardized = (x - mean) / scale, before the affine
+#: weight and bias; normalized = standardized * w + b, the output that feeds attention / MLP / unembed.
+LN_HOOKS = {"hook_scale": LN_SCALE, "hook_standardized": RESID, "hook_normalized": RESID}
+
+#: Hooks of every block, relative to `blocks.{L}.`.
+BLOCK_HOOKS = {
+    "hook_resid_pre": RESID,
+    **{f"ln1.{k}": v for k, v in LN_HOOKS.items()},
+    "attn.hook_q": HEADS,
+    "attn.hook_k": HEADS,
+    "attn.hook_v": HEADS,
+    "attn.hook_rot_q": HEADS,
+    "attn.hook_rot_k": HEADS,
+    "attn.hook_attn_scores": PATTERN,
+    "attn.hook_pattern": PATTERN,
+    "attn.hook_z": HEADS,
+    "attn.hook_result": HEAD_WRITES,
+    "hook_attn_out": RESID,
+    **{f"ln2.{k}": v for k, v in LN_HOOKS.items()},
+    "mlp.hook_pre": MLP_ACTS,
+    "mlp.hook_post": MLP_ACTS,
+    "hook_mlp_out": RESID,
+    "hook_resid_post": RESID,
+}
+
+#: Only sequential-residual blocks have a stream between attention and MLP.
+SEQUENTIAL_ONLY = {"hook_resid_mid": RESID}
+
+#: Hooks of the task heads (the unembedding / classifier output, per position).
+HEAD_HOOKS = {"hook_logits": LOGITS}
+
+
+def block_hook(layer: int, hook: str) -> str:
+    """The full name of hook `hook` of block `layer`, e.g. ``block_hook(3, "attn.hook_z")``."""
+    return f"blocks.{layer}.{hook}"
+
+
+def layer_of(name: str) -> int | None:
+    """The block a full hook name belongs to; None for the hooks before and after the blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def block_hook_names(cfg: NeoXConfig) -> dict[str, str]:
+    """Hook names (relative to the block) and shapes of one block of this config."""
+    names = {}
+    for key, shape in BLOCK_HOOKS.items():
+        names[key] = shape
+        if key == "hook_attn_out" and not cfg.use_parallel_residual:
+            names.update(SEQUENTIAL_ONLY)
+    return names
+
+
+def hook_names(cfg: NeoXConfig, *, head: bool = True) -> dict[str, str]:
+    """Every hook name of a model built from `cfg`, mapped to its shape in the axis vocabulary."""
+    names = {"hook_embed": MODEL_HOOKS["hook_embed"]}
+    for layer in range(cfg.num_hidden_layers):
+        names.update({block_hook(layer, k): v for k, v in block_hook_names(cfg).items()})
+    names.update({k: v for k, v in MODEL_HOOKS.items() if k.startswith("ln_final")})
+    if head:
+        names.update(HEAD_HOOKS)
+    return names
+
+
+def unknown_hook_message(name: str, known: list[str], parallel: bool) -> str:
+    """An error message for a hook name that does not exist, with the closest matches."""
+    if parallel and name.endswith("hook_resid_mid"):
+        return (
+            f"no hook point {name!r}: this model uses the parallel residual "
+            "(resid_post = resid_pre + attn_out + mlp_out), so its blocks have no resid_mid stream; "
+            "use hook_resid_pre (what attention and MLP both read) or hook_attn_out / hook_mlp_out"
+        )
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"no hook point {name!r}{hint}"
+
+
+# TransformerLens-style shorthand: cache["resid_post", 3] -> "blocks.3.hook_resid_post".
+MODEL_SHORTHAND = {"embed": "hook_embed", "logits": "hook_logits"}
+BLOCK_SHORTHAND = {  # short name -> hook name relative to its block
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "rot_q": "attn.hook_rot_q",
+    "rot_k": "attn.hook_rot_k",
+    "attn_scores": "attn.hook_attn_scores",
+    "scores": "attn.hook_attn_scores",
+    "pattern": "attn.hook_pattern",
+    "z": "attn.hook_z",
+    "result": "attn.hook_result",
+    "pre": "mlp.hook_pre",
+    "post": "mlp.hook_post",
+}
+#: LayerNorm streams by short name: ("scale", 2, "ln2") is block 2's ln2, ("scale",) ln_final's.
+LN_STREAMS = ("scale", "standardized", "normalized")
+
+
+def expand_shorthand(key: str | tuple, n_layers: int) -> str:
+    """Turn ``"resid_post", 3`` / ``("scale", 2, "ln1")`` style keys into a full hook name."""
+    if isinstance(key, str):
+        return MODEL_SHORTHAND.get(key, key)
+    name, *rest = key
+    layer = rest[0] if rest else None
+    if isinstance(layer, int) and layer < 0:
+        layer += n_layers
+    if name in LN_STREAMS:
+        where = rest[1] if len(rest) > 1 else None
+        if layer is None or where == "ln_final":
+            return f"ln_final.hook_{name}"
+        return block_hook(layer, f"{where or 'ln1'}.hook_{name}")
+    if name in MODEL_SHORTHAND:
+        return MODEL_SHORTHAND[name]
+    if name not in BLOCK_SHORTHAND:
+        raise KeyError(f"unknown shorthand {name!r}; known: {sorted(MODEL_SHORTHAND | BLOCK_SHORTHAND)}")
+    return block_hook(layer, BLOCK_SHORTHAND[name])

@@ -1,0 +1,105 @@
+"""NeoX self-attention: fused QKV, partial rotary, a pluggable kernel, per-head hook points."""
+
+from __future__ import annotations
+
+import torch
+from einops import einsum, rearrange
+from torch import nn
+
+from .. import axes
+from ..config import NeoXConfig
+from ..hooks.points import HookPoint
+from .flash import FlashKernel
+from .kernels import AttnMask, eager_attention, sdpa_attention
+from .rotary import Rotary
+
+#: `last_kernel` of a layer that left a fast backend for one call, because scores or the pattern were asked for.
+EAGER_FALLBACK = "eager (fallback)"
+
+
+class Attention(nn.Module):
+    """One attention layer. `qkv` and `out` keep transformers' fused layout, so weights load as-is."""
+
+    def __init__(self, cfg: NeoXConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.n_heads = cfg.num_attention_heads
+        self.scale = cfg.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.flash = FlashKernel()
+        self.last_kernel: str | None = None  # what the latest forward ran; see NeoXPreTrained.attn_kernels
+        self._fallback_reported = False
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(axes.HEADS), HookPoint(axes.HEADS), HookPoint(axes.HEADS)
+        self.hook_rot_q, self.hook_rot_k = HookPoint(axes.HEADS), HookPoint(axes.HEADS)
+        self.hook_attn_scores = HookPoint(axes.PATTERN)
+        self.hook_pattern = HookPoint(axes.PATTERN)
+        self.hook_z = HookPoint(axes.HEADS)
+        self.hook_result = HookPoint(axes.HEAD_WRITES)
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """Output projection per head, [n_heads d_head d_model]."""
+        return rearrange(self.out.weight, axes.W_O_PER_HEAD, n_heads=self.n_heads)
+
+    def needs_eager(self, output_attentions: bool) -> bool:
+        """Scores and pattern exist only in the eager kernel: any consumer of them forces it."""
+        return output_attentions or self.hook_attn_scores.active or self.hook_pattern.active
+
+    def report_fallback(self) -> bool:
+        """True when the latest forward fell back to the eager kernel and no warning has said so yet
+        for this layer; marks it said, so each layer is reported once."""
+        if self.last_kernel != EAGER_FALLBACK or self._fallback_reported:
+            return False
+        self._fallback_reported = True
+        return True
+
+    def forward(self, x, rotary: Rotary, cos, sin, mask: AttnMask, *, backend: str, kv_cache=None,
+                head_mask=None, output_attentions: bool = False):
+        """x [batch pos d_model] -> (attn_out [batch pos d_model], pattern or None)."""
+        qkv = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
+        # Three separate views (not `unbind`, whose outputs autograd forbids editing in place).
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        # Unhooked q and k are still views of the projection output that nothing else holds: rotate them
+        # there. A hooked one may be cached or replaced, so it is rotated into a new tensor.
+        q = self.hook_rot_q(rotary.rotate(q, cos, sin, in_place=not self.hook_q.active))
+        k = self.hook_rot_k(rotary.rotate(k, cos, sin, in_place=not self.hook_k.active))
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        dropout_p = self.cfg.attention_dropout if self.training else 0.0
+        pattern = None
+        kernel_name = backend
+        if backend != "eager" and self.needs_eager(output_attentions):
+            # Only this layer leaves the fast kernel, for this call; NeoXModel.forward warns once per layer.
+            kernel_name = EAGER_FALLBACK
+            backend = "eager"
+        if backend == "eager":
+            z, pattern = eager_attention(
+                q, k, v, mask, scale=self.scale, head_mask=head_mask, dropout_p=dropout_p,
+                hook_scores=self.hook_attn_scores if self.hook_attn_scores.active else None,
+                hook_pattern=self.hook_pattern if self.hook_pattern.active else None,
+            )
+        else:
+            kernel = sdpa_attention if backend == "sdpa" else self.flash
+            z = kernel(q, k, v, mask, scale=self.scale, head_mask=head_mask, dropout_p=dropout_p)
+            if backend == "flash":
+                kernel_name = self.flash.last
+        self.last_kernel = kernel_name
+        z = self.hook_z(z)
+        if self.hook_result.active:
+            # Each head's write into the residual stream; large, so only built when someone asks.
+            result = einsum(z, self.W_O.to(z.dtype), axes.HEAD_RESULT)
+            version = None if result.is_inference() else result._version  # inference tensors keep none
+            hooked = self.hook_result(result)
+            # Hooks that only read (run_with_cache) leave `result` untouched: keep the fused projection
+            # so logits stay bit-identical. A replacement, an in-place edit (the version counter moves)
+            # or a backward hook (a new view) makes the heads' sum the output.
+            if hooked is not result or version is None or result._version != version:
+                out = hooked.sum(-2)
+                if self.out.bias is not None:
+                    out = out + self.out.bias
+                return out, (pattern if output_attentions else None)
+        out = self.out(rearrange(z, axes.MERGE_HEADS))
+        return out, (pattern if output_attentions else None)

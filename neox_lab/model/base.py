@@ -1,0 +1,263 @@
+"""`NeoXModel`: embedding, blocks and final LayerNorm, plus the base class all model classes share."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from .. import axes
+from ..config import NeoXConfig
+from ..hooks.hooked import HookedMixin
+from ..hooks.points import HookPoint
+from .attention import Attention
+from .block import Block
+from .kernels import BACKENDS, AttnMask, StaticDecodeMask, resolve_backend
+from .kv_cache import KVCache
+from .layernorm import LayerNorm
+from .loading import load_pretrained, save_pretrained
+from .outputs import NeoXOutput
+from .rotary import Rotary
+from .text import TextMixin
+
+ModelT = TypeVar("ModelT", bound="NeoXPreTrained")
+
+
+class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
+    """What every neox_lab model class has: a config, an attention backend, hooks, load and save."""
+
+    cfg: NeoXConfig
+    #: The transformers class a checkpoint of this class is saved as (config.json's `architectures`).
+    hf_architecture: ClassVar[str]
+
+    def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto"):
+        super().__init__()
+        if not isinstance(cfg, NeoXConfig):
+            raise TypeError(f"expected a NeoXConfig, got {type(cfg).__name__}; try NeoXConfig.from_hf(...)")
+        self.cfg = cfg
+        self.tokenizer = None
+        self.set_attn_backend(attn_backend)
+
+    @property
+    def config(self) -> NeoXConfig:
+        return self.cfg
+
+    @property
+    def body(self) -> NeoXModel:
+        """The bare `NeoXModel` this model runs: itself, or the one under a task head.
+
+        Tools that read weights (W_O, the LayerNorms) reach them through here, so they serve every
+        model class without importing any."""
+        raise NotImplementedError(f"{type(self).__name__} must say where its NeoXModel is")
+
+    def set_attn_backend(self, name: str) -> None:
+        """"eager" (reference), "sdpa", "flash" (CUDA fp16/bf16) or "auto" (flash where it can run)."""
+        if name not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {name!r}")
+        self.attn_backend = name
+
+    def attn_kernels(self) -> list[str | None]:
+        """The attention kernel each layer ran on its latest forward, in layer order: "eager",
+        "eager (fallback)" (scores/pattern requested on a fast backend), "sdpa", or the flash kernel's
+        name ("flash_attn.func", "flash_attn.kvcache", "flash_attn.varlen", "sdpa.flash", "sdpa.cudnn",
+        "sdpa.efficient"); None for a layer that has not run yet."""
+        layers = sorted((m for m in self.modules() if isinstance(m, Attention)), key=lambda m: m.layer)
+        return [m.last_kernel for m in layers]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """transformers' initialisation: normal(0, initializer_range) weights, zero biases, unit LayerNorms."""
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        for name, param in self.named_parameters():
+            if name.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
+                param.fill_(1.0)
+            elif name.endswith(("ln1.bias", "ln2.bias", "ln_final.bias")):
+                param.zero_()
+
+    @classmethod
+    def from_pretrained(cls: type[ModelT], path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, attn_backend: str = "auto",
+                        revision: str | None = None) -> ModelT:
+        """Load a transformers GPTNeoX checkpoint (local directory or hub id), in eval mode.
+
+        `dtype` None keeps the checkpoint's own; the tokenizer is the checkpoint's tokenizer.json when
+        it has one."""
+        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
+                               revision=revision)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors that transformers loads with identical logits."""
+        save_pretrained(self, directory)
+
+    def _reset_buffers(self, device=None) -> None:
+        for module in self.modules():
+            if isinstance(module, Rotary):
+                module.reset_buffers(device)
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` that makes a warning point at the first frame outside neox_lab and torch."""
+    # The package root, not this file's folder: hooks/ and model/ frames are neox_lab's alike.
+    internal = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class NeoXModel(NeoXPreTrained):
+    """The bare NeoX: returns the final LayerNorm's output as `last_hidden_state`."""
+
+    hf_architecture = "GPTNeoXModel"
+
+    def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto", *, _setup: bool = True):
+        super().__init__(cfg, attn_backend)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.hook_embed = HookPoint(axes.RESID)
+        self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.rotary = Rotary(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.ln_final = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        if _setup:
+            self.init_weights()
+            self._setup_hooks()
+
+    @property
+    def body(self) -> NeoXModel:
+        return self
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must be an integer tensor [batch pos], got {input_ids.dtype} "
+                                 f"{tuple(input_ids.shape)}")
+            if input_ids.numel():
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                if lo < 0 or hi >= self.cfg.vocab_size:
+                    raise ValueError(f"input_ids hold token ids in [{lo}, {hi}], outside the vocabulary "
+                                     f"[0, {self.cfg.vocab_size})")
+            batch, q_len = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch pos {self.cfg.hidden_size}], "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            batch, q_len = inputs_embeds.shape[:2]
+        if q_len == 0:
+            raise ValueError("empty input: at least one position is needed")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_len + q_len):
+            raise ValueError(f"attention_mask must be [batch, past + pos] = {(batch, past_len + q_len)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[-1] != q_len):
+            raise ValueError(f"position_ids must be [batch pos] with pos={q_len}, got {tuple(position_ids.shape)}")
+        return batch, q_len
+
+    def _head_masks(self, head_mask):
+        if head_mask is None:
+            return [None] * self.cfg.num_hidden_layers
+        head_mask = torch.as_tensor(head_mask)
+        n_layers, n_heads = self.cfg.num_hidden_layers, self.cfg.num_attention_heads
+        if head_mask.shape == (n_heads,):
+            head_mask = head_mask.expand(n_layers, n_heads)
+        if head_mask.shape != (n_layers, n_heads):
+            raise ValueError(f"head_mask must be [n_heads]={n_heads} or [n_layers, n_heads]={(n_layers, n_heads)}, "
+                             f"got {tuple(head_mask.shape)}")
+        return list(head_mask.to(self.embed.weight.device))
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False, output_hidden_states: bool = False,
+                output_attentions: bool = False, head_mask: torch.Tensor | None = None,
+                stop_at_layer: int | None = None) -> NeoXOutput:
+        """Run the blocks. When `attention_mask` is given without `position_ids`, positions count only
+        unmasked tokens (cumsum - 1), so a left-padded row computes what the unpadded row computes."""
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = KVCache(self.cfg.num_hidden_layers)
+        past_len = cache.length if cache is not None else 0
+        batch, q_len = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
+        head_masks = self._head_masks(head_mask)
+        device = self.embed.weight.device
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed_dropout(self.hook_embed(x))
+
+        key_mask = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+            key_mask = attention_mask.bool()
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+            if bool(key_mask.all()):
+                key_mask = None
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + q_len, device=device)[None].expand(batch, -1)
+        position_ids = position_ids.to(device).expand(batch, -1)
+        mask = AttnMask(q_len=q_len, k_len=past_len + q_len, device=device, key_mask=key_mask)
+        backend = resolve_backend(self.attn_backend, x)
+
+        snapshot = None if cache is None else cache.snapshot()
+        try:
+            x, hidden, attentions = self.run_blocks(
+                x, position_ids, mask, backend=backend, kv_cache=cache, head_masks=head_masks,
+                stop_at_layer=stop_at_layer, output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions)
+        except BaseException:
+            if snapshot is not None:  # a failing hook must not leave a half-updated cache behind
+                cache.restore(snapshot)
+            raise
+        n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
+        # Once per layer, one warning per call naming them all.
+        fallen = [block.attn for block in self.blocks[:n_run] if block.attn.report_fallback()]
+        if fallen:
+            layers = ", ".join(str(attn.layer) for attn in fallen)
+            warnings.warn(f"layer{'s' if len(fallen) > 1 else ''} {layers}: attention scores/pattern were "
+                          f"requested, which the {backend!r} backend's kernels never materialise; "
+                          f"{'these layers run' if len(fallen) > 1 else 'this layer runs'} the eager kernel "
+                          "for such calls (every other layer stays on the fast kernel)",
+                          stacklevel=_caller_stacklevel())
+        return NeoXOutput(
+            last_hidden_state=x,
+            past_key_values=cache if use_cache or past_key_values is not None else None,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    def run_blocks(self, x: torch.Tensor, position_ids: torch.Tensor, mask: AttnMask | StaticDecodeMask, *,
+                   backend: str, kv_cache=None, head_masks: list | None = None, stop_at_layer: int | None = None,
+                   output_hidden_states: bool = False, output_attentions: bool = False,
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The one loop over the blocks: rotary tables, blocks 0..stop_at_layer-1, then (when
+        `stop_at_layer` is None) the final LayerNorm, on the embedded input x [batch pos d_model].
+
+        `forward` runs it after checking its inputs and building `mask`; the CUDA-graph decoding step
+        (fast_decode.py) runs it on its fixed buffers, which it may because nothing here reads a value
+        back to the host. `backend` is a resolved one ("eager", "sdpa" or "flash"). Returns the output,
+        the hidden states (each block's input, then the output; empty unless asked for) and the
+        attention patterns (empty unless asked for).
+        """
+        cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
+        hidden, attentions = [], []
+        n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
+        for layer, block in enumerate(self.blocks[:n_run]):
+            if output_hidden_states:
+                hidden.append(x)
+            x, pattern = block(x, self.rotary, cos, sin, mask, backend=backend, kv_cache=kv_cache,
+                               head_mask=None if head_masks is None else head_masks[layer],
+                               output_attentions=output_attentions)
+            if output_attentions:
+                attentions.append(pattern)
+        if stop_at_layer is None:
+            x = self.ln_final(x)
+        if output_hidden_states:
+            hidden.append(x)
+        return x, hidden, attentions

@@ -1,0 +1,244 @@
+"""Loading transformers GPTNeoX checkpoints into neox_lab models, and saving them back.
+
+Weights are read with safetensors, or `torch.load(weights_only=True)` for .bin files: nothing is
+unpickled. The model is built on the meta device and the read tensors are assigned, so the weights are
+held once, already in the requested dtype and on the requested device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import NeoXConfig
+from ..tokenizer import NeoXTokenizer
+from .shipped import DEFAULT_MODEL_ID, attach_default_tokenizer, default_model_dir, package_model_dir
+
+# (transformers prefix, neox_lab prefix) inside the body; "{L}" is the layer index. The body sits at
+# `gpt_neox.` in transformers' head classes and at `model.` in neox_lab's.
+_BODY_NAMES = [
+    ("embed_in.", "embed."),
+    ("layers.{L}.input_layernorm.", "blocks.{L}.ln1."),
+    ("layers.{L}.post_attention_layernorm.", "blocks.{L}.ln2."),
+    ("layers.{L}.attention.query_key_value.", "blocks.{L}.attn.qkv."),
+    ("layers.{L}.attention.dense.", "blocks.{L}.attn.out."),
+    ("layers.{L}.mlp.dense_h_to_4h.", "blocks.{L}.mlp.fc_in."),
+    ("layers.{L}.mlp.dense_4h_to_h.", "blocks.{L}.mlp.fc_out."),
+    ("final_layer_norm.", "ln_final."),
+]
+
+
+def _rule(src: str, dst: str) -> tuple[re.Pattern, str]:
+    return re.compile("^" + re.escape(src).replace(r"\{L\}", r"(\d+)")), dst.replace("{L}", r"\1")
+
+
+_TO_NEOX = [_rule(hf, nx) for hf, nx in _BODY_NAMES]
+_TO_HF = [_rule(nx, hf) for hf, nx in _BODY_NAMES]
+_HEAD_RULES = [(r"^(embed_out|lm_head)\.weight$", "unembed.weight")]
+# Buffers old checkpoints carry that hold nothing a forward pass needs.
+_LEGACY = re.compile(r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$|rotary_emb\.inv_freq$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def hf_to_neox_key(key: str, bare: bool) -> str:
+    """Translate one transformers state-dict key; `bare` for a NeoXModel (no `model.` prefix)."""
+    for pattern, repl in _HEAD_RULES:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    body = key[len("gpt_neox."):] if key.startswith("gpt_neox.") else key
+    for pattern, repl in _TO_NEOX:
+        if pattern.match(body):
+            body = pattern.sub(repl, body, count=1)
+            return body if bare else "model." + body
+    return key
+
+
+def neox_to_hf_key(key: str) -> str:
+    """Translate a neox_lab state-dict key to transformers' (the names on the hub)."""
+    if key == "unembed.weight":
+        return "embed_out.weight"
+    body = key[len("model."):] if key.startswith("model.") else key
+    for pattern, repl in _TO_HF:
+        if pattern.match(body):
+            return "gpt_neox." + pattern.sub(repl, body, count=1)
+    return key
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped tensor."""
+
+
+# ---------------------------------------------------------------------------------------- locating
+def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
+    """A local directory, or a hub id downloaded with huggingface_hub (honours HF_HUB_OFFLINE).
+
+    The reserved id "neox-lab/default" is the small model shipped in the package (`load_default`).
+    """
+    if os.fspath(path_or_repo_id) == DEFAULT_MODEL_ID:
+        return default_model_dir()
+    path = Path(os.fspath(path_or_repo_id)).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no config.json, so it is not a checkpoint directory "
+                                    "(save_pretrained writes one)")
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the checkpoint directory holding config.json")
+    text = os.fspath(path_or_repo_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint directory at {text!r} (no config.json to read), and it is not "
+                                "a hub id 'owner/name' either")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"{text!r} is not a local directory and huggingface_hub is not installed to fetch it from the hub; "
+            "download the checkpoint and pass its directory"
+        ) from err
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(
+            text, revision=revision, local_files_only=offline,
+            allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                            "pytorch_model.bin.index.json", "tokenizer*.json", "special_tokens_map.json"],
+        ))
+    except Exception as err:  # noqa: BLE001 - every hub failure gets the same advice
+        raise FileNotFoundError(
+            f"could not get {text!r} from the hub ({type(err).__name__}: {err}); if you are offline, download "
+            "the checkpoint elsewhere and pass its local directory"
+        ) from err
+
+
+def checkpoint_architecture(directory: Path) -> str:
+    """The transformers class a checkpoint's config.json names in `architectures`; GPTNeoXForCausalLM
+    when it names none (configs written by hand often leave it out)."""
+    config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    return (config.get("architectures") or ["GPTNeoXForCausalLM"])[0]
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if path.exists():
+            if name.endswith(".index.json"):
+                index = json.loads(path.read_text())
+                return sorted({directory / f for f in index["weight_map"].values()})
+            return [path]
+    raise FileNotFoundError(f"{directory} holds none of {', '.join(WEIGHT_FILES)}")
+
+
+def read_tensors(files: list[Path], dtype=None, device=None):
+    """Yield (transformers key, tensor) for every tensor in the files, converted one at a time."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
+                    for key in fh.keys():
+                        yield key, _convert(fh.get_tensor(key), dtype, device)
+            except SafetensorError as err:
+                raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001
+                raise CheckpointError(f"{path} could not be read as weights-only torch data: {err}") from err
+            for key in list(state):
+                yield key, _convert(state.pop(key), dtype, device)
+
+
+def _convert(t: torch.Tensor, dtype, device) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to(device) if device is not None else t
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backend="auto", revision=None):
+    directory = resolve_checkpoint(path_or_repo_id, revision)
+    cfg = NeoXConfig.from_hf(directory)
+    with torch.device("meta"):
+        model = cls(cfg, attn_backend=attn_backend)
+    expected = {k: v for k, v in model.state_dict().items()}
+    bare = not any(k.startswith("model.") for k in expected)
+    has_unembed = "unembed.weight" in expected
+    tied = cfg.tie_word_embeddings and has_unembed
+    if tied:
+        expected.pop("unembed.weight")
+    loaded, unexpected, misshaped, shaped_wrong = {}, [], [], set()
+    for hf_key, tensor in read_tensors(_weight_files(directory), dtype, device):
+        if _LEGACY.search(hf_key):
+            continue
+        key = hf_to_neox_key(hf_key, bare)
+        if key == "unembed.weight" and (tied or not has_unembed):
+            # A tied model reuses the embedding; a body or classifier has no use for a causal-LM head.
+            continue
+        if key not in expected:
+            unexpected.append(hf_key)
+        elif tuple(tensor.shape) != tuple(expected[key].shape):
+            misshaped.append(f"{hf_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key].shape)}")
+            shaped_wrong.add(key)
+        else:
+            loaded[key] = tensor
+    heads = tuple(getattr(cls, "head_modules", ()))
+    absent = [k for k in expected if k not in loaded and k not in shaped_wrong]
+    fresh = [k for k in absent if heads and k.startswith(heads)]
+    # Named as the checkpoint would name them, since that is what the user can go and look at.
+    missing = [neox_to_hf_key(k) for k in absent if k not in fresh]
+    if missing or unexpected or misshaped:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+        raise CheckpointError(f"checkpoint {directory} does not fit {cls.__name__}: " + "; ".join(parts))
+    if fresh:
+        param_dtype = dtype or next(iter(loaded.values())).dtype
+        for key in fresh:
+            shape = expected[key].shape
+            t = torch.zeros(shape, dtype=param_dtype, device=device)
+            if key.endswith("weight"):
+                t.normal_(0.0, cfg.initializer_range)
+            loaded[key] = t
+        warnings.warn(f"{cls.__name__}: initialised new head weights not in the checkpoint: {fresh}",
+                      stacklevel=3)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model._reset_buffers(device)
+    model.eval()
+    _attach_tokenizer(model, directory)
+    return model
+
+
+def _attach_tokenizer(model, directory: Path) -> None:
+    if (directory / "tokenizer.json").exists():
+        model.tokenizer = NeoXTokenizer.from_pretrained(directory)
+    elif directory.resolve() == package_model_dir().resolve():
+        attach_default_tokenizer(model)  # the shipped model reuses the package's tokenizer file
+
+
+# ---------------------------------------------------------------------------------------- saving
+def save_pretrained(model, directory) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.cfg.tie_word_embeddings:
+        state.pop("unembed.weight", None)
+    bare = not any(k.startswith("model.") for k in state)
+    # transformers' bare GPTNeoXModel names its tensors without the `gpt_neox.` prefix.
+    tensors = {(neox_to_hf_key(k).removeprefix("gpt_neox.") if bare else neox_to_hf_key(k)):
+               v.detach().contiguous().cpu() for k, v in state.items()}
+    dtype = next(iter(tensors.values())).dtype
+    config = model.cfg.to_hf()
+    config.update(architectures=[model.hf_architecture], torch_dtype=str(dtype).removeprefix("torch."))
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "tokenizer", None) is not None and hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(directory)

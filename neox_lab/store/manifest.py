@@ -1,0 +1,174 @@
+"""The on-disk format of an activation store: manifest layout, atomic writes, fingerprints, compatibility.
+
+A store directory holds ``manifest.json`` and ``shard-NNNNN.safetensors`` files (a distributed run puts
+each rank's shards and a per-rank manifest in ``rank-RRRRR-of-WWWWW/``, and the top-level manifest lists
+all shards). The manifest is JSON with sorted keys and no timestamps, so equal runs write equal bytes:
+
+  format, version        "neox_lab.activation_cache", 1
+  model                  class, config (`cfg.to_hf()`), config_sha256 (of its sorted-key JSON),
+                         weights_sha256 (first 1024 values of every tensor), param_dtype
+  settings               hook_names (forward order), dtype on disk, positions ("all" | "last" |
+                         "start:stop:step"), max_length, batch_size, shard_tokens
+  source                 kind (txt | jsonl | npy | token_ids | texts), path, text_field, n_documents,
+                         documents_sha256 (of the parsed documents), tokenizer_sha256 (texts only)
+  hooks                  per hook: axes (["token", ...]) and the per-token shape
+  world_size, doc_range  processes that wrote the store; documents [first, end) it covers (a rank's
+                         manifest also has "rank")
+  n_tokens, n_documents  cached so far
+  shards                 in document order: file (relative path), first_token, n_tokens, first_doc,
+                         n_docs, bytes, sha256
+  completed              false until every document is on disk
+
+Each shard holds, for its token range, one [token ...] tensor per hook plus int64 "token_ids",
+"doc_ids" (index in the source) and "positions" (position in the document) [token].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The format name predates the store's own name; stores on disk carry it, so it stays.
+FORMAT = "neox_lab.activation_cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+#: Manifest fields that must agree before a run may resume or reuse a store ("source.path" may differ).
+IDENTITY = (
+    ("model", "config_sha256"), ("model", "weights_sha256"), ("model", "param_dtype"),
+    ("settings", "hook_names"), ("settings", "dtype"), ("settings", "positions"), ("settings", "max_length"),
+    ("settings", "batch_size"), ("settings", "shard_tokens"),
+    ("source", "kind"), ("source", "text_field"), ("source", "n_documents"), ("source", "documents_sha256"),
+    ("source", "tokenizer_sha256"),
+)
+
+
+class CacheMismatchError(ValueError):
+    """The output directory holds a store made by another model, another dataset or other settings."""
+
+
+class CacheWriteError(OSError):
+    """Writing a shard or the manifest failed; the store on disk is still valid and a rerun resumes it."""
+
+
+def positions_spec(positions: str | slice) -> str:
+    """Canonical text of a positions choice: "all", "last" or "start:stop:step" (a python slice)."""
+    if isinstance(positions, str) and positions in ("all", "last"):
+        return positions
+    if isinstance(positions, str):
+        parts = positions.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"positions must be 'all', 'last' or a slice 'start:stop[:step]', "
+                             f"got {positions!r}")
+        try:
+            positions = slice(*(int(p) if p.strip() else None for p in parts))
+        except ValueError:
+            raise ValueError(f"positions slice {positions!r} holds a non-integer bound") from None
+    if not isinstance(positions, slice):
+        raise TypeError(f"positions must be 'all', 'last' or a slice, got {type(positions).__name__}")
+    if positions.step is not None and positions.step <= 0:
+        raise ValueError(f"positions slice step must be positive, got {positions.step}")
+    text = lambda v: "" if v is None else str(v)
+    return f"{text(positions.start)}:{text(positions.stop)}:{text(positions.step)}"
+
+
+def parse_positions(spec: str) -> slice:
+    """The slice of each document's positions a positions spec keeps."""
+    if spec == "all":
+        return slice(None)
+    if spec == "last":
+        return slice(-1, None)
+    return slice(*(int(p) if p else None for p in spec.split(":")))
+
+
+def config_sha256(cfg: Any) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_hf(), sort_keys=True).encode()).hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A digest of the first 1024 values of every parameter: tells checkpoints of one architecture apart
+    (e.g. training steps) without reading gigabytes."""
+    h = hashlib.sha256()
+    for name, param in model.state_dict().items():
+        head = param.detach().reshape(-1)[:1024].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(param.shape)}:".encode())
+        h.update(head.numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write JSON to a temporary file, fsync it and rename it over `path`: readers see old or new."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        msg = f"writing {path} failed ({err}); the previous manifest is intact"
+        raise CacheWriteError(err.errno, msg) from err
+    fsync_dir(path.parent)
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The manifest in `directory`, or None when there is none."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        msg = f"{path} is not valid JSON ({err.msg}); it was not written by neox_lab"
+        raise CacheMismatchError(msg) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CacheMismatchError(f"{path} is not a neox_lab activation-cache manifest (format != {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise CacheMismatchError(f"{path} has format version {manifest.get('version')}; this neox_lab reads "
+                                 f"version {VERSION}")
+    return manifest
+
+
+def check_compatible(existing: dict, expected: dict, where: Path, extra: tuple = ()) -> None:
+    """Raise `CacheMismatchError` naming every identity field that differs between two manifests."""
+    diffs = []
+    for key in IDENTITY + tuple(extra):
+        old, new = existing, expected
+        for part in key:
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new.get(part) if isinstance(new, dict) else None
+        if old != new:
+            diffs.append(f"{'.'.join(key)}: cache has {old!r}, this run {new!r}")
+    if diffs:
+        raise CacheMismatchError(
+            f"{where} holds a cache that does not match this run ({'; '.join(diffs)}); "
+            "use another output directory or delete this one"
+        )

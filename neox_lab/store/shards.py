@@ -1,0 +1,177 @@
+"""`ShardWriter`: appends activation shards to one directory so that no kill or write error loses data.
+
+Every shard is written under a temporary name, fsynced and renamed; the manifest is rewritten atomically
+after each shard. On restart, the manifest says which documents are safely on disk; stray files from the
+interrupted shard are deleted and work resumes at the next document, which is always a batch boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from .manifest import (
+    MANIFEST,
+    CacheMismatchError,
+    CacheWriteError,
+    atomic_write_json,
+    check_compatible,
+    file_sha256,
+    fsync_dir,
+    read_manifest,
+)
+
+SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors(\.tmp)?$")
+# safetensors >= 0.5 itself writes through a ".tmpXXXXXX" file next to the target; a kill can leave one.
+LIBRARY_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+class _Lock:
+    """An exclusive advisory lock on `directory/.lock`, released by the OS if the process dies."""
+
+    def __init__(self, directory: Path):
+        self.path, self.fd = directory / ".lock", None
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unguarded
+            return
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            msg = f"another process is writing the cache in {directory} (it holds {self.path})"
+            raise RuntimeError(msg) from None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        # Unlink before closing, while still holding the lock, so no stale lock file outlives a clean exit.
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+class ShardWriter:
+    """Writes the shards of documents ``doc_range`` to `directory`, under the identity in `header`."""
+
+    def __init__(self, directory: Path, header: dict, extra_identity: tuple = ()):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.header = header
+        self.lock = _Lock(self.dir)
+        try:
+            self._open(extra_identity)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.pending: dict[str, list[torch.Tensor]] = {}
+        self.pending_tokens = self.pending_docs = 0
+
+    # ------------------------------------------------------------------ start / resume
+    def _open(self, extra_identity: tuple) -> None:
+        existing = read_manifest(self.dir)
+        if existing is None:
+            if any(SHARD_RE.match(p.name) and not p.name.endswith(".tmp") for p in self.dir.iterdir()):
+                raise CacheMismatchError(f"{self.dir} holds shard files but no {MANIFEST}; refusing to "
+                                         "overwrite them (use another output directory)")
+            self.manifest = {**self.header, "hooks": {}, "shards": [], "n_tokens": 0, "n_documents": 0,
+                             "completed": False}
+            self._clean(ours=False)
+            atomic_write_json(self.dir / MANIFEST, self.manifest)
+            return
+        check_compatible(existing, self.header, self.dir, extra_identity)
+        progress = ("hooks", "shards", "n_tokens", "n_documents", "completed")
+        self.manifest = {**self.header, **{k: existing[k] for k in progress}}
+        for shard in self.manifest["shards"]:
+            path = self.dir / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                raise CacheMismatchError(f"{path} is listed in {self.dir / MANIFEST} but is missing or has "
+                                         "the wrong size; the cache is damaged (delete the directory, rerun)")
+        self._clean()
+
+    def _clean(self, ours: bool = True) -> None:
+        """Delete temporary files and shards the manifest does not list (a run killed mid-shard).
+
+        Before this directory holds a manifest only our own temporary names are touched.
+        """
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for path in self.dir.iterdir():
+            stray = SHARD_RE.match(path.name) and path.name not in listed
+            if stray or path.name == MANIFEST + ".tmp" or (ours and LIBRARY_TMP_RE.match(path.name)):
+                path.unlink()
+
+    @property
+    def completed(self) -> bool:
+        return bool(self.manifest["completed"])
+
+    @property
+    def next_doc(self) -> int:
+        """The first document not yet safely on disk."""
+        return self.header["doc_range"][0] + self.manifest["n_documents"]
+
+    # ------------------------------------------------------------------ writing
+    def add(self, tensors: dict[str, torch.Tensor], n_docs: int) -> None:
+        """Queue one batch: per-token tensors [n_tokens ...] under each name, covering `n_docs` documents."""
+        for name, t in tensors.items():
+            self.pending.setdefault(name, []).append(t)
+        self.pending_tokens += int(tensors["token_ids"].shape[0])
+        self.pending_docs += n_docs
+
+    def flush(self, axes: dict[str, list[str]]) -> None:
+        """Write the queued batches as the next shard (a no-op when nothing is queued)."""
+        if not self.pending_docs:
+            return
+        tensors = {name: torch.cat(parts).contiguous() for name, parts in self.pending.items()}
+        index = len(self.manifest["shards"])
+        final = self.dir / shard_name(index)
+        tmp = final.with_name(final.name + ".tmp")
+        try:
+            safetensors.torch.save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            digest, size = file_sha256(tmp), tmp.stat().st_size
+            os.replace(tmp, final)
+        except Exception as err:  # safetensors reports I/O errors as SafetensorError, not OSError
+            tmp.unlink(missing_ok=True)
+            msg = (f"writing shard {final} failed ({err}); {index} complete shard(s) and the manifest in "
+                   f"{self.dir} are intact: free space and rerun to resume")
+            code = getattr(err, "errno", None)
+            raise (CacheWriteError(code, msg) if code is not None else CacheWriteError(msg)) from err
+        fsync_dir(self.dir)
+        m = self.manifest
+        if not m["hooks"]:
+            m["hooks"] = {name: {"axes": axes[name], "shape": list(tensors[name].shape[1:])} for name in axes}
+        m["shards"].append({"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
+                            "first_doc": self.next_doc, "n_docs": self.pending_docs, "bytes": size,
+                            "sha256": digest})
+        m["n_tokens"] += self.pending_tokens
+        m["n_documents"] += self.pending_docs
+        try:
+            atomic_write_json(self.dir / MANIFEST, m)
+        except CacheWriteError:
+            # The shard is on disk but unlisted: a resumed run deletes and rewrites it.
+            m["shards"].pop()
+            m["n_tokens"] -= self.pending_tokens
+            m["n_documents"] -= self.pending_docs
+            raise
+        self.pending, self.pending_tokens, self.pending_docs = {}, 0, 0
+
+    def finish(self) -> dict:
+        """Mark this directory's part complete; returns its manifest."""
+        self.manifest["completed"] = True
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+        self.lock.release()
+        return self.manifest
+
+    def close(self) -> None:
+        self.lock.release()

@@ -1,0 +1,284 @@
+"""`cache_dataset`: run a model over a dataset and keep chosen hook activations on disk, as an activation
+store of safetensors shards.
+
+Documents are cut into fixed batches (batch k = documents [k*batch_size, (k+1)*batch_size)) and a shard is
+closed after the first batch that brings it to `shard_tokens` tokens. Both depend only on the data and the
+settings, so a run that was killed and resumed computes the very same batches and writes the same bytes.
+A distributed run gives each rank a contiguous block of whole batches; see `rank_doc_range`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..axes import POSITIONS, find_axis
+from ..dtypes import DTYPES, dtype_name
+from .manifest import (
+    FORMAT,
+    VERSION,
+    CacheMismatchError,
+    atomic_write_json,
+    check_compatible,
+    config_sha256,
+    parse_positions,
+    positions_spec,
+    read_manifest,
+    weights_sha256,
+)
+from .reader import ActivationStore
+from .shards import ShardWriter
+from .sources import Documents, load_documents, pad_right, tokenizer_fingerprint
+
+DEFAULT_SHARD_TOKENS = 16384
+_PART_IDENTITY = (("world_size",), ("doc_range",))
+
+
+def expand_hook_patterns(model, names: str | Iterable[str] | Callable[[str], bool]) -> list[str]:
+    """Hook names selected by names, fnmatch globs (``blocks.*.hook_resid_post``) or a predicate, in forward
+    order. An unknown name or a glob matching nothing raises `KeyError`."""
+    if callable(names) and not isinstance(names, str):
+        chosen = {hp.name for hp in model.resolve_hooks(names)}
+    else:
+        known, chosen = model.hook_names(), set()
+        for pattern in [names] if isinstance(names, str) else list(names):
+            if any(c in pattern for c in "*?["):
+                matched = [n for n in known if fnmatch.fnmatchcase(n, pattern)]
+                if not matched:
+                    raise KeyError(f"hook pattern {pattern!r} matches no hook point of this model")
+                chosen.update(matched)
+            else:
+                chosen.update(hp.name for hp in model.resolve_hooks(pattern))
+    order = {name: i for i, name in enumerate(model.hook_names())}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def rank_doc_range(n_docs: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Documents [first, end) of one rank: a contiguous block of whole batches of the global batch grid."""
+    n_batches = -(-n_docs // batch_size)
+    b0, b1 = rank * n_batches // world_size, (rank + 1) * n_batches // world_size
+    return min(b0 * batch_size, n_docs), min(b1 * batch_size, n_docs)
+
+
+def part_dir_name(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}"
+
+
+def _pos_axes(shape: str, name: str) -> tuple[int, list[str]]:
+    dims = shape.split()
+    q = find_axis(shape, POSITIONS)
+    if q is None or dims[0] != "batch":
+        raise ValueError(f"hook {name!r} [{shape}] has no batch/position axes to cache per token")
+    return q, ["token"] + [d for i, d in enumerate(dims) if i not in (0, q)]
+
+
+def _flatten(t: torch.Tensor, shape: str, keep: torch.Tensor, max_length: int) -> torch.Tensor:
+    """[batch pos ...] (or [batch n_heads query_pos key_pos]) -> [token ...] for the kept positions.
+
+    A key_pos axis is padded to `max_length`, and keys after the query (causally masked, and the only place
+    padding can appear) are stored as 0, so values never depend on how a batch was padded.
+    """
+    dims = shape.split()
+    q = _pos_axes(shape, "?")[0]
+    order = [0, q] + [i for i in range(1, len(dims)) if i != q]
+    t = t.permute(order)
+    rest = [dims[i] for i in order[2:]]
+    if "key_pos" in rest:
+        k, width = 2 + rest.index("key_pos"), t.shape[1]
+        view = [1] * t.dim()
+        view[1] = view[k] = width
+        causal = torch.ones(width, width, dtype=torch.bool).tril().view(view)
+        t = t.masked_fill(~causal, 0).movedim(k, -1)
+        t = F.pad(t, (0, max_length - width)).movedim(-1, k)
+    return t[keep].contiguous()
+
+
+def _stop_layer(points) -> int | None:
+    """Run only the blocks the hooks need: `stop_at_layer` skips later blocks and the unembedding."""
+    if any(hp.layer is None and hp.name != "hook_embed" for hp in points):
+        return None
+    return max((hp.layer for hp in points if hp.layer is not None), default=-1) + 1
+
+
+def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    group = dist.is_available() and dist.is_initialized()
+    if rank is None and world_size is None and group:
+        return dist.get_rank(), dist.get_world_size(), True
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size, bool(group and world_size > 1 and dist.get_world_size() == world_size)
+
+
+def _header(model, docs: Documents, tokenizer, names, dtype, positions, max_length, batch_size, shard_tokens):
+    param = next(model.parameters())
+    return {
+        "format": FORMAT, "version": VERSION,
+        "model": {"class": type(model).__name__, "config": model.cfg.to_hf(),
+                  "config_sha256": config_sha256(model.cfg), "weights_sha256": weights_sha256(model),
+                  "param_dtype": str(param.dtype).removeprefix("torch.")},
+        "settings": {"hook_names": names, "dtype": dtype, "positions": positions, "max_length": max_length,
+                     "batch_size": batch_size, "shard_tokens": shard_tokens},
+        "source": {**docs.describe(),
+                   "tokenizer_sha256": tokenizer_fingerprint(tokenizer) if docs.is_text else None},
+    }
+
+
+def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, max_length: int = 128,
+                  dtype: torch.dtype | str = torch.float16, positions: str | slice = "all", tokenizer=None,
+                  text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
+                  rank: int | None = None, world_size: int | None = None) -> ActivationStore | None:
+    """Run `model` over every document of `source` and store the activations of hooks `names` in `out_dir`.
+
+    source: a .txt file (a document per non-blank line), a .jsonl file (field `text_field`), a .npy file
+    or tensor/array of token ids [document pos], a list of id lists, or a list of strings. Texts are
+    tokenized with `tokenizer` (default `model.tokenizer`) and every document is cut to `max_length` tokens.
+    names: hook names, fnmatch globs ("blocks.*.hook_resid_post") or a predicate; unknown names raise
+    `KeyError` before any work. positions: "all" real tokens, the "last" one of each document, or a
+    slice of each document's positions. Activations are stored as `dtype` [token ...], plus "token_ids",
+    "doc_ids" and "positions" [token], in shards of at least `shard_tokens` tokens (batch boundaries).
+
+    A rerun into the same `out_dir` resumes an unfinished store (and returns a finished one at once);
+    a store made by another model, dataset or settings raises `CacheMismatchError`. With several
+    ranks (`torch.distributed` initialised, or `rank`/`world_size` given) each rank caches its block of
+    batches under ``rank-RRRRR-of-WWWWW/`` and one manifest lists all shards in document order.
+    Returns an `ActivationStore` over the finished store (None on a rank that cannot merge yet, which
+    happens only with explicit ranks and no process group).
+    """
+    sizes = (("batch_size", batch_size), ("max_length", max_length), ("shard_tokens", shard_tokens))
+    for label, value in sizes:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    hook_list = expand_hook_patterns(model, names)
+    if not hook_list:
+        raise ValueError("names selects no hook point")
+    points = model.resolve_hooks(hook_list)
+    for hp in points:
+        _pos_axes(hp.shape, hp.name)
+    dtype_str, pos_spec = dtype_name(dtype), positions_spec(positions)
+    docs = load_documents(source, text_field)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if docs.is_text and tokenizer is None:
+        raise ValueError("text documents need a tokenizer: pass tokenizer= or set model.tokenizer")
+    rank, world, group = _world(rank, world_size)
+    header = _header(model, docs, tokenizer, hook_list, dtype_str, pos_spec, max_length, batch_size,
+                     shard_tokens)
+    out = Path(out_dir)
+
+    top = read_manifest(out)
+    if top is not None:
+        check_compatible(top, header, out)
+        if top["completed"]:
+            return ActivationStore(out)
+        if world > 1:
+            raise CacheMismatchError(f"{out} holds an unfinished single-process cache; resume it with one "
+                                     "process or use another output directory")
+    else:
+        # Parts made with another number of processes cover other document blocks and cannot be resumed.
+        others = sorted(p.name for p in out.iterdir() if p.name.startswith("rank-")
+                        and not p.name.endswith(f"-of-{world:05d}")) if out.is_dir() else []
+        if others:
+            raise CacheMismatchError(f"{out} holds an unfinished distributed cache made by another number of "
+                                     f"processes ({others[0]}); resume it with that many processes")
+    first, end = rank_doc_range(len(docs), batch_size, rank, world)
+    part_header = {**header, "world_size": world, "doc_range": [first, end]}
+    if world > 1:
+        part_header["rank"] = rank
+    writer = ShardWriter(out if world == 1 else out / part_dir_name(rank, world), part_header, _PART_IDENTITY)
+    try:
+        if not writer.completed:
+            desc = "caching" if world == 1 else f"caching (rank 0 of {world})"
+            _run(model, docs, tokenizer, points, writer, end, batch_size=batch_size, max_length=max_length,
+                 dtype=DTYPES[dtype_str], pos_slice=parse_positions(pos_spec), shard_tokens=shard_tokens,
+                 progress=progress and rank == 0, desc=desc)
+            writer.finish()
+    finally:
+        writer.close()
+    if world == 1:
+        return ActivationStore(out)
+    return _merge(out, header, len(docs), world, rank, group)
+
+
+def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int, *, batch_size, max_length, dtype,
+         pos_slice, shard_tokens, progress, desc) -> None:
+    names = [hp.name for hp in points]
+    shapes = {hp.name: hp.shape for hp in points}
+    axes = {hp.name: _pos_axes(hp.shape, hp.name)[1] for hp in points}
+    stop, device = _stop_layer(points), next(model.parameters()).device
+    first, start = writer.header["doc_range"][0], writer.next_doc
+    bar = tqdm(total=end - first, initial=start - first, unit="doc", desc=desc, disable=not progress)
+    seen, t0, was_training = 0, time.perf_counter(), model.training
+    model.eval()  # dropout would make the store differ from run to run
+    try:
+        for b0 in range(start, end, batch_size):
+            b1 = min(b0 + batch_size, end)
+            rows = docs.token_rows(b0, b1, tokenizer, max_length)
+            ids, mask = pad_right(rows)
+            keep = torch.zeros(ids.shape, dtype=torch.bool)
+            for i, row in enumerate(rows):
+                keep[i, torch.arange(len(row))[pos_slice]] = True
+            _, acts = model.run_with_cache(ids.to(device), attention_mask=mask.to(device), names_filter=names,
+                                           device="cpu", dtype=dtype, stop_at_layer=stop)
+            tensors = {name: _flatten(acts[name], shapes[name], keep, max_length) for name in names}
+            tensors["token_ids"] = ids[keep]
+            tensors["doc_ids"] = torch.arange(b0, b1)[:, None].expand(ids.shape)[keep]
+            tensors["positions"] = torch.arange(ids.shape[1])[None].expand(ids.shape)[keep]
+            writer.add(tensors, b1 - b0)
+            if writer.pending_tokens >= shard_tokens:
+                writer.flush(axes)
+            seen += int(mask.sum())
+            bar.update(b1 - b0)
+            bar.set_postfix_str(f"{seen / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        writer.flush(axes)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def merge_parts(out: Path, header: dict, n_docs: int, world: int) -> dict | None:
+    """Write the one manifest of a distributed store from its ranks' parts (None while one is unfinished)."""
+    parts = []
+    for rank in range(world):
+        part = read_manifest(out / part_dir_name(rank, world))
+        if part is None or not part["completed"]:
+            return None
+        check_compatible(part, header, out / part_dir_name(rank, world))
+        parts.append(part)
+    shards, n_tokens = [], 0
+    for rank, part in enumerate(parts):
+        for shard in part["shards"]:
+            shards.append({**shard, "file": f"{part_dir_name(rank, world)}/{shard['file']}",
+                           "first_token": n_tokens + shard["first_token"]})
+        n_tokens += part["n_tokens"]
+    manifest = {**header, "world_size": world, "doc_range": [0, n_docs], "n_tokens": n_tokens,
+                "n_documents": sum(p["n_documents"] for p in parts), "shards": shards, "completed": True,
+                "hooks": next((p["hooks"] for p in parts if p["hooks"]), {})}
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _merge(out: Path, header: dict, n_docs: int, world: int, rank: int, group: bool):
+    if not group:  # independent jobs: whoever finishes last merges (equal bytes if two race)
+        return ActivationStore(out) if merge_parts(out, header, n_docs, world) else None
+    dist.barrier()
+    error = None
+    if rank == 0:
+        try:
+            merge_parts(out, header, n_docs, world)
+        except Exception as err:  # the other ranks must still leave the barrier below
+            error = err
+    dist.barrier()
+    if error is not None:
+        raise error
+    top = read_manifest(out)
+    if top is None or not top["completed"]:
+        raise RuntimeError(f"rank 0 failed to write the merged manifest of {out}; see rank 0's error")
+    return ActivationStore(out)

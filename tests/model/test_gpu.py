@@ -1,0 +1,299 @@
+"""CUDA only: the "flash" backend in fp16/bf16 against the fp32 eager reference and transformers, with
+padding, a KV cache, hooks, the eager fallback, 2048-token inputs at Pythia shapes, and CUDA-graph
+decoding. Skipped on machines without CUDA (tests/conftest.py), with that reason.
+
+Bound on ||logits_half - logits_fp32|| / ||logits_fp32||. A half-precision model rounds every weight
+once and every activation at each op's output, each a relative perturbation of at most u/2 (u = 2^-11
+for fp16, 2^-8 for bf16); the kernels accumulate in fp32 (cuBLAS, FlashAttention, softmax, LayerNorm),
+so sums add no error of order u * length. (torch lets cuBLAS round split-K partial sums to half by
+default, `allow_fp16_reduced_precision_reduction`: at most one more rounding point per matmul, already
+inside the factor 2 below.) With <= 3 blocks of ~10 rounding points plus embedding and
+unembedding (~35 in all), independent perturbations add in quadrature to sqrt(35) * u/2 ~ 3 u, and the
+O(1) Jacobians of these random-init models at most double that: ~6 u. We assert 10 u: fp16 4.9e-3
+(the issue's ~5e-3) and bf16 3.9e-2 (the same constant; on CPU the measured constant is ~4.5 for both
+types, so the issue's 2e-2 for bf16, ~5 u, would leave no margin). Two half models (ours, transformers')
+are each within 10 u of fp32, so within 20 u of each other.
+
+Argmax. Random-init logits are nearly tied: over 128 tokens the top-2 gap averages ~0.3 sigma while a
+bf16 logit moves by ~0.02 sigma, so ~3% of positions flip in bf16 (measured on CPU, 3-layer d_model 64
+models; ~1% in fp16) however correct the kernels; with a handful of positions per example, one flip is
+already > 1%. A trained model's margins are far wider. So agreement >= 99% is asserted on the positions
+whose fp32 top-2 margin exceeds 4x the per-logit error the bound allows (a flip there needs an error
+~10x the measured one); every other position is covered by the norm-wise bound.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neox_lab import PRESETS, KVCache, NeoXForCausalLM
+from neox_lab.model.fast_decode import decoder_of
+from neox_lab.model.flash import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
+from neox_lab.testing.strategies import build_pair, neox_configs, token_batches
+
+pytestmark = pytest.mark.gpu
+# tests/model/test_gpu_emulated.py reruns most of these bodies on CPU with stand-in kernels, through these two.
+DEVICE = "cuda"
+CAPTURES = True  # generate(compile=True) captures a CUDA graph
+
+U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+REL_U = 10
+FLASH_KERNELS = {"flash_attn.func", "flash_attn.varlen", "flash_attn.kvcache", "sdpa.flash", "sdpa.cudnn",
+                 "sdpa.efficient"}
+HALVES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+# FlashAttention kernels are built for head dims that are multiples of 8 (all Pythia models).
+configs = neox_configs(head_dims=(8, 64)).filter(lambda c: c.head_dim % 8 == 0)
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """The fp32 reference must be fp32: no TF32 in matmuls."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def models(cfg, seed: int, dtype, backend: str = "flash"):
+    """(fp32 eager reference, half copy on `backend`), same weights, on CUDA."""
+    torch.manual_seed(seed)
+    ref = NeoXForCausalLM(cfg, attn_backend="eager").to(DEVICE).eval()
+    half = copy.deepcopy(ref).to(dtype)
+    half.set_attn_backend(backend)
+    return ref, half
+
+
+def check_logits(half: torch.Tensor, ref: torch.Tensor, dtype, bound_u: float = REL_U) -> None:
+    """Norm-wise relative error and argmax agreement (module docstring), over [n d_vocab] rows."""
+    half, ref = half.float(), ref.float()
+    assert torch.isfinite(half).all()
+    bound = bound_u * U[dtype]
+    assert rel(half, ref) < bound
+    top2 = ref.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    per_logit = bound * ref.pow(2).mean(-1).sqrt()
+    decisive = margin > 4 * per_logit
+    agree = half.argmax(-1) == ref.argmax(-1)
+    if decisive.any():
+        assert float(agree[decisive].float().mean()) >= 0.99
+
+
+def cuda_batch(batch):
+    return batch.input_ids.to(DEVICE), batch.attention_mask.to(DEVICE)
+
+
+# ------------------------------------------------------------------------------ against fp32 eager
+@HALVES
+@pytest.mark.parametrize("backend", ["flash", "sdpa"])
+@given(cfg=configs, data=st.data(), seed=st.integers(0, 2**16))
+def test_half_backends_match_fp32_eager(dtype, backend, cfg, data, seed):
+    ids, mask = cuda_batch(data.draw(token_batches(cfg, max_len=48)))
+    ref, half = models(cfg, seed, dtype, backend)
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask).logits
+        got = half(ids, attention_mask=mask).logits
+    real = mask.bool()  # flash zeroes padding queries; outputs there are unspecified anyway
+    check_logits(got[real], expected[real], dtype)
+    kernels = half.attn_kernels()
+    assert all(k in FLASH_KERNELS for k in kernels) if backend == "flash" else kernels == ["sdpa"] * len(kernels)
+
+
+@given(cfg=configs, data=st.data(), seed=st.integers(0, 2**16))
+def test_flash_fp16_matches_transformers_sdpa_fp16(cfg, data, seed):
+    pytest.importorskip("transformers")
+    batch = data.draw(token_batches(cfg, max_len=48, padding=("none", "left")))
+    hf, ours = build_pair(cfg, seed, "causal_lm", dtype=torch.float16, attn_backend="flash",
+                          attn_implementation="sdpa")
+    _, ref = build_pair(cfg, seed, "causal_lm", dtype=torch.float32)
+    hf, ours, ref = hf.to(DEVICE), ours.to(DEVICE), ref.to(DEVICE)
+    # `.to(float16)` rounded transformers' rotary frequency table too (neox_lab keeps its own in fp32):
+    # give it back the exact table, so the comparison measures the attention path, not that rounding.
+    from neox_lab.model.rotary import inverse_frequencies
+
+    rotary = hf.gpt_neox.rotary_emb
+    rotary.inv_freq = rotary.original_inv_freq = inverse_frequencies(cfg, device=DEVICE)
+    ids, mask = cuda_batch(batch)
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask, position_ids=batch.position_ids.to(DEVICE)).logits
+        got = ours(ids, attention_mask=mask).logits
+        expected = ref(ids, attention_mask=mask).logits
+    real = mask.bool()
+    check_logits(got[real], expected[real], torch.float16)
+    assert rel(got[real].float(), theirs[real].float()) < 2 * REL_U * U[torch.float16]
+
+
+@HALVES
+@given(cfg=configs, data=st.data(), seed=st.integers(0, 2**16))
+def test_left_padded_rows_equal_the_rows_alone(dtype, cfg, data, seed):
+    if cfg.rope_scaling is not None and cfg.rope_scaling["type"] == "dynamic":
+        cfg = cfg.replace(rope_scaling=None)  # frequencies follow the batch's longest row by design
+    batch = data.draw(token_batches(cfg, max_len=32, padding=("left",)))
+    ids, mask = cuda_batch(batch)
+    _, half = models(cfg, seed, dtype)
+    with torch.no_grad():
+        padded = half(ids, attention_mask=mask).logits
+        for row in range(ids.shape[0]):
+            n_pad = int((mask[row] == 0).sum())
+            alone = half(ids[row:row + 1, n_pad:]).logits[0]
+            # Same model, same dtype: only the kernels' blocking differs (varlen vs dense).
+            assert rel(padded[row, n_pad:].float(), alone.float()) < REL_U * U[dtype]
+
+
+@HALVES
+@given(cfg=configs, data=st.data(), seed=st.integers(0, 2**16), preallocate=st.booleans())
+def test_kv_cache_decoding_equals_full_forward(dtype, cfg, data, seed, preallocate):
+    batch = data.draw(token_batches(cfg, max_len=24, padding=("none", "left")))
+    n_steps, chunk = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 5))
+    total = batch.input_ids.shape[1] + n_steps + chunk
+    if cfg.rope_scaling is not None and cfg.rope_scaling["type"] == "dynamic":
+        cfg = cfg.replace(rope_scaling=None)  # per-call frequencies differ from a full forward by design
+    ref, half = models(cfg, seed, dtype)
+    ids, mask = cuda_batch(batch)
+    extra = torch.randint(0, cfg.vocab_size, (ids.shape[0], n_steps + chunk), device=DEVICE)
+    ids, mask = torch.cat([ids, extra], 1), torch.cat([mask, torch.ones_like(extra)], 1)
+    cache = KVCache(cfg.num_hidden_layers, max_length=total if preallocate else None)
+    got, start = [], 0
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask).logits
+        for end in [batch.input_ids.shape[1] + i for i in range(n_steps + 1)] + [total]:
+            out = half(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache, use_cache=True)
+            got.append(out.logits)
+            if start and HAVE_FLASH_ATTN and (FLASH_KVCACHE_LEFTPAD or bool(mask.all())):
+                assert set(half.attn_kernels()) == {"flash_attn.kvcache"}
+            start = end
+    real = mask.bool()
+    check_logits(torch.cat(got, 1)[real], expected[real], dtype)
+
+
+# --------------------------------------------------------------------------------------------- hooks
+def zero_head_0(pattern, *, hook):
+    pattern = pattern.clone()
+    pattern[:, 0] = 0.0
+    return pattern
+
+
+@HALVES
+def test_pattern_hook_falls_back_to_eager_for_that_layer_and_matches_eager(dtype):
+    cfg = PRESETS["pythia-14m"].replace(num_hidden_layers=3, vocab_size=512)
+    ref, half = models(cfg, 0, dtype)
+    eager_half = copy.deepcopy(half)
+    eager_half.set_attn_backend("eager")
+    ids = torch.randint(0, 512, (2, 64), device=DEVICE)
+    hooks = [("blocks.1.attn.hook_pattern", zero_head_0)]
+    with pytest.warns(UserWarning, match="layer 1"):
+        got = half.run_with_hooks(ids, fwd_hooks=hooks).logits
+    kernels = half.attn_kernels()
+    assert kernels[1] == "eager (fallback)" and kernels[0] in FLASH_KERNELS and kernels[2] in FLASH_KERNELS
+    eager = eager_half.run_with_hooks(ids, fwd_hooks=hooks).logits
+    expected = ref.run_with_hooks(ids, fwd_hooks=hooks).logits
+    check_logits(got.flatten(0, 1), expected.flatten(0, 1), dtype)
+    assert rel(got.float(), eager.float()) < 2 * REL_U * U[dtype]
+
+
+@HALVES
+def test_every_hook_but_scores_and_pattern_fires_on_flash(dtype):
+    cfg = PRESETS["pythia-14m"].replace(num_hidden_layers=2, vocab_size=512, use_parallel_residual=False)
+    ref, half = models(cfg, 1, dtype)
+    ids = torch.randint(0, 512, (2, 40), device=DEVICE)
+    wanted = [n for n in half.hook_names() if "attn_scores" not in n and "pattern" not in n]
+    _, cache = half.run_with_cache(ids, names_filter=wanted)
+    _, ref_cache = ref.run_with_cache(ids, names_filter=wanted)
+    assert all(k in FLASH_KERNELS for k in half.attn_kernels())  # nothing fell back
+    assert sorted(cache.keys()) == sorted(wanted)
+    for name in wanted:
+        assert cache[name].dtype == dtype and cache[name].shape == ref_cache[name].shape, name
+        assert rel(cache[name].float(), ref_cache[name]) < 2 * REL_U * U[dtype], name
+
+
+# ----------------------------------------------------------------------------------- numerics, kernels
+@pytest.mark.parametrize("preset", ["pythia-410m", "pythia-1.4b"])
+def test_no_nan_or_inf_at_2048_tokens_in_fp16(preset):
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = NeoXForCausalLM(PRESETS[preset], attn_backend="flash").half().eval()
+    ids = torch.randint(0, PRESETS[preset].vocab_size, (1, 2048), device=DEVICE)
+    with torch.no_grad():
+        for backend in ("flash", "eager"):  # eager is what a pattern hook falls back to
+            model.set_attn_backend(backend)
+            out = model(ids, output_hidden_states=True)
+            assert torch.isfinite(out.logits).all(), backend
+            assert all(torch.isfinite(h).all() for h in out.hidden_states), backend
+    del model
+    torch.cuda.empty_cache()
+
+
+def test_flash_kernel_last_names_the_kernel_that_ran():
+    cfg = PRESETS["pythia-14m"].replace(num_hidden_layers=1, vocab_size=512)
+    _, half = models(cfg, 0, torch.float16)
+    ids = torch.randint(0, 512, (2, 32), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        half(ids)
+        plain = half.attn_kernels()[0]
+        half(ids, attention_mask=mask)
+        padded = half.attn_kernels()[0]
+    assert half.model.blocks[0].attn.flash.last == padded
+    if HAVE_FLASH_ATTN:
+        assert (plain, padded) == ("flash_attn.func", "flash_attn.varlen")
+    else:
+        assert plain in {"sdpa.flash", "sdpa.cudnn"} and padded in {"sdpa.cudnn", "sdpa.efficient"}
+
+
+def test_flash_in_fp32_on_cuda_raises():
+    torch.manual_seed(0)
+    model = NeoXForCausalLM(PRESETS["pythia-14m"].replace(num_hidden_layers=1), attn_backend="flash").to(DEVICE)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        model(torch.zeros(1, 4, dtype=torch.long, device=DEVICE))
+
+
+@HALVES
+def test_autocast_on_an_fp32_model_runs_flash(dtype):
+    """"auto" picks flash under CUDA autocast (compute_dtype); rotary keeps q/k in the autocast dtype."""
+    cfg = PRESETS["pythia-14m"].replace(num_hidden_layers=2, vocab_size=512)
+    ref, _ = models(cfg, 3, dtype)
+    ref.set_attn_backend("auto")
+    ids = torch.randint(0, 512, (2, 48), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask).logits
+        assert ref.attn_kernels() == ["eager"] * 2  # fp32: auto means eager
+        with torch.autocast(DEVICE, dtype=dtype):
+            got = ref(ids, attention_mask=mask).logits
+    assert all(k in FLASH_KERNELS for k in ref.attn_kernels())
+    real = mask.bool()
+    check_logits(got[real], expected[real], dtype)
+
+
+# --------------------------------------------------------------------------------- CUDA-graph decoding
+@pytest.mark.parametrize("backend", ["flash", "sdpa"])
+def test_compiled_decoding_picks_the_argmax_of_a_full_forward(backend):
+    cfg = PRESETS["pythia-14m"].replace(num_hidden_layers=2, vocab_size=512, initializer_range=0.2)
+    _, half = models(cfg, 2, torch.float16, backend)
+    ids = torch.randint(0, 512, (3, 12), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    plain = half.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None)
+    for _ in range(2):  # the second call replays the captured graph
+        out = half.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None, compile=True)
+    decoder = decoder_of(half)
+    assert decoder.failed is None and (decoder.graph is not None or not CAPTURES)
+    full_mask = torch.cat([mask, torch.ones(3, 16, dtype=mask.dtype, device=DEVICE)], 1)
+    with torch.no_grad():
+        logits = half(out, attention_mask=full_mask).logits[:, 11:-1].float()
+    chosen = logits.gather(-1, out[:, 12:, None]).squeeze(-1)
+    # Each token is the argmax of a full forward over what came before, up to a half-precision tie
+    # (comparing with `plain` token for token would fail on the first near-tie, after which rows differ).
+    assert bool((chosen >= logits.max(-1).values - 20 * U[torch.float16] * logits.abs().max()).all())
+    assert torch.equal(out[:, :12], plain[:, :12]) and out.shape == plain.shape
