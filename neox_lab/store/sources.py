@@ -51,15 +51,13 @@ class Documents:
                 "n_documents": len(self), "documents_sha256": self.sha256()}
 
     def token_rows(self, start: int, stop: int, tokenizer: Any, max_length: int) -> list[list[int]]:
-        """Token ids of documents [start, stop), each cut to its first `max_length` tokens."""
+        """Token ids of documents [start, stop), each cut to its first `max_length` tokens (an empty
+        document gives an empty row)."""
         chunk = [self.docs[i] for i in range(start, stop)]
         if self.is_text:
             rows = [list(r) for r in tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]]
         else:
             rows = [[int(t) for t in np.asarray(doc).reshape(-1)[:max_length]] for doc in chunk]
-        for offset, row in enumerate(rows):
-            if not row:
-                raise ValueError(f"document {start + offset} has no tokens; empty documents cannot be cached")
         return rows
 
 
