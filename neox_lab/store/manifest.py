@@ -65,6 +65,10 @@ class CacheIntegrityError(ValueError):
     disagree with what was written. Delete the directory (or the damaged run) and cache again."""
 
 
+class CacheBusyError(RuntimeError):
+    """Another process holds the store's lock: it is writing the same directory right now."""
+
+
 class CacheWriteError(OSError):
     """Writing a shard or the manifest failed; the store on disk is still valid and a rerun resumes it."""
 

@@ -62,8 +62,12 @@ class Documents:
 
 
 def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        return [line.rstrip("\r\n") for line in fh]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.rstrip("\r\n") for line in fh]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it, "
+                         "e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
