@@ -282,10 +282,19 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
     return model
 
 
+def nonfinite_count(t: torch.Tensor) -> int:
+    """How many inf/NaN values a tensor holds, fast when there are none: any inf or NaN makes the plain
+    sum non-finite, and a sum is one vectorised pass even in half precision on a CPU (isfinite is 20x
+    slower there). Only a non-finite sum (or an overflowing one, a false alarm) pays the exact count."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
 def _check_finite(key: str, t: torch.Tensor, directory: Path) -> None:
     """inf/NaN in a weight is a damaged file (a flipped exponent bit): every logit would come out NaN."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    bad = nonfinite_count(t)
+    if bad:
         raise CheckpointError(f"checkpoint {directory}: tensor {key!r} holds {bad:,} non-finite value(s) "
                               "(inf/NaN); the file is damaged or was saved from a diverged run")
 
