@@ -145,8 +145,8 @@ class NeoXModel(NeoXPreTrained):
                                 f"torch.tensor([[...]]) for [batch pos] (model.to_tokens turns text into ids)")
         if input_ids is not None:
             if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"input_ids must be an int64 (or int32) tensor [batch pos], got {input_ids.dtype} "
-                                 f"{tuple(input_ids.shape)}; convert with input_ids.long()")
+                raise ValueError(f"input_ids must be an integer tensor [batch pos] (int64 or int32), got "
+                                 f"{input_ids.dtype} {tuple(input_ids.shape)}; convert with input_ids.long()")
             if input_ids.numel():
                 lo, hi = int(input_ids.min()), int(input_ids.max())
                 if lo < 0 or hi >= self.cfg.vocab_size:
