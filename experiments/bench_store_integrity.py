@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neox_lab.model.loading import nonfinite_count
+from neox_lab.dtypes import nonfinite_count
 from neox_lab.store.manifest import FORMAT, VERSION, file_sha256, weights_sha256
 from neox_lab.store.reader import ActivationStore
 from neox_lab.store.shards import ShardWriter

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from neox_lab import CheckpointError, NeoXConfig, NeoXForCausalLM
 from neox_lab.default_model import load_or_default
+from neox_lab.dtypes import nonfinite_count
 from neox_lab.model import generation
 from neox_lab.model.kv_cache import KVCache
-from neox_lab.model.loading import nonfinite_count
 
 CFG = NeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  rotary_pct=0.5, max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
@@ -209,8 +209,9 @@ def test_the_kv_cache_grows_by_doubling_and_keeps_its_contents():
         cache.update(0, keys[:, :301], keys[:, :301])
 
 
-def test_the_fast_non_finite_check_has_no_false_alarm_from_overflow():
+def test_the_fast_non_finite_check_counts_exactly():
     big = torch.full((10,), 60000.0, dtype=torch.float16)  # finite values whose fp16 sum overflows
     assert not torch.isfinite(big.sum()) and nonfinite_count(big) == 0
-    big[3] = float("-inf")
-    assert nonfinite_count(big) == 1 and nonfinite_count(torch.tensor([1.0, float("nan")])) == 1
+    big[3], big[7] = float("-inf"), float("inf")
+    assert nonfinite_count(big) == 2 and nonfinite_count(torch.tensor([1.0, float("nan")])) == 1
+    assert nonfinite_count(torch.empty(0)) == 0 and nonfinite_count(torch.tensor([1, 2])) == 0
