@@ -94,3 +94,8 @@ def test_equivalence_sweep_reports_fp64_at_machine_precision():
     # The last row is fp64 with transformers' fp32 softmax lifted: structure alone, at machine precision.
     fp64 = out.strip().splitlines()[-1].split()
     assert fp64[0] == "fp64" and float(fp64[1]) < 1e-12, out
+
+
+def test_bench_store_integrity_quick():
+    out = run_script("bench_store_integrity", "--quick")
+    assert "weights fingerprint" in out and "check='lazy'" in out and "check='open'" in out

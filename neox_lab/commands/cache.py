@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,9 +17,9 @@ import torch.distributed as dist
 from ..default_model import load_or_default
 from ..dtypes import DTYPES
 from ..model.kernels import BACKENDS
-from ..store.manifest import CacheMismatchError, CacheWriteError
 from ..store.writer import DEFAULT_SHARD_TOKENS, cache_dataset, expand_hook_patterns
 from ..tokenizer import NeoXTokenizer
+from .errors import check_device, check_output_dir, user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,19 +47,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "under torchrun)")
     parser.add_argument("--model-dtype", choices=sorted(DTYPES), help="dtype to run the model in")
     parser.add_argument("--attn-backend", choices=BACKENDS, default="auto", help="attention backend of the model")
+    parser.add_argument("--allow-backend-change", action="store_true",
+                        help="resume a store started with another attention backend or device (each shard "
+                             "records the backend that wrote it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _device(arg: str | None, local_rank: int) -> torch.device:
     if arg:
-        device = torch.device(arg)
+        device = check_device(arg)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         return device
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+@user_errors("cache")
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out)
+    data = Path(args.data)
+    if not data.is_file():
+        raise FileNotFoundError(f"--data {data} is not a file" if data.exists() else f"--data {data} does not exist")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(args.device, local_rank)
@@ -78,11 +86,8 @@ def run(args: argparse.Namespace) -> int:
         cache = cache_dataset(model, args.data, names, args.out, batch_size=args.batch_size,
                               max_length=args.max_length, dtype=args.dtype, positions=args.positions,
                               tokenizer=tokenizer, text_field=args.text_field,
-                              shard_tokens=args.shard_tokens, progress=not args.no_progress)
-    except (KeyError, ValueError, TypeError, FileNotFoundError, CacheMismatchError, CacheWriteError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"neox-lab cache: error: {message}", file=sys.stderr)
-        return 2
+                              shard_tokens=args.shard_tokens, progress=not args.no_progress,
+                              allow_backend_change=args.allow_backend_change)
     finally:
         if group:
             dist.destroy_process_group()

@@ -51,21 +51,23 @@ class Documents:
                 "n_documents": len(self), "documents_sha256": self.sha256()}
 
     def token_rows(self, start: int, stop: int, tokenizer: Any, max_length: int) -> list[list[int]]:
-        """Token ids of documents [start, stop), each cut to its first `max_length` tokens."""
+        """Token ids of documents [start, stop), each cut to its first `max_length` tokens (an empty
+        document gives an empty row)."""
         chunk = [self.docs[i] for i in range(start, stop)]
         if self.is_text:
             rows = [list(r) for r in tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]]
         else:
             rows = [[int(t) for t in np.asarray(doc).reshape(-1)[:max_length]] for doc in chunk]
-        for offset, row in enumerate(rows):
-            if not row:
-                raise ValueError(f"document {start + offset} has no tokens; empty documents cannot be cached")
         return rows
 
 
 def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        return [line.rstrip("\r\n") for line in fh]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.rstrip("\r\n") for line in fh]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it, "
+                         "e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:

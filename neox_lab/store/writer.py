@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..axes import POSITIONS, find_axis
-from ..dtypes import DTYPES, dtype_name
+from ..dtypes import DTYPES, dtype_name, nonfinite_count
 from .manifest import (
     FORMAT,
     VERSION,
+    WEIGHTS_FINGERPRINT,
     CacheMismatchError,
     atomic_write_json,
     check_compatible,
@@ -118,13 +120,32 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
     return rank, world_size, bool(group and world_size > 1 and dist.get_world_size() == world_size)
 
 
-def _header(model, docs: Documents, tokenizer, names, dtype, positions, max_length, batch_size, shard_tokens):
+def attached_hooks(model) -> dict[str, list[str]]:
+    """Forward hook functions attached to the model right now, by hook point or module name: a permanent
+    ablation changes every activation, so a store must not mix runs with and without it."""
+    name_of = lambda fn: getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    found = {hp.name: [name_of(fn) for fn, _ in hp.fwd_fns] for hp in model.resolve_hooks(None) if hp.fwd_fns}
+    for name, module in model.named_modules():
+        fns = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        if fns:
+            found[f"module {name or '(root)'}"] = [name_of(fn) for fn in fns]
+    return found
+
+
+def _runtime(model) -> dict:
+    return {"attn_backend": getattr(model, "attn_backend", None), "device": next(model.parameters()).device.type}
+
+
+def _header(model, docs: Documents, tokenizer, names, dtype, positions, max_length, batch_size, shard_tokens,
+            hooks: dict):
     param = next(model.parameters())
     return {
         "format": FORMAT, "version": VERSION,
         "model": {"class": type(model).__name__, "config": model.cfg.to_hf(),
                   "config_sha256": config_sha256(model.cfg), "weights_sha256": weights_sha256(model),
+                  "weights_fingerprint": WEIGHTS_FINGERPRINT, "hooks": hooks,
                   "param_dtype": str(param.dtype).removeprefix("torch.")},
+        "runtime": _runtime(model),
         "settings": {"hook_names": names, "dtype": dtype, "positions": positions, "max_length": max_length,
                      "batch_size": batch_size, "shard_tokens": shard_tokens},
         "source": {**docs.describe(),
@@ -135,7 +156,8 @@ def _header(model, docs: Documents, tokenizer, names, dtype, positions, max_leng
 def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, max_length: int = 128,
                   dtype: torch.dtype | str = torch.float16, positions: str | slice = "all", tokenizer=None,
                   text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
-                  rank: int | None = None, world_size: int | None = None) -> ActivationStore | None:
+                  rank: int | None = None, world_size: int | None = None, allow_hooks: bool = False,
+                  allow_backend_change: bool = False) -> ActivationStore | None:
     """Run `model` over every document of `source` and store the activations of hooks `names` in `out_dir`.
 
     source: a .txt file (a document per non-blank line), a .jsonl file (field `text_field`), a .npy file
@@ -145,9 +167,19 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     `KeyError` before any work. positions: "all" real tokens, the "last" one of each document, or a
     slice of each document's positions. Activations are stored as `dtype` [token ...], plus "token_ids",
     "doc_ids" and "positions" [token], in shards of at least `shard_tokens` tokens (batch boundaries).
+    A document with no tokens (an empty string or id list) is kept in the numbering and stores nothing;
+    their count is reported once. Non-finite values written to the store (fp16 overflows past 65504)
+    raise a warning naming the hook.
+
+    Hook functions attached to the model (e.g. a permanent ablation) would change what is stored, so
+    they are refused unless ``allow_hooks=True``, which records them (by qualified name, part of the
+    store's identity) in the manifest. The weights are fingerprinted byte for byte. A resume with another
+    attention backend or device than the one that started the store is refused unless
+    ``allow_backend_change=True``; each shard records the backend that wrote it.
 
     A rerun into the same `out_dir` resumes an unfinished store (and returns a finished one at once);
-    a store made by another model, dataset or settings raises `CacheMismatchError`. With several
+    a store made by another model, dataset or settings raises `CacheMismatchError`, a damaged one
+    `CacheIntegrityError` (shards are hashed when a resume builds on them and on first read). With several
     ranks (`torch.distributed` initialised, or `rank`/`world_size` given) each rank caches its block of
     batches under ``rank-RRRRR-of-WWWWW/`` and one manifest lists all shards in document order.
     Returns an `ActivationStore` over the finished store (None on a rank that cannot merge yet, which
@@ -164,13 +196,22 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     for hp in points:
         _pos_axes(hp.shape, hp.name)
     dtype_str, pos_spec = dtype_name(dtype), positions_spec(positions)
+    hooks = attached_hooks(model)
+    if hooks and not allow_hooks:
+        listed = "; ".join(f"{where}: {', '.join(fns)}" for where, fns in hooks.items())
+        raise ValueError(f"the model has hook functions attached ({listed}); they would change the stored "
+                         "activations. Remove them (model.reset_hooks(including_permanent=True)) or pass "
+                         "allow_hooks=True to cache with them and record them in the manifest")
     docs = load_documents(source, text_field)
+    if len(docs) == 0:
+        raise ValueError(f"the source {source if isinstance(source, (str, Path)) else 'given'} holds no "
+                         "documents; nothing to cache")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if docs.is_text and tokenizer is None:
         raise ValueError("text documents need a tokenizer: pass tokenizer= or set model.tokenizer")
     rank, world, group = _world(rank, world_size)
     header = _header(model, docs, tokenizer, hook_list, dtype_str, pos_spec, max_length, batch_size,
-                     shard_tokens)
+                     shard_tokens, hooks)
     out = Path(out_dir)
 
     top = read_manifest(out)
@@ -192,7 +233,10 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     part_header = {**header, "world_size": world, "doc_range": [first, end]}
     if world > 1:
         part_header["rank"] = rank
-    writer = ShardWriter(out if world == 1 else out / part_dir_name(rank, world), part_header, _PART_IDENTITY)
+    runtime = header["runtime"]
+    writer = ShardWriter(out if world == 1 else out / part_dir_name(rank, world), part_header, _PART_IDENTITY,
+                         backend=f"{runtime['attn_backend']}@{runtime['device']}",
+                         allow_backend_change=allow_backend_change)
     try:
         if not writer.completed:
             desc = "caching" if world == 1 else f"caching (rank 0 of {world})"
@@ -216,31 +260,70 @@ def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int, *, batch
     first, start = writer.header["doc_range"][0], writer.next_doc
     bar = tqdm(total=end - first, initial=start - first, unit="doc", desc=desc, disable=not progress)
     seen, t0, was_training = 0, time.perf_counter(), model.training
+    empty, warned = 0, set()
     model.eval()  # dropout would make the store differ from run to run
     try:
         for b0 in range(start, end, batch_size):
             b1 = min(b0 + batch_size, end)
             rows = docs.token_rows(b0, b1, tokenizer, max_length)
-            ids, mask = pad_right(rows)
-            keep = torch.zeros(ids.shape, dtype=torch.bool)
-            for i, row in enumerate(rows):
-                keep[i, torch.arange(len(row))[pos_slice]] = True
-            _, acts = model.run_with_cache(ids.to(device), attention_mask=mask.to(device), names_filter=names,
-                                           device="cpu", dtype=dtype, stop_at_layer=stop)
-            tensors = {name: _flatten(acts[name], shapes[name], keep, max_length) for name in names}
-            tensors["token_ids"] = ids[keep]
-            tensors["doc_ids"] = torch.arange(b0, b1)[:, None].expand(ids.shape)[keep]
-            tensors["positions"] = torch.arange(ids.shape[1])[None].expand(ids.shape)[keep]
+            # Empty documents keep their number but never reach the model (a row of padding only).
+            doc_of = [b0 + i for i, row in enumerate(rows) if row]
+            rows = [row for row in rows if row]
+            empty += (b1 - b0) - len(rows)
+            if rows:
+                tensors = _batch(model, rows, doc_of, names, shapes, pos_slice, max_length, dtype, stop, device)
+                for name in names:
+                    bad = 0 if name in warned else nonfinite_count(tensors[name])
+                    if bad:
+                        warned.add(name)
+                        warnings.warn(_non_finite_message(name, bad, dtype), stacklevel=3)
+            else:
+                tensors = _no_tokens(model, names, shapes, max_length, dtype, stop)
             writer.add(tensors, b1 - b0)
             if writer.pending_tokens >= shard_tokens:
                 writer.flush(axes)
-            seen += int(mask.sum())
+            seen += sum(map(len, rows))
             bar.update(b1 - b0)
             bar.set_postfix_str(f"{seen / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
         writer.flush(axes)
     finally:
         bar.close()
         model.train(was_training)
+    if empty:
+        warnings.warn(f"{empty} document(s) had no tokens; they keep their numbers and store nothing",
+                      stacklevel=3)
+
+
+def _batch(model, rows, doc_of, names, shapes, pos_slice, max_length, dtype, stop, device) -> dict:
+    """The per-token tensors of one batch of non-empty documents (`doc_of`: each row's document)."""
+    ids, mask = pad_right(rows)
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        keep[i, torch.arange(len(row))[pos_slice]] = True
+    _, acts = model.run_with_cache(ids.to(device), attention_mask=mask.to(device), names_filter=names,
+                                   device="cpu", dtype=dtype, stop_at_layer=stop)
+    tensors = {name: _flatten(acts[name], shapes[name], keep, max_length) for name in names}
+    tensors["token_ids"] = ids[keep]
+    tensors["doc_ids"] = torch.tensor(doc_of)[:, None].expand(ids.shape)[keep]
+    tensors["positions"] = torch.arange(ids.shape[1])[None].expand(ids.shape)[keep]
+    return tensors
+
+
+def _no_tokens(model, names, shapes, max_length, dtype, stop) -> dict:
+    """Zero-token tensors for a batch whose documents are all empty (the per-token shape from the model)."""
+    _, acts = model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device),
+                                   names_filter=names, device="cpu", dtype=dtype, stop_at_layer=stop)
+    keep = torch.zeros(1, 1, dtype=torch.bool)
+    tensors = {name: _flatten(acts[name], shapes[name], keep, max_length) for name in names}
+    for meta in ("token_ids", "doc_ids", "positions"):
+        tensors[meta] = torch.zeros(0, dtype=torch.long)
+    return tensors
+
+
+def _non_finite_message(name: str, bad: int, dtype: torch.dtype) -> str:
+    hint = (" float16 overflows past 65504: cache with dtype=torch.bfloat16 or torch.float32"
+            if dtype == torch.float16 else "")
+    return f"hook {name!r}: {bad} non-finite value(s) (inf/nan) written to the store as {dtype_name(dtype)};{hint}"
 
 
 def merge_parts(out: Path, header: dict, n_docs: int, world: int) -> dict | None:
