@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from neox_lab import CheckpointError, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
-from neox_lab.testing.pairs import tiny_config
+from neox_lab.testing.pairs import randomize_parameters, tiny_config
 from neox_lab.testing.strategies import neox_configs
 
 FP64_ABS = 1e-11
@@ -27,17 +27,7 @@ FP32_ABS = 1e-3
 STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
 
-def randomize(model, seed, std=0.3):
-    """Random weights, biases and LayerNorm parameters (weights near 1, so no LayerNorm is degenerate)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-            if "ln" in name and name.endswith("weight"):
-                p.copy_(1.0 + std * noise)
-            else:
-                p.copy_(std * noise)
-    return model.eval()
+randomize = randomize_parameters
 
 
 def run(model, ids):
