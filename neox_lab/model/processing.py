@@ -58,7 +58,8 @@ def _ensure_bias(linear: nn.Linear) -> torch.Tensor:
 def _fold_ln_into(ln, linear: nn.Linear, *, center: bool = True, need_bias: bool = True) -> None:
     """linear(ln(x)) == linear'(standardize(x)): scale the input columns by ln.weight, absorb ln.bias."""
     w = linear.weight.double()
-    gamma, beta = ln.weight.double(), ln.bias.double()
+    # A model split across devices may hold the LayerNorm apart from its reader (ln_final, unembed).
+    gamma, beta = ln.weight.to(w.device, torch.float64), ln.bias.to(w.device, torch.float64)
     shift = w @ beta  # [out]
     if bool(shift.any()) or linear.bias is not None or need_bias:
         bias = _ensure_bias(linear)

@@ -140,7 +140,9 @@ class MLPWeights:
 
 
 def _stack(blocks, part: str, name: str) -> torch.Tensor:
-    return torch.stack([getattr(getattr(block, part), name) for block in blocks], dim=0)
+    parts = [getattr(getattr(block, part), name) for block in blocks]
+    # Layers of a model split across devices are gathered on the first layer's device.
+    return torch.stack([p.to(parts[0].device) for p in parts], dim=0)
 
 
 class ModelWeights:
