@@ -34,7 +34,7 @@ import tempfile
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 
 tl = pytest.importorskip("transformer_lens", reason="optional: the TransformerLens cross-check needs "
@@ -214,28 +214,52 @@ def test_cache_helpers_match(cfg, seed, processed):
                      "decompose_resid(apply_ln=True)")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 part A (branch issue13a): hook_normalized takes TransformerLens' "
-                                       "meaning, accumulated_resid(apply_ln=True) uses each stream's own scale, "
-                                       "logit_attrs applies the final LayerNorm itself; remove this marker "
-                                       "when part A is merged")
-@given(cfg=tl_configs(), seed=st.integers(0, 2**16))
-def test_part_a_semantics_match(cfg, seed):
-    nx, model = build(cfg, seed, processed=False)
+def part_a(what: str):
+    """Strict xfail for a semantic that issue 13 part A (branch issue13a) changes to TransformerLens'; when
+    it lands this XPASSes and fails, so the marker gets removed rather than forgotten."""
+    return pytest.mark.xfail(strict=True, reason=f"issue 13 part A (issue13a): {what}; drop this marker once merged")
+
+
+# An expected failure needs one failing example, not a shrunk one: shrinking rebuilds both models per step.
+EXPECTED_FAILURE = settings(max_examples=4, phases=[Phase.generate])
+
+
+def caches(cfg, seed, processed):
+    nx, model = build(cfg, seed, processed=processed)
     ids, _ = inputs(cfg, seed)
     with torch.no_grad():
         _, theirs = model.run_with_cache(ids)
         _, ours = nx.run_with_cache(ids, names_filter=lambda n: True)
+    # neox_lab's cache holds its model weakly: keep both models alive with the caches.
+    return ids, ours, theirs, (nx, model)
+
+
+@part_a("ln*.hook_normalized becomes the standardised stream, before the LayerNorm affine")
+@EXPECTED_FAILURE
+@given(cfg=tl_configs(), seed=st.integers(0, 2**16))
+def test_hook_normalized_matches_on_unprocessed_weights(cfg, seed):
+    _, ours, theirs, _models = caches(cfg, seed, processed=False)
     for name in shared_hooks(ours, theirs):
         if name.endswith(PART_A_HOOKS):
             assert_close(ours[name], theirs[name], name)
-    nx, model = build(cfg, seed, processed=True)
-    with torch.no_grad():
-        _, theirs = model.run_with_cache(ids)
-        _, ours = nx.run_with_cache(ids, names_filter=lambda n: True)
+
+
+@part_a("accumulated_resid(apply_ln=True) normalises each stream with its own LayerNorm scale")
+@EXPECTED_FAILURE
+@given(cfg=tl_configs(), seed=st.integers(0, 2**16))
+def test_accumulated_resid_apply_ln_matches(cfg, seed):
+    _, ours, theirs, _models = caches(cfg, seed, processed=True)
     assert_close(ours.accumulated_resid(apply_ln=True), theirs.accumulated_resid(apply_ln=True),
                  "accumulated_resid(apply_ln=True)")
-    stack = ours.decompose_resid()
-    assert_close(ours.logit_attrs(stack, ids), theirs.logit_attrs(theirs.decompose_resid(), ids), "logit_attrs")
+
+
+@part_a("logit_attrs applies the final LayerNorm scaling itself")
+@EXPECTED_FAILURE
+@given(cfg=tl_configs(), seed=st.integers(0, 2**16))
+def test_logit_attrs_matches(cfg, seed):
+    ids, ours, theirs, _models = caches(cfg, seed, processed=True)
+    assert_close(ours.logit_attrs(ours.decompose_resid(), ids), theirs.logit_attrs(theirs.decompose_resid(), ids),
+                 "logit_attrs")
 
 
 @given(cfg=tl_configs(), seed=st.integers(0, 2**16))
