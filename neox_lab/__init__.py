@@ -26,6 +26,7 @@ _EXPORTS = {
     "ActivationStore": "store.reader",
     "CachedActivations": "store.reader",
     "CheckpointError": "model.loading",
+    "FactoredMatrix": "model.factored_matrix",
     "HookError": "hooks.points",
     "HookPoint": "hooks.points",
     "KVCache": "model.kv_cache",

@@ -48,4 +48,7 @@ MIX_VALUES = "batch n_heads query_pos key_pos, batch key_pos n_heads d_head -> b
 # Per-head output projection: W_O seen as [d_model, (n_heads d_head)], as nn.Linear stores it.
 MERGE_HEADS = "batch pos n_heads d_head -> batch pos (n_heads d_head)"
 W_O_PER_HEAD = "d_model (n_heads d_head) -> n_heads d_head d_model"
+# The fused qkv weight and bias in TransformerLens' per-head layout (W_Q: [n_heads d_model d_head]).
+QKV_WEIGHT_PER_HEAD = "(n_heads qkv d_head) d_model -> qkv n_heads d_model d_head"
+QKV_BIAS_PER_HEAD = "(n_heads qkv d_head) -> qkv n_heads d_head"
 HEAD_RESULT = "batch pos n_heads d_head, n_heads d_head d_model -> batch pos n_heads d_model"

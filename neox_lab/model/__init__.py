@@ -8,6 +8,10 @@
     mlp, layernorm, block
     base          `NeoXPreTrained` (what every model class shares) and the bare `NeoXModel`
     tasks         the task models: causal LM, sequence / token classification, question answering
+    weights       TransformerLens' weight names and layout (W_Q, W_O, W_U, QK, OV...) as views
+    factored_matrix  `FactoredMatrix`, the lazy A @ B that QK and OV circuits are
+    processing    TransformerLens' weight processing (fold_ln, centring, fold_value_biases)
+    token_lookup  to_single_token, get_token_position
     kv_cache, outputs, text (to_tokens / to_string), loading (checkpoints in and out),
     generation, fast_decode (CUDA-graph decoding)
 

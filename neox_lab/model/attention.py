@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from einops import einsum, rearrange
 from torch import nn
 
@@ -12,13 +11,15 @@ from ..hooks.points import HookPoint
 from .flash import FlashKernel
 from .kernels import AttnMask, eager_attention, sdpa_attention
 from .rotary import Rotary
+from .weights import AttentionWeights
 
 #: `last_kernel` of a layer that left a fast backend for one call, because scores or the pattern were asked for.
 EAGER_FALLBACK = "eager (fallback)"
 
 
-class Attention(nn.Module):
-    """One attention layer. `qkv` and `out` keep transformers' fused layout, so weights load as-is."""
+class Attention(nn.Module, AttentionWeights):
+    """One attention layer. `qkv` and `out` keep transformers' fused layout, so weights load as-is;
+    `W_Q`, `W_O`, `b_V`, `QK`, `OV`... show them in TransformerLens' layout (views, see weights.py)."""
 
     def __init__(self, cfg: NeoXConfig, layer: int):
         super().__init__()
@@ -37,11 +38,6 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint(axes.PATTERN)
         self.hook_z = HookPoint(axes.HEADS)
         self.hook_result = HookPoint(axes.HEAD_WRITES)
-
-    @property
-    def W_O(self) -> torch.Tensor:
-        """Output projection per head, [n_heads d_head d_model]."""
-        return rearrange(self.out.weight, axes.W_O_PER_HEAD, n_heads=self.n_heads)
 
     def needs_eager(self, output_attentions: bool) -> bool:
         """Scores and pattern exist only in the eager kernel: any consumer of them forces it."""

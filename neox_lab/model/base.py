@@ -21,14 +21,18 @@ from .kv_cache import KVCache
 from .layernorm import LayerNorm
 from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
+from .processing import PROCESSING_ARGS, TL_DEFAULTS, process_weights
 from .rotary import Rotary
 from .text import TextMixin
+from .token_lookup import TokenLookup
+from .weights import ModelWeights, absent_attribute_message
 
 ModelT = TypeVar("ModelT", bound="NeoXPreTrained")
 
 
-class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
-    """What every neox_lab model class has: a config, an attention backend, hooks, load and save."""
+class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeights):
+    """What every neox_lab model class has: a config, an attention backend, hooks, load and save,
+    TransformerLens' weight names (W_Q, QK, ...; weights.py) and its weight processing (`process_weights_`)."""
 
     cfg: NeoXConfig
     #: The transformers class a checkpoint of this class is saved as (config.json's `architectures`).
@@ -40,7 +44,19 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
             raise TypeError(f"expected a NeoXConfig, got {type(cfg).__name__}; try NeoXConfig.from_hf(...)")
         self.cfg = cfg
         self.tokenizer = None
+        #: The processing steps applied so far (`process_weights_`), e.g. {"fold_ln"}; empty as loaded.
+        self.weights_processed: set[str] = set()
         self.set_attn_backend(attn_backend)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # A TransformerLens name NeoX lacks (W_pos, or W_U on a classifier) says why, not just "no attribute".
+            why = absent_attribute_message(self, name)
+            if why is None:
+                raise
+            raise AttributeError(f"{type(self).__name__}.{name}: {why}") from None
 
     @property
     def config(self) -> NeoXConfig:
@@ -86,13 +102,56 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
     @classmethod
     def from_pretrained(cls: type[ModelT], path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, attn_backend: str = "auto",
-                        revision: str | None = None) -> ModelT:
+                        revision: str | None = None, fold_ln: bool = False, center_writing_weights: bool = False,
+                        center_unembed: bool = False, fold_value_biases: bool = False,
+                        refactor_factored_attn_matrices: bool = False) -> ModelT:
         """Load a transformers GPTNeoX checkpoint (local directory or hub id), in eval mode.
 
         `dtype` None keeps the checkpoint's own; the tokenizer is the checkpoint's tokenizer.json when
-        it has one."""
-        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
-                               revision=revision)
+        it has one.
+
+        Weights load **unprocessed** by default: the model computes what transformers computes, weight for
+        weight. This differs from TransformerLens, whose from_pretrained folds and centres by default;
+        pass ``fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True``
+        (or call `process_weights_()` after loading) for TransformerLens' processed weights."""
+        model = load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
+                                revision=revision)
+        steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                     fold_value_biases=fold_value_biases,
+                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        if any(steps.values()):
+            model.process_weights_(**steps)
+        return model
+
+    @classmethod
+    def from_pretrained_no_processing(cls: type[ModelT], path_or_repo_id: str | os.PathLike,
+                                      **kwargs) -> ModelT:
+        """TransformerLens' name for loading without weight processing: neox_lab's `from_pretrained` default."""
+        bad = sorted(set(kwargs) & set(PROCESSING_ARGS))
+        if bad:
+            raise TypeError(f"from_pretrained_no_processing loads unprocessed weights; drop {bad} "
+                            "or use from_pretrained")
+        return cls.from_pretrained(path_or_repo_id, **kwargs)
+
+    def process_weights_(self: ModelT, fold_ln: bool = TL_DEFAULTS["fold_ln"],
+                         center_writing_weights: bool = TL_DEFAULTS["center_writing_weights"],
+                         center_unembed: bool = TL_DEFAULTS["center_unembed"],
+                         fold_value_biases: bool = TL_DEFAULTS["fold_value_biases"],
+                         refactor_factored_attn_matrices: bool = TL_DEFAULTS["refactor_factored_attn_matrices"],
+                         ) -> ModelT:
+        """TransformerLens' weight processing, in place; returns the model. Defaults are TransformerLens'.
+
+        Next-token probabilities are unchanged (logits move by a per-position constant under
+        `center_unembed`); weights and some hooked streams change as in TransformerLens: see
+        neox_lab/model/processing.py for each step and the NeoX specifics (parallel residual, rotary,
+        no unembedding bias). A processed model whose unembedding gained a bias cannot be saved as a
+        transformers checkpoint (`save_pretrained` says so)."""
+        steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                     fold_value_biases=fold_value_biases,
+                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        process_weights(self, **steps)
+        self.weights_processed |= {name for name, on in steps.items() if on}
+        return self
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers loads with identical logits."""

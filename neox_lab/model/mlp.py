@@ -11,6 +11,7 @@ from torch import nn
 from .. import axes
 from ..config import NeoXConfig
 from ..hooks.points import HookPoint
+from .weights import MLPWeights
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -34,8 +35,10 @@ ACT_FNS = {
 }
 
 
-class MLP(nn.Module):
-    """fc_in -> activation -> fc_out; hook_pre before the activation, hook_post after ([batch pos d_mlp])."""
+class MLP(nn.Module, MLPWeights):
+    """fc_in -> activation -> fc_out; hook_pre before the activation, hook_post after ([batch pos d_mlp]).
+
+    `W_in`, `b_in`, `W_out`, `b_out` show the weights in TransformerLens' layout (views, see weights.py)."""
 
     def __init__(self, cfg: NeoXConfig):
         super().__init__()

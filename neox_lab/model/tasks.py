@@ -46,6 +46,11 @@ class _Head(NeoXPreTrained):
     def body(self) -> NeoXModel:
         return self.model
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The body's blocks, so ``model.blocks[L].attn.W_Q`` works on every class (TransformerLens' path)."""
+        return self.model.blocks
+
     def tie_weights(self) -> None:
         """Share the embedding with the unembedding where the config says so (causal LM only)."""
 

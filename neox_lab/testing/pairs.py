@@ -57,6 +57,21 @@ def build_pair(cfg: NeoXConfig, seed: int = 0, task: str = "causal_lm", *, direc
     return hf_model.to(dtype), neox_model.to(dtype).eval()
 
 
+def randomize_parameters(model, seed: int = 0, std: float = 0.3):
+    """Overwrite every parameter with random values, in place; returns the model in eval mode.
+
+    LayerNorm weights become 1 + N(0, std^2), everything else (weights, biases, LayerNorm biases)
+    N(0, std^2). transformers' initialisation leaves biases 0 and LayerNorms at identity, which hides a
+    misplaced affine or bias; std 0.3 on a tiny model also makes attention sharp (near one-hot rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            is_ln_weight = name.rsplit(".", 2)[-2].startswith("ln") and name.endswith("weight")
+            p.copy_(1.0 + std * noise if is_ln_weight else std * noise)
+    return model.eval()
+
+
 class _Keep:
     def __init__(self, path: str):
         self.path = path
