@@ -15,13 +15,14 @@ from ..config import NeoXConfig
 MODEL_HOOKS = {
     "hook_embed": RESID,
     "ln_final.hook_scale": LN_SCALE,
-    "ln_final.hook_standardized": RESID,
     "ln_final.hook_normalized": RESID,
+    "ln_final.hook_ln_out": RESID,
 }
 
-#: LayerNorm streams: scale = sqrt(var + eps); standardized = (x - mean) / scale, before the affine
-#: weight and bias; normalized = standardized * w + b, the output that feeds attention / MLP / unembed.
-LN_HOOKS = {"hook_scale": LN_SCALE, "hook_standardized": RESID, "hook_normalized": RESID}
+#: LayerNorm streams: scale = sqrt(var + eps); normalized = (x - mean) / scale, before the affine weight
+#: and bias (TransformerLens 3.x's meaning); ln_out = normalized * w + b, the output that feeds
+#: attention / MLP / unembed (a name TransformerLens does not use, so no TransformerLens name changes meaning).
+LN_HOOKS = {"hook_scale": LN_SCALE, "hook_normalized": RESID, "hook_ln_out": RESID}
 
 #: Hooks of every block, relative to `blocks.{L}.`.
 BLOCK_HOOKS = {
@@ -118,7 +119,7 @@ BLOCK_SHORTHAND = {  # short name -> hook name relative to its block
     "post": "mlp.hook_post",
 }
 #: LayerNorm streams by short name: ("scale", 2, "ln2") is block 2's ln2, ("scale",) ln_final's.
-LN_STREAMS = ("scale", "standardized", "normalized")
+LN_STREAMS = ("scale", "normalized", "ln_out")
 
 
 def expand_shorthand(key: str | tuple, n_layers: int) -> str:

@@ -162,9 +162,9 @@ def test_decompose_resid_sums_to_each_stream(cfg, data):
         # frozen-scale LayerNorm is linear: components' images + bias == what the LayerNorm output
         ln2 = model.model.blocks[L].ln2
         normed = cache.decompose_resid(L, mlp_input=True, apply_ln=True).sum(0) + ln2.bias
-        torch.testing.assert_close(normed.detach(), cache["normalized", L, "ln2"], **TOL)
+        torch.testing.assert_close(normed.detach(), cache["ln_out", L, "ln2"], **TOL)
     final = cache.decompose_resid(apply_ln=True).sum(0) + model.model.ln_final.bias
-    torch.testing.assert_close(final.detach(), cache["ln_final.hook_normalized"], **TOL)
+    torch.testing.assert_close(final.detach(), cache["ln_final.hook_ln_out"], **TOL)
 
 
 @given(cfg=configs, data=st.data(), cache_result=st.booleans())
@@ -193,12 +193,12 @@ def test_accumulated_resid_is_a_logit_lens(cfg, data):
     assert labels == [f"{L}_pre" for L in range(n)] + ["final_post"]
     assert torch.equal(stack[-1], cache["resid_post", -1]) and torch.equal(stack[0], cache["resid_pre", 0])
     lens = cache.accumulated_resid(apply_ln=True)
-    torch.testing.assert_close(lens[-1], cache["ln_final.hook_normalized"], **TOL)
+    torch.testing.assert_close(lens[-1], cache["ln_final.hook_ln_out"], **TOL)
     torch.testing.assert_close(model.unembed(lens).detach()[-1], logits, **TOL)
     for L in range(n):
         upto = cache.accumulated_resid(L, apply_ln=True)
         assert upto.shape[0] == L + 1
-        torch.testing.assert_close(upto[-1], cache["normalized", L, "ln1"], **TOL)
+        torch.testing.assert_close(upto[-1], cache["ln_out", L, "ln1"], **TOL)
     last = cache.accumulated_resid(apply_ln=True, pos_slice=-1)
     torch.testing.assert_close(last, lens[:, :, -1:], **TOL)
 

@@ -172,7 +172,7 @@ def test_stream_identities(cfg, data):
         for ln in ("ln1", "ln2"):
             w = getattr(model.model.blocks[L], ln).weight
             b = getattr(model.model.blocks[L], ln).bias
-            torch.testing.assert_close(c["normalized", L, ln], c["standardized", L, ln] * w + b)
+            torch.testing.assert_close(c["ln_out", L, ln], c["normalized", L, ln] * w + b)
         # pattern: rows of real queries sum to 1; masked (padding or future) keys get exactly 0
         pattern, scores = c["pattern", L], c["attn_scores", L]
         T = ids.shape[1]
@@ -181,7 +181,7 @@ def test_stream_identities(cfg, data):
         assert torch.isneginf(scores[~allowed.expand_as(scores)]).all()
         live = allowed.any(-1).expand(-1, pattern.shape[1], -1)
         torch.testing.assert_close(pattern.sum(-1)[live], torch.ones(int(live.sum())))
-    assert torch.equal(out.hidden_states[n], c["ln_final.hook_normalized"])
+    assert torch.equal(out.hidden_states[n], c["ln_final.hook_ln_out"])
     resid = c["resid_post", -1]
     centered = resid - resid.mean(-1, keepdim=True)
     var = centered.pow(2).mean(-1, keepdim=True)
@@ -214,14 +214,14 @@ def hf_streams(hf, ids, mask, cfg):
 
     body = hf.gpt_neox
     handles.append(body.rotary_emb.register_forward_hook(keep("cos_sin")))
-    handles.append(body.final_layer_norm.register_forward_hook(keep("ln_final.hook_normalized")))
+    handles.append(body.final_layer_norm.register_forward_hook(keep("ln_final.hook_ln_out")))
     for L, layer in enumerate(body.layers):
         handles.append(layer.register_forward_pre_hook(
             lambda module, args, L=L: rec.__setitem__(f"blocks.{L}.hook_resid_pre", args[0])))
         handles += [
             layer.register_forward_hook(keep(f"blocks.{L}.hook_resid_post")),
-            layer.input_layernorm.register_forward_hook(keep(f"blocks.{L}.ln1.hook_normalized")),
-            layer.post_attention_layernorm.register_forward_hook(keep(f"blocks.{L}.ln2.hook_normalized")),
+            layer.input_layernorm.register_forward_hook(keep(f"blocks.{L}.ln1.hook_ln_out")),
+            layer.post_attention_layernorm.register_forward_hook(keep(f"blocks.{L}.ln2.hook_ln_out")),
             layer.attention.query_key_value.register_forward_hook(keep(f"qkv{L}")),
             layer.attention.register_forward_hook(keep(f"blocks.{L}.hook_attn_out", lambda o: o[0])),
             layer.attention.register_forward_hook(keep(f"blocks.{L}.attn.hook_pattern", lambda o: o[1])),
