@@ -49,3 +49,5 @@ MIX_VALUES = "batch n_heads query_pos key_pos, batch key_pos n_heads d_head -> b
 MERGE_HEADS = "batch pos n_heads d_head -> batch pos (n_heads d_head)"
 W_O_PER_HEAD = "d_model (n_heads d_head) -> n_heads d_head d_model"
 HEAD_RESULT = "batch pos n_heads d_head, n_heads d_head d_model -> batch pos n_heads d_model"
+# The same with or without the batch axis (a cache after remove_batch_dim).
+HEAD_RESULT_ANY = "... n_heads d_head, n_heads d_head d_model -> ... n_heads d_model"

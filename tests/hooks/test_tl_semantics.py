@@ -106,17 +106,71 @@ def test_scores_hook_emptying_a_row_gives_zero_attention(backend):
         return scores
 
     seen = {}
-    with pytest.warns(UserWarning, match="eager kernel") if backend != "eager" else _nothing():
-        logits = model.run_with_hooks(ids, fwd_hooks=[
-            ("blocks.0.attn.hook_attn_scores", knock_out),
-            ("blocks.0.attn.hook_z", lambda z, hook: seen.__setitem__("z", z))]).logits
+    logits = model.run_with_hooks(ids, fwd_hooks=[
+        ("blocks.0.attn.hook_attn_scores", knock_out),
+        ("blocks.0.attn.hook_z", lambda z, hook: seen.__setitem__("z", z))]).logits
+    assert model.attn_kernels()[0] == ("eager" if backend == "eager" else "eager (fallback)")
     assert torch.isfinite(logits).all()
     assert (seen["z"][:, 3, 1] == 0).all()
 
 
-class _nothing:
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        return False
+# ----------------------------------------------------------------------------- TransformerLens' cache helpers
+@pytest.mark.parametrize("parallel", [True, False])
+def test_full_resid_decomposition_sums_to_the_stream_read(parallel):
+    model, _, _, cache = model_and_cache(parallel)
+    for layer in (0, 1, 3):
+        for mlp_input in ((False, True) if layer < 3 else (False,)):
+            reads = cache._stream_into(layer, mlp_input)
+            for expand in (True, False):
+                stack, labels = cache.get_full_resid_decomposition(layer, mlp_input, expand_neurons=expand,
+                                                                   return_labels=True)
+                assert len(labels) == stack.shape[0] and labels[-2:] == ["embed", "bias"]
+                torch.testing.assert_close(stack.sum(0), reads, **FP64)
+            # frozen-scale LayerNorm is linear: the LayerNorm'd components plus its bias give its output
+            normed = cache.get_full_resid_decomposition(layer, mlp_input, apply_ln=True).sum(0)
+            prefix, path = cache._reader(layer, mlp_input)
+            ln = model.body.get_submodule(path)
+            torch.testing.assert_close(normed + ln.bias, ln(reads), **FP64)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_neuron_and_head_stacks(parallel):
+    model, _, _, cache = model_and_cache(parallel)
+    mlp = model.body.blocks[1].mlp
+    neurons = cache.get_neuron_results(1)
+    torch.testing.assert_close(neurons.sum(-2) + mlp.fc_out.bias, cache["mlp_out", 1], **FP64)
+    stack, labels = cache.stack_neuron_results(2, return_labels=True, incl_remainder=True)
+    assert labels[:2] == ["L0N0", "L0N1"] and labels[-1] == "remainder" and stack.shape[0] == 2 * 64 + 1
+    torch.testing.assert_close(stack.sum(0), cache["resid_pre", 2], **FP64)
+    p = torch.randn(32, 3, dtype=torch.float64)
+    folded = cache.stack_neuron_results(2, apply_ln=True, project_output_onto=p, pos_slice=-1)
+    explicit = cache.apply_ln_to_stack(cache.stack_neuron_results(2, pos_slice=-1), 2, pos_slice=-1) @ p
+    torch.testing.assert_close(folded, explicit, **FP64)
+    heads, labels = cache.stack_head_results(2, incl_remainder=True, return_labels=True)
+    assert labels[-1] == "remainder"
+    torch.testing.assert_close(heads.sum(0), cache["resid_pre", 2], **FP64)
+    assert cache.stack_head_results(0).shape == (0, 2, 7, 32)
+    attn_only = cache.decompose_resid(2, mode="attn", incl_embeds=False, return_labels=True)[1]
+    assert attn_only == ["0_attn_out", "1_attn_out"]
+    assert cache.stack_activation("pattern").shape == (3, 2, 4, 7, 7)
+    assert torch.equal(cache.stack_activation("resid_pre", 2)[1], cache["resid_pre", 1])
+    _, small = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    assert "blocks.0.attn.hook_result" not in small  # as TransformerLens without use_attn_result
+    small.compute_head_results()
+    assert small["result", 0].shape == (1, 3, 4, 32)
+
+
+def test_batch_dim_helpers():
+    model, ids, logits, cache = model_and_cache(True)
+    row = cache.apply_slice_to_batch_dim(1)
+    assert not row.has_batch_dim and row["resid_pre", 0].shape == (7, 32)
+    torch.testing.assert_close(row.accumulated_resid(apply_ln=True)[-1], cache.accumulated_resid(apply_ln=True)[-1, 1])
+    attrs = row.logit_attrs(row.decompose_resid(), ids[1], has_batch_dim=False)
+    torch.testing.assert_close(attrs, cache.logit_attrs(cache.decompose_resid(), ids)[:, 1], **FP64)
+    _, one = model.run_with_cache(ids[:1], remove_batch_dim=True)
+    assert not one.has_batch_dim and one["resid_post", 2].shape == (7, 32)
+    with pytest.raises(ValueError, match="batch of 1"):
+        cache.remove_batch_dim()
+    kept = cache.apply_slice_to_batch_dim([1])
+    assert kept.has_batch_dim and kept["resid_pre", 0].shape == (1, 7, 32)
