@@ -6,7 +6,7 @@
     patching_heatmap(patching.normalize(res).values, row_labels=res.row_labels,
                      col_labels=res.col_labels, xlabel="position", ylabel="layer")
 
-A *cell* is one (layer, position), (layer, head) or (layer, head, position) of a target stream; its
+A *cell* is one (layer, position), (layer, head) or (layer, position, head) of a target stream; its
 value is ``metric(logits)`` of the corrupted run with the clean activation patched into that cell
 (for every batch row at once). Batched patching (the default) stacks many cells' corrupted runs on
 the batch axis, so one forward evaluates up to ``batch_size // batch`` cells; ``batched=False`` runs
@@ -43,7 +43,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "attn_out": ("hook_attn_out", ("pos",)),
     "mlp_out": ("hook_mlp_out", ("pos",)),
     "z": ("attn.hook_z", ("head",)),
-    "z_pos": ("attn.hook_z", ("head", "pos")),
+    "z_pos": ("attn.hook_z", ("pos", "head")),  # [layer pos head], TransformerLens' order
     "q": ("attn.hook_q", ("head",)),
     "k": ("attn.hook_k", ("head",)),
     "v": ("attn.hook_v", ("head",)),
@@ -58,8 +58,10 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class PatchResult:
     """A patching grid. `values` is [layer, *cell axes, *metric shape] (metric shape is () for scalar
-    metrics, [batch] for per-row ones); `axes` names the cell axes, e.g. ("layer", "pos") or
-    ("layer", "head", "pos"), and `row_labels` / `col_labels` / `depth_labels` label them."""
+    metrics, [batch] for per-row ones); `axes` names the cell axes in order, e.g. ("layer", "pos") or
+    ("layer", "pos", "head") (TransformerLens' order), and `row_labels` / `col_labels` /
+    `depth_labels` label them (`labels` maps each axis name to its labels). An int `positions=` /
+    `heads=` drops that axis, as an int index does in TransformerLens."""
 
     values: torch.Tensor
     target: str
@@ -70,6 +72,12 @@ class PatchResult:
     clean_value: torch.Tensor | None = None
     corrupted_value: torch.Tensor | None = None
     method: str = "activation"
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        """Each cell axis's labels by its name, e.g. ``{"layer": [...], "pos": [...], "head": [...]}``."""
+        per_axis = [self.row_labels, self.col_labels, self.depth_labels]
+        return {axis: labels for axis, labels in zip(self.axes, per_axis, strict=False)}
 
 
 def normalize(result, clean_value=None, corrupted_value=None):
@@ -95,6 +103,18 @@ class _Plan:
     cell_axes: tuple[str, ...]     # after the layer axis
     choices: list[list[int]]       # selected indices per cell axis
     hook_axes: dict[str, int]      # cell axis -> axis in the hook's tensor
+    dropped: tuple[str, ...] = ()  # cell axes selected by an int: left out of the result
+
+    @property
+    def result_axes(self) -> tuple[str, ...]:
+        return ("layer", *(a for a in self.cell_axes if a not in self.dropped))
+
+    def squeeze(self, values: torch.Tensor) -> torch.Tensor:
+        """[layer, *cell axes, ...] -> the int-selected cell axes (length 1) removed."""
+        for k in reversed(range(len(self.cell_axes))):
+            if self.cell_axes[k] in self.dropped:
+                values = values.select(k + 1, 0)
+        return values
 
     def cells(self):
         """(layer index into `layers`, index values per cell axis) for every cell, row-major."""
@@ -152,13 +172,15 @@ def _plan(model, target: str, seq_len: int, layers, positions, heads) -> _Plan:
         warnings.warn("the model is in training mode, so dropout makes patched runs noisy; call model.eval()",
                       stacklevel=3)
     choices = [_select(picks[a], sizes[a], {"pos": "position", "head": "head"}[a]) for a in cell_axes]
-    return _Plan(target, names, layers, cell_axes, choices, hook_axes)
+    dropped = tuple(a for a in cell_axes if isinstance(picks[a], int))
+    return _Plan(target, names, layers, cell_axes, choices, hook_axes, dropped)
 
 
 def _labels(plan: _Plan) -> dict:
     labels = [[str(layer) for layer in plan.layers]]
-    labels += [[str(i) for i in c] for c in plan.choices]
-    return dict(row_labels=labels[0], col_labels=labels[1],
+    labels += [[str(i) for i in c] for a, c in zip(plan.cell_axes, plan.choices, strict=True)
+               if a not in plan.dropped]
+    return dict(row_labels=labels[0], col_labels=labels[1] if len(labels) > 1 else [],
                 depth_labels=labels[2] if len(labels) > 2 else None)
 
 
@@ -227,7 +249,8 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, targ
 
     Targets: "resid_pre", "resid_mid" (sequential-residual models only), "resid_post", "attn_out",
     "mlp_out" (layer x pos); "z", "q", "k", "v", "pattern" (layer x head, every position); "z_pos"
-    (layer x head x pos). `layers`, `positions`, `heads` restrict the grid (default: all).
+    (layer x pos x head, TransformerLens' order). `layers`, `positions`, `heads` restrict the grid
+    (default: all); an int position or head drops that axis from the result.
     `metric(logits)` sees the B corrupted rows of one cell and returns a scalar or a [B] tensor.
     `attention_mask` applies to both runs unless `clean_attention_mask` / `corrupted_attention_mask`
     override it. Batched (default): up to ``max(1, batch_size // B)`` cells per forward; ``batched=False``
@@ -257,7 +280,7 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, targ
                 values.append(metric(out.logits))
         clean_value = torch.as_tensor(metric(clean_logits))
         corrupted_value = torch.as_tensor(metric(corrupted_logits))
-    return PatchResult(values=_stack(values, plan.grid_shape), target=target, axes=("layer", *plan.cell_axes),
+    return PatchResult(values=plan.squeeze(_stack(values, plan.grid_shape)), target=target, axes=plan.result_axes,
                        clean_value=clean_value.detach().float().cpu(),
                        corrupted_value=corrupted_value.detach().float().cpu(), **_labels(plan))
 
@@ -333,8 +356,8 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 
     with torch.no_grad():
         clean_value = torch.as_tensor(metric(clean_logits))
-    return PatchResult(values=torch.stack(per_layer).detach().cpu(), target=target,
-                       axes=("layer", *plan.cell_axes), clean_value=clean_value.detach().float().cpu(),
+    return PatchResult(values=plan.squeeze(torch.stack(per_layer).detach().cpu()), target=target,
+                       axes=plan.result_axes, clean_value=clean_value.detach().float().cpu(),
                        corrupted_value=value.detach().float().cpu(), method="attribution", **_labels(plan))
 
 
