@@ -28,6 +28,7 @@ class HookedMixin:
 
     def _setup_hooks(self, strip: str = "") -> None:
         points = {}
+        self._module_prefix = strip
         for path, module in self.named_modules():  # type: ignore[attr-defined]
             if isinstance(module, HookPoint):
                 name = path[len(strip):] if strip and path.startswith(strip) else path
@@ -50,7 +51,9 @@ class HookedMixin:
     @property
     def mod_dict(self) -> dict[str, Any]:
         """Every submodule by its path (TransformerLens' `mod_dict`): ``model.mod_dict["blocks.0.attn"]``."""
-        return dict(self.named_modules())  # type: ignore[attr-defined]
+        strip = getattr(self, "_module_prefix", "")
+        return {(path[len(strip):] if strip and path.startswith(strip) else path): module
+                for path, module in self.named_modules()}  # type: ignore[attr-defined]
 
     def hook_names(self) -> list[str]:
         """Every hook name, in forward order."""
