@@ -362,5 +362,72 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 
 
 
-__all__ = ["PatchResult", "TARGETS", "activation_patch", "attribution_patch", "kl_to_clean", "logit_diff",
-           "loss", "normalize", "prob"]
+# ---------------------------------------------------------------------------------------------- TransformerLens' API
+def _from_cache(model, corrupted_tokens, clean_cache, metric: Metric, target: str, batch_size: int = 64):
+    """TransformerLens' patching call: clean activations from `clean_cache` (a `run_with_cache` of the
+    clean input, with its batch axis and every position), corrupted run on `corrupted_tokens`."""
+    device = next(model.parameters()).device
+    corrupted = _as_batch(corrupted_tokens, "corrupted_tokens").to(device)
+    plan = _plan(model, target, corrupted.shape[1], None, None, None)
+    for name in plan.names:
+        clean, shape = clean_cache[name], model.hook_dict[name].shape
+        pos_axis = find_axis(shape, POSITIONS)
+        if clean.dim() != len(shape.split()) or clean.shape[0] != corrupted.shape[0] or \
+                clean.shape[pos_axis] != corrupted.shape[1]:
+            raise ValueError(f"clean_cache[{name!r}] is {tuple(clean.shape)}, but patching it into "
+                             f"corrupted_tokens {tuple(corrupted.shape)} needs [{shape}] with the same batch "
+                             "and positions: cache the clean run of the same shape, without pos_slice or "
+                             "remove_batch_dim")
+    values = _patch_batched(model, corrupted, None, clean_cache, plan, metric, batch_size, {})
+    return plan.squeeze(_stack(values, plan.grid_shape))
+
+
+def get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each (layer, position) of resid_pre; [layer pos]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "resid_pre")
+
+
+def get_act_patch_resid_mid(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call for resid_mid (sequential-residual models only); [layer pos]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "resid_mid")
+
+
+def get_act_patch_attn_out(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each (layer, position) of attn_out; [layer pos]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "attn_out")
+
+
+def get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each (layer, position) of mlp_out; [layer pos]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "mlp_out")
+
+
+def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache,
+                                       patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each head's z at each position; [layer pos head]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "z_pos")
+
+
+def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache,
+                                        patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each head's z at every position at once; [layer head]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "z")
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: resid_pre, attn_out and mlp_out patched per (layer, position); [3 layer pos]."""
+    return torch.stack([_from_cache(model, corrupted_tokens, clean_cache, patching_metric, t)
+                        for t in ("resid_pre", "attn_out", "mlp_out")])
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache,
+                                          patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: each head's z, q, k, v and pattern patched at every position; [5 layer head]."""
+    return torch.stack([_from_cache(model, corrupted_tokens, clean_cache, patching_metric, t)
+                        for t in ("z", "q", "k", "v", "pattern")])
+
+
+__all__ = ["PatchResult", "TARGETS", "activation_patch", "attribution_patch", "get_act_patch_attn_head_all_pos_every",
+           "get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_out",
+           "get_act_patch_block_every", "get_act_patch_mlp_out", "get_act_patch_resid_mid",
+           "get_act_patch_resid_pre", "kl_to_clean", "logit_diff", "loss", "normalize", "prob"]

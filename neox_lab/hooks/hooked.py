@@ -10,7 +10,7 @@ import torch
 
 from ..axes import POSITIONS, find_axis
 from .activation_cache import ActivationCache, PosSlice, slice_pos
-from .points import HookFn, HookPoint
+from .points import HookFn, HookPoint, LayerIndex
 from .registry import hook_names, layer_of, unknown_hook_message
 
 NameOrFilter = str | Callable[[str], bool]
@@ -33,7 +33,8 @@ class HookedMixin:
             if isinstance(module, HookPoint):
                 name = path[len(strip):] if strip and path.startswith(strip) else path
                 module.name = name
-                module.layer = layer_of(name)
+                layer = layer_of(name)
+                module.layer = None if layer is None else LayerIndex(layer)
                 points[name] = module
         order = {name: i for i, name in enumerate(hook_names(self.cfg))}  # type: ignore[attr-defined]
         self._hook_points = dict(sorted(points.items(), key=lambda kv: order.get(kv[0], len(order))))

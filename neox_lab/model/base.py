@@ -55,7 +55,8 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
         raise NotImplementedError(f"{type(self).__name__} must say where its NeoXModel is")
 
     def set_attn_backend(self, name: str) -> None:
-        """"eager" (reference), "sdpa", "flash" (CUDA fp16/bf16) or "auto" (flash where it can run)."""
+        """"eager" (reference), "sdpa", "flash" (CUDA fp16/bf16) or "auto" (flash where it can run, else
+        sdpa; a layer whose scores / pattern are wanted runs eager for that call, silently)."""
         if name not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {name!r}")
         self.attn_backend = name
@@ -230,7 +231,9 @@ class NeoXModel(NeoXPreTrained):
         n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
         # Once per layer, one warning per call naming them all.
         fallen = [block.attn for block in self.blocks[start_at_layer or 0:n_run] if block.attn.report_fallback()]
-        if fallen:
+        # "auto" promises the fastest kernel that computes the function asked for, fallback included:
+        # only a backend the user named is worth a warning when a layer leaves it.
+        if fallen and self.attn_backend != "auto":
             layers = ", ".join(str(attn.layer) for attn in fallen)
             warnings.warn(f"layer{'s' if len(fallen) > 1 else ''} {layers}: attention scores/pattern were "
                           f"requested, which the {backend!r} backend's kernels never materialise; "

@@ -210,7 +210,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> str:
-    """Map "auto" to a concrete backend for this input: flash on CUDA half precision, else eager.
+    """Map "auto" to a concrete backend for this input: flash on CUDA half precision, else sdpa (the
+    same function as eager to rounding, and what transformers runs by default; a layer whose scores or
+    pattern are hooked or asked for runs eager for that call). "eager" stays the named reference.
 
     "flash" where it cannot run (CPU, fp32/fp64) raises ValueError before any layer runs.
     """
@@ -218,7 +220,7 @@ def resolve_backend(name: str, x: torch.Tensor) -> str:
         raise ValueError(f"attn_backend must be one of {BACKENDS}, got {name!r}")
     runs_flash = x.is_cuda and compute_dtype(x) in HALF
     if name == "auto":
-        return "flash" if runs_flash else "eager"
+        return "flash" if runs_flash else "sdpa"
     if name == "flash" and not runs_flash:
         raise ValueError(
             f"attn_backend 'flash' needs CUDA tensors in float16/bfloat16, got {compute_dtype(x)} on "

@@ -48,6 +48,14 @@ class NeoXOutput:
                         "use out.logits, or call the model TransformerLens-style, model(tokens, "
                         "return_type='logits'), to get the logits tensor")
 
+    def __getattr__(self, name: str):
+        # Only reached for a missing attribute: most likely a tensor method on what was taken for logits.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(f"NeoXOutput has no attribute {name!r}: it is the transformers-style output "
+                             "object, not a tensor; use out.logits, or call the model TransformerLens-style, "
+                             "model(tokens, return_type='logits'), to get the logits tensor")
+
     def __iter__(self):
         """Unpacks like ``loss, logits = out`` (the set fields, in `to_tuple()` order)."""
         return iter(self.to_tuple())
