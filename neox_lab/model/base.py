@@ -128,6 +128,8 @@ class NeoXModel(NeoXPreTrained):
         self.rotary = Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.ln_final = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        # A task head checks its own inputs (with its tokenizer); only a bare model warns here.
+        self._checks_padding = _setup
         if _setup:
             self.init_weights()
             self._setup_hooks()
@@ -192,6 +194,8 @@ class NeoXModel(NeoXPreTrained):
         past_len = cache.length if cache is not None else 0
         batch, q_len = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
         head_masks = self._head_masks(head_mask)
+        if self._checks_padding:
+            self.warn_if_left_padded(input_ids, attention_mask)
         device = self.embed.weight.device
         if start_at_layer is not None:
             if inputs_embeds is None:

@@ -174,3 +174,19 @@ def test_batch_dim_helpers():
         cache.remove_batch_dim()
     kept = cache.apply_slice_to_batch_dim([1])
     assert kept.has_batch_dim and kept["resid_pre", 0].shape == (1, 7, 32)
+
+
+def test_apply_ln_to_stack_is_transformerlens_formula_on_processed_weights():
+    """TransformerLens divides the centred stack by the cached scale only; that is right once fold_ln has
+    set the LayerNorm weight to 1 (and its bias to 0). neox_lab also multiplies by the weight, so on such
+    weights both give the same numbers, and on unprocessed weights neox_lab's is the LayerNorm's own map."""
+    model, _, _, cache = model_and_cache(True)
+    stack = cache.decompose_resid(pos_slice=-1)
+    ln = model.body.ln_final
+    centered = stack - stack.mean(-1, keepdim=True)
+    scale = cache["ln_final.hook_scale"][:, -1]
+    torch.testing.assert_close(cache.apply_ln_to_stack(stack, pos_slice=-1), centered / scale * ln.weight, **FP64)
+    with torch.no_grad():
+        ln.weight.fill_(1.0)
+        ln.bias.zero_()
+    torch.testing.assert_close(cache.apply_ln_to_stack(stack, pos_slice=-1), centered / scale, **FP64)

@@ -44,6 +44,9 @@ def test_batched_to_tokens_pads_right_and_keeps_every_prompt_exact(model):
     assert left[0, 0] == pad and left[0, -1] != pad
     with pytest.warns(UserWarning, match="left-padded.*attention_mask"):
         model(left)
+    bare = NeoXModel(CFG.replace(pad_token_id=7))
+    with pytest.warns(UserWarning, match="left-padded"):
+        bare(torch.tensor([[7, 7, 5], [5, 6, 8]]))
 
 
 def test_return_types_and_text_inputs(model):
