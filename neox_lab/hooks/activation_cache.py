@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from einops import einsum, rearrange
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -262,6 +263,14 @@ class ActivationCache(Mapping):
     def _ln_module(self, path: str):
         return self._body().get_submodule(path)
 
+    def _fresh_ln(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm `path` applied to x with x's own statistics, as the model computes it (at least
+        fp32), without calling the module: its hook points must not fire for an analysis."""
+        ln = self._ln_module(path)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        w, b = (t.detach().to(x.device, wide) for t in (ln.weight, ln.bias))
+        return F.layer_norm(x.to(wide), w.shape, w, b, ln.eps).to(x.dtype)
+
     def _stream_into(self, layer: int, mlp_input: bool = False) -> torch.Tensor:
         """The whole residual stream the LayerNorm of `_reader(layer, mlp_input)` reads."""
         if layer == self.n_layers:
@@ -305,7 +314,7 @@ class ActivationCache(Mapping):
             labels.append("final_post")
         stack = torch.stack([slice_pos(p, pos_slice) for p in parts])
         if apply_ln:
-            stack = self._ln_module(path)(stack)
+            stack = self._fresh_ln(path, stack)
         return (stack, labels) if return_labels else stack
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
@@ -540,7 +549,7 @@ class ActivationCache(Mapping):
         if has_batch_dim and batch_slice is not None:
             residual_stack = slice_dim(residual_stack, batch_slice, 1)
         if recompute_ln:
-            return module(residual_stack)
+            return self._fresh_ln(path, residual_stack)
         scale = slice_pos(self[f"{prefix}.hook_scale"], pos_slice)
         if self.has_batch_dim and batch_slice is not None:
             scale = slice_dim(scale, batch_slice, 0)

@@ -190,3 +190,17 @@ def test_apply_ln_to_stack_is_transformerlens_formula_on_processed_weights():
         ln.weight.fill_(1.0)
         ln.bias.zero_()
     torch.testing.assert_close(cache.apply_ln_to_stack(stack, pos_slice=-1), centered / scale, **FP64)
+
+
+def test_cache_analysis_fires_no_hooks():
+    """accumulated_resid(apply_ln=True) recomputes LayerNorms without calling the modules, so hooks a
+    user left attached (a permanent one, say) do not fire during an analysis."""
+    model, _, _, cache = model_and_cache(True)
+    fired = []
+    model.add_perma_hook(lambda name: name.startswith("ln_final"), lambda x, hook: fired.append(hook.name))
+    try:
+        cache.accumulated_resid(apply_ln=True)
+        cache.apply_ln_to_stack(cache.decompose_resid(), recompute_ln=True)
+    finally:
+        model.reset_hooks(including_permanent=True)
+    assert fired == []
