@@ -41,6 +41,7 @@ _EXPORTS = {
     "NeoXTokenizer": "tokenizer",
     "cache_dataset": "store.writer",
     "hook_names": "hooks.registry",
+    "get_act_name": "hooks.registry",
     "load_default": "default_model",
 }
 __all__ = sorted(_EXPORTS)

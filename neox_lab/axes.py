@@ -52,3 +52,5 @@ W_O_PER_HEAD = "d_model (n_heads d_head) -> n_heads d_head d_model"
 QKV_WEIGHT_PER_HEAD = "(n_heads qkv d_head) d_model -> qkv n_heads d_model d_head"
 QKV_BIAS_PER_HEAD = "(n_heads qkv d_head) -> qkv n_heads d_head"
 HEAD_RESULT = "batch pos n_heads d_head, n_heads d_head d_model -> batch pos n_heads d_model"
+# The same with or without the batch axis (a cache after remove_batch_dim).
+HEAD_RESULT_ANY = "... n_heads d_head, n_heads d_head d_model -> ... n_heads d_model"

@@ -110,6 +110,52 @@ class NeoXConfig:
         """`int(head_dim * rotary_pct)`, as transformers computes it."""
         return int(self.head_dim * self.rotary_pct)
 
+    # TransformerLens' names for the same numbers (its HookedTransformerConfig), read-only aliases.
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim
+
+    @property
+    def d_mlp(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def d_vocab(self) -> int:
+        return self.vocab_size
+
+    @property
+    def n_ctx(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def act_fn(self) -> str:
+        return self.hidden_act
+
+    @property
+    def normalization_type(self) -> str:
+        """"LN": LayerNorm with weight and bias (TransformerLens says "LNPre" only after fold_ln)."""
+        return "LN"
+
+    @property
+    def positional_embedding_type(self) -> str:
+        return "rotary"
+
+    @property
+    def parallel_attn_mlp(self) -> bool:
+        return self.use_parallel_residual
+
     @property
     def rotary_channels(self) -> int:
         """Channels actually rotated: the frequency table has ceil(rotary_dim / 2) entries and

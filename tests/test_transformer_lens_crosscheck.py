@@ -34,7 +34,7 @@ import tempfile
 
 import pytest
 import torch
-from hypothesis import Phase, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 tl = pytest.importorskip("transformer_lens", reason="optional: the TransformerLens cross-check needs "
@@ -54,7 +54,6 @@ REL = 1e-11
 TL_ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu")
 #: Shared hook names whose meaning differs until issue 13 part A lands (branch issue13a): neox_lab's
 #: ln*.hook_normalized is after the LayerNorm affine, TransformerLens 3.x's before it.
-PART_A_HOOKS = ("hook_normalized",)
 
 
 def tl_config(cfg, normalization_type: str = "LN") -> HookedTransformerConfig:
@@ -158,10 +157,10 @@ def test_every_shared_hook_and_the_logits_match(cfg, seed, processed):
     with torch.no_grad():
         their_logits, theirs = model.run_with_cache(ids)
         our_logits, ours = nx.run_with_cache(ids, names_filter=lambda n: True)
-    names = shared_hooks(ours, theirs, skip=() if processed else PART_A_HOOKS)
+    names = shared_hooks(ours, theirs)
     # Both libraries have all of these; a rename on either side would silently shrink the comparison.
-    per_layer = 17 + (0 if cfg.use_parallel_residual else 1) + (2 if processed else 0)
-    expected = 2 + (1 if processed else 0) + per_layer * cfg.num_hidden_layers
+    per_layer = 19 + (0 if cfg.use_parallel_residual else 1)
+    expected = 3 + per_layer * cfg.num_hidden_layers
     assert len(names) >= expected, names
     for name in names:
         assert_close(ours[name], theirs[name], name)
@@ -214,16 +213,6 @@ def test_cache_helpers_match(cfg, seed, processed):
                      "decompose_resid(apply_ln=True)")
 
 
-def part_a(what: str):
-    """Strict xfail for a semantic that issue 13 part A (branch issue13a) changes to TransformerLens'; when
-    it lands this XPASSes and fails, so the marker gets removed rather than forgotten."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 13 part A (issue13a): {what}; drop this marker once merged")
-
-
-# An expected failure needs one failing example, not a shrunk one: shrinking rebuilds both models per step.
-EXPECTED_FAILURE = settings(max_examples=4, phases=[Phase.generate])
-
-
 def caches(cfg, seed, processed):
     nx, model = build(cfg, seed, processed=processed)
     ids, _ = inputs(cfg, seed)
@@ -234,18 +223,6 @@ def caches(cfg, seed, processed):
     return ids, ours, theirs, (nx, model)
 
 
-@part_a("ln*.hook_normalized becomes the standardised stream, before the LayerNorm affine")
-@EXPECTED_FAILURE
-@given(cfg=tl_configs(), seed=st.integers(0, 2**16))
-def test_hook_normalized_matches_on_unprocessed_weights(cfg, seed):
-    _, ours, theirs, _models = caches(cfg, seed, processed=False)
-    for name in shared_hooks(ours, theirs):
-        if name.endswith(PART_A_HOOKS):
-            assert_close(ours[name], theirs[name], name)
-
-
-@part_a("accumulated_resid(apply_ln=True) normalises each stream with its own LayerNorm scale")
-@EXPECTED_FAILURE
 @given(cfg=tl_configs(), seed=st.integers(0, 2**16))
 def test_accumulated_resid_apply_ln_matches(cfg, seed):
     _, ours, theirs, _models = caches(cfg, seed, processed=True)
@@ -253,8 +230,6 @@ def test_accumulated_resid_apply_ln_matches(cfg, seed):
                  "accumulated_resid(apply_ln=True)")
 
 
-@part_a("logit_attrs applies the final LayerNorm scaling itself")
-@EXPECTED_FAILURE
 @given(cfg=tl_configs(), seed=st.integers(0, 2**16))
 def test_logit_attrs_matches(cfg, seed):
     ids, ours, theirs, _models = caches(cfg, seed, processed=True)

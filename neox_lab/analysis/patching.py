@@ -6,7 +6,7 @@
     patching_heatmap(patching.normalize(res).values, row_labels=res.row_labels,
                      col_labels=res.col_labels, xlabel="position", ylabel="layer")
 
-A *cell* is one (layer, position), (layer, head) or (layer, head, position) of a target stream; its
+A *cell* is one (layer, position), (layer, head) or (layer, position, head) of a target stream; its
 value is ``metric(logits)`` of the corrupted run with the clean activation patched into that cell
 (for every batch row at once). Batched patching (the default) stacks many cells' corrupted runs on
 the batch axis, so one forward evaluates up to ``batch_size // batch`` cells; ``batched=False`` runs
@@ -43,7 +43,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "attn_out": ("hook_attn_out", ("pos",)),
     "mlp_out": ("hook_mlp_out", ("pos",)),
     "z": ("attn.hook_z", ("head",)),
-    "z_pos": ("attn.hook_z", ("head", "pos")),
+    "z_pos": ("attn.hook_z", ("pos", "head")),  # [layer pos head], TransformerLens' order
     "q": ("attn.hook_q", ("head",)),
     "k": ("attn.hook_k", ("head",)),
     "v": ("attn.hook_v", ("head",)),
@@ -58,8 +58,10 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class PatchResult:
     """A patching grid. `values` is [layer, *cell axes, *metric shape] (metric shape is () for scalar
-    metrics, [batch] for per-row ones); `axes` names the cell axes, e.g. ("layer", "pos") or
-    ("layer", "head", "pos"), and `row_labels` / `col_labels` / `depth_labels` label them."""
+    metrics, [batch] for per-row ones); `axes` names the cell axes in order, e.g. ("layer", "pos") or
+    ("layer", "pos", "head") (TransformerLens' order), and `row_labels` / `col_labels` /
+    `depth_labels` label them (`labels` maps each axis name to its labels). An int `positions=` /
+    `heads=` drops that axis, as an int index does in TransformerLens."""
 
     values: torch.Tensor
     target: str
@@ -70,6 +72,12 @@ class PatchResult:
     clean_value: torch.Tensor | None = None
     corrupted_value: torch.Tensor | None = None
     method: str = "activation"
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        """Each cell axis's labels by its name, e.g. ``{"layer": [...], "pos": [...], "head": [...]}``."""
+        per_axis = [self.row_labels, self.col_labels, self.depth_labels]
+        return {axis: labels for axis, labels in zip(self.axes, per_axis, strict=False)}
 
 
 def normalize(result, clean_value=None, corrupted_value=None):
@@ -95,6 +103,18 @@ class _Plan:
     cell_axes: tuple[str, ...]     # after the layer axis
     choices: list[list[int]]       # selected indices per cell axis
     hook_axes: dict[str, int]      # cell axis -> axis in the hook's tensor
+    dropped: tuple[str, ...] = ()  # cell axes selected by an int: left out of the result
+
+    @property
+    def result_axes(self) -> tuple[str, ...]:
+        return ("layer", *(a for a in self.cell_axes if a not in self.dropped))
+
+    def squeeze(self, values: torch.Tensor) -> torch.Tensor:
+        """[layer, *cell axes, ...] -> the int-selected cell axes (length 1) removed."""
+        for k in reversed(range(len(self.cell_axes))):
+            if self.cell_axes[k] in self.dropped:
+                values = values.select(k + 1, 0)
+        return values
 
     def cells(self):
         """(layer index into `layers`, index values per cell axis) for every cell, row-major."""
@@ -152,13 +172,15 @@ def _plan(model, target: str, seq_len: int, layers, positions, heads) -> _Plan:
         warnings.warn("the model is in training mode, so dropout makes patched runs noisy; call model.eval()",
                       stacklevel=3)
     choices = [_select(picks[a], sizes[a], {"pos": "position", "head": "head"}[a]) for a in cell_axes]
-    return _Plan(target, names, layers, cell_axes, choices, hook_axes)
+    dropped = tuple(a for a in cell_axes if isinstance(picks[a], int))
+    return _Plan(target, names, layers, cell_axes, choices, hook_axes, dropped)
 
 
 def _labels(plan: _Plan) -> dict:
     labels = [[str(layer) for layer in plan.layers]]
-    labels += [[str(i) for i in c] for c in plan.choices]
-    return dict(row_labels=labels[0], col_labels=labels[1],
+    labels += [[str(i) for i in c] for a, c in zip(plan.cell_axes, plan.choices, strict=True)
+               if a not in plan.dropped]
+    return dict(row_labels=labels[0], col_labels=labels[1] if len(labels) > 1 else [],
                 depth_labels=labels[2] if len(labels) > 2 else None)
 
 
@@ -227,7 +249,8 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, targ
 
     Targets: "resid_pre", "resid_mid" (sequential-residual models only), "resid_post", "attn_out",
     "mlp_out" (layer x pos); "z", "q", "k", "v", "pattern" (layer x head, every position); "z_pos"
-    (layer x head x pos). `layers`, `positions`, `heads` restrict the grid (default: all).
+    (layer x pos x head, TransformerLens' order). `layers`, `positions`, `heads` restrict the grid
+    (default: all); an int position or head drops that axis from the result.
     `metric(logits)` sees the B corrupted rows of one cell and returns a scalar or a [B] tensor.
     `attention_mask` applies to both runs unless `clean_attention_mask` / `corrupted_attention_mask`
     override it. Batched (default): up to ``max(1, batch_size // B)`` cells per forward; ``batched=False``
@@ -257,7 +280,7 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, targ
                 values.append(metric(out.logits))
         clean_value = torch.as_tensor(metric(clean_logits))
         corrupted_value = torch.as_tensor(metric(corrupted_logits))
-    return PatchResult(values=_stack(values, plan.grid_shape), target=target, axes=("layer", *plan.cell_axes),
+    return PatchResult(values=plan.squeeze(_stack(values, plan.grid_shape)), target=target, axes=plan.result_axes,
                        clean_value=clean_value.detach().float().cpu(),
                        corrupted_value=corrupted_value.detach().float().cpu(), **_labels(plan))
 
@@ -333,11 +356,78 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 
     with torch.no_grad():
         clean_value = torch.as_tensor(metric(clean_logits))
-    return PatchResult(values=torch.stack(per_layer).detach().cpu(), target=target,
-                       axes=("layer", *plan.cell_axes), clean_value=clean_value.detach().float().cpu(),
+    return PatchResult(values=plan.squeeze(torch.stack(per_layer).detach().cpu()), target=target,
+                       axes=plan.result_axes, clean_value=clean_value.detach().float().cpu(),
                        corrupted_value=value.detach().float().cpu(), method="attribution", **_labels(plan))
 
 
 
-__all__ = ["PatchResult", "TARGETS", "activation_patch", "attribution_patch", "kl_to_clean", "logit_diff",
-           "loss", "normalize", "prob"]
+# ---------------------------------------------------------------------------------------------- TransformerLens' API
+def _from_cache(model, corrupted_tokens, clean_cache, metric: Metric, target: str, batch_size: int = 64):
+    """TransformerLens' patching call: clean activations from `clean_cache` (a `run_with_cache` of the
+    clean input, with its batch axis and every position), corrupted run on `corrupted_tokens`."""
+    device = next(model.parameters()).device
+    corrupted = _as_batch(corrupted_tokens, "corrupted_tokens").to(device)
+    plan = _plan(model, target, corrupted.shape[1], None, None, None)
+    for name in plan.names:
+        clean, shape = clean_cache[name], model.hook_dict[name].shape
+        pos_axis = find_axis(shape, POSITIONS)
+        if clean.dim() != len(shape.split()) or clean.shape[0] != corrupted.shape[0] or \
+                clean.shape[pos_axis] != corrupted.shape[1]:
+            raise ValueError(f"clean_cache[{name!r}] is {tuple(clean.shape)}, but patching it into "
+                             f"corrupted_tokens {tuple(corrupted.shape)} needs [{shape}] with the same batch "
+                             "and positions: cache the clean run of the same shape, without pos_slice or "
+                             "remove_batch_dim")
+    values = _patch_batched(model, corrupted, None, clean_cache, plan, metric, batch_size, {})
+    return plan.squeeze(_stack(values, plan.grid_shape))
+
+
+def get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each (layer, position) of resid_pre; [layer pos]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "resid_pre")
+
+
+def get_act_patch_resid_mid(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call for resid_mid (sequential-residual models only); [layer pos]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "resid_mid")
+
+
+def get_act_patch_attn_out(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each (layer, position) of attn_out; [layer pos]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "attn_out")
+
+
+def get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each (layer, position) of mlp_out; [layer pos]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "mlp_out")
+
+
+def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache,
+                                       patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each head's z at each position; [layer pos head]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "z_pos")
+
+
+def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache,
+                                        patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: patch each head's z at every position at once; [layer head]."""
+    return _from_cache(model, corrupted_tokens, clean_cache, patching_metric, "z")
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: resid_pre, attn_out and mlp_out patched per (layer, position); [3 layer pos]."""
+    return torch.stack([_from_cache(model, corrupted_tokens, clean_cache, patching_metric, t)
+                        for t in ("resid_pre", "attn_out", "mlp_out")])
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache,
+                                          patching_metric: Metric) -> torch.Tensor:
+    """TransformerLens' call: each head's z, q, k, v and pattern patched at every position; [5 layer head]."""
+    return torch.stack([_from_cache(model, corrupted_tokens, clean_cache, patching_metric, t)
+                        for t in ("z", "q", "k", "v", "pattern")])
+
+
+__all__ = ["PatchResult", "TARGETS", "activation_patch", "attribution_patch", "get_act_patch_attn_head_all_pos_every",
+           "get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_out",
+           "get_act_patch_block_every", "get_act_patch_mlp_out", "get_act_patch_resid_mid",
+           "get_act_patch_resid_pre", "kl_to_clean", "logit_diff", "loss", "normalize", "prob"]

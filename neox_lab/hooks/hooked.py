@@ -10,7 +10,7 @@ import torch
 
 from ..axes import POSITIONS, find_axis
 from .activation_cache import ActivationCache, PosSlice, slice_pos
-from .points import HookFn, HookPoint
+from .points import HookFn, HookPoint, LayerIndex
 from .registry import hook_names, layer_of, unknown_hook_message
 
 NameOrFilter = str | Callable[[str], bool]
@@ -22,23 +22,39 @@ class HookedMixin:
     """Mixed into `torch.nn.Module`s whose tree holds `HookPoint`s; names them and runs hooks."""
 
     _hook_points: dict[str, HookPoint]
+    #: Whether `run_with_cache()` with no filter caches each head's write `attn.hook_result` (n_heads times
+    #: attn_out's size, built only when hooked): TransformerLens' `use_attn_result`, off by default there too.
+    use_attn_result: bool = False
 
     def _setup_hooks(self, strip: str = "") -> None:
         points = {}
+        self._module_prefix = strip
         for path, module in self.named_modules():  # type: ignore[attr-defined]
             if isinstance(module, HookPoint):
                 name = path[len(strip):] if strip and path.startswith(strip) else path
                 module.name = name
-                module.layer = layer_of(name)
+                layer = layer_of(name)
+                module.layer = None if layer is None else LayerIndex(layer)
                 points[name] = module
         order = {name: i for i, name in enumerate(hook_names(self.cfg))}  # type: ignore[attr-defined]
         self._hook_points = dict(sorted(points.items(), key=lambda kv: order.get(kv[0], len(order))))
 
     # ------------------------------------------------------------------ lookup
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Make `run_with_cache()` without a filter cache `attn.hook_result` too (see `use_attn_result`)."""
+        self.use_attn_result = bool(use_attn_result)
+
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
         """Every hook point by name."""
         return dict(self._hook_points)
+
+    @property
+    def mod_dict(self) -> dict[str, Any]:
+        """Every submodule by its path (TransformerLens' `mod_dict`): ``model.mod_dict["blocks.0.attn"]``."""
+        strip = getattr(self, "_module_prefix", "")
+        return {(path[len(strip):] if strip and path.startswith(strip) else path): module
+                for path, module in self.named_modules()}  # type: ignore[attr-defined]
 
     def hook_names(self) -> list[str]:
         """Every hook name, in forward order."""
@@ -68,6 +84,11 @@ class HookedMixin:
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         for hp in self.resolve_hooks(name):
             hp.add(fn, dir=dir, permanent=permanent)
+
+    def add_perma_hook(self, name: NameOrFilter, fn: HookFn, dir: str = "fwd") -> None:
+        """Attach a hook that `reset_hooks()` and the end of a `hooks()` block leave in place; only
+        ``reset_hooks(including_permanent=True)`` removes it (as TransformerLens)."""
+        self.add_hook(name, fn, dir=dir, permanent=True)
 
     def reset_hooks(self, including_permanent: bool = False) -> None:
         """Remove every temporary hook (and permanent ones too if asked)."""
@@ -111,18 +132,26 @@ class HookedMixin:
     def run_with_cache(self, *args: Any, names_filter: NameOrFilter | Iterable[str] | None = None,
                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                        pos_slice: PosSlice = None, stop_at_layer: int | None = None, incl_bwd: bool = False,
-                       **kwargs: Any) -> tuple[torch.Tensor | None, ActivationCache]:
-        """Forward once, caching activations; returns ``(logits, ActivationCache)``.
+                       remove_batch_dim: bool = False, **kwargs: Any) -> tuple[Any, ActivationCache]:
+        """Forward once, caching activations; returns ``(output, ActivationCache)``.
 
-        Activations are stored detached (on `device`, in `dtype` when given, sliced along their
-        position axis by `pos_slice`), under `torch.no_grad()` unless `incl_bwd`, in which case the
-        output's `.loss` (or the logits' sum when there is no loss) is backpropagated and gradients are
-        cached under "<name>_grad". `stop_at_layer=L` runs blocks 0..L-1 only and returns None for logits.
+        The output is what `forward` returns for these arguments (logits for TransformerLens-style
+        calls, see `forward`'s `return_type`; None with `stop_at_layer`; the logits for HF-style calls).
+        `names_filter` None caches every hook except each head's write `attn.hook_result` (the
+        largest stream; as TransformerLens, it is cached when named, by a filter function, or after
+        `set_use_attn_result(True)`). Activations are stored detached (on `device`, in `dtype` when
+        given, indexed along their position axis by `pos_slice`: an int drops the axis, as in
+        TransformerLens), under `torch.no_grad()` unless `incl_bwd`, in which case the output's loss
+        (or the logits' sum when there is none) is backpropagated and gradients are cached under
+        "<name>_grad". `stop_at_layer=L` runs blocks 0..L-1 only. `remove_batch_dim=True` (batch 1)
+        drops the batch axis of every cached tensor.
         """
         if incl_bwd and stop_at_layer is not None:
             raise ValueError("run_with_cache: incl_bwd=True needs the whole forward (a loss or logits to "
                              "backpropagate), so it cannot be combined with stop_at_layer")
         points = self.resolve_hooks(names_filter)
+        if names_filter is None and not self.use_attn_result:
+            points = [hp for hp in points if not hp.name.endswith("attn.hook_result")]
         store: dict[str, torch.Tensor] = {}
 
         def saver(suffix: str):
@@ -138,7 +167,20 @@ class HookedMixin:
         with grad_ctx, self.hooks(fwd, bwd):
             out = self(*args, stop_at_layer=stop_at_layer, **kwargs)  # type: ignore[operator]
             if incl_bwd:
-                target = out.loss if out.loss is not None else out.logits.sum()
+                target = _backprop_target(out)
                 target.backward()
-        logits = None if stop_at_layer is not None else out.logits
-        return logits, ActivationCache(store, self)
+        cache = ActivationCache(store, self)
+        if remove_batch_dim:
+            cache.remove_batch_dim()
+        if stop_at_layer is not None:
+            return None, cache
+        return (out.logits if hasattr(out, "logits") else out), cache
+
+
+def _backprop_target(out: Any) -> torch.Tensor:
+    """What `run_with_cache(incl_bwd=True)` backpropagates: the loss when there is one, else the logits' sum."""
+    if isinstance(out, tuple):  # return_type="both": (logits, loss)
+        return out[1]
+    if isinstance(out, torch.Tensor):
+        return out if out.dim() == 0 else out.sum()
+    return out.loss if out.loss is not None else out.logits.sum()

@@ -15,6 +15,13 @@ class HookError(RuntimeError):
     """A hook function misbehaved (wrong replacement shape or dtype, or a backward hook with no grad)."""
 
 
+class LayerIndex(int):
+    """A hook's block index: an int, and callable as TransformerLens' ``hook.layer()`` method."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+
 class HookPoint(nn.Module):
     """An identity that fires the hook functions attached to it.
 
@@ -29,7 +36,8 @@ class HookPoint(nn.Module):
         super().__init__()
         self.name: str = ""
         self.shape = shape
-        self.layer: int | None = None
+        #: The block this hook point is in (`LayerIndex`, so ``hook.layer()`` works too), None outside blocks.
+        self.layer: LayerIndex | None = None
         self.ctx: dict = {}
         self.fwd_fns: list[tuple[HookFn, bool]] = []
         self.bwd_fns: list[tuple[HookFn, bool]] = []

@@ -15,13 +15,14 @@ from ..config import NeoXConfig
 MODEL_HOOKS = {
     "hook_embed": RESID,
     "ln_final.hook_scale": LN_SCALE,
-    "ln_final.hook_standardized": RESID,
     "ln_final.hook_normalized": RESID,
+    "ln_final.hook_ln_out": RESID,
 }
 
-#: LayerNorm streams: scale = sqrt(var + eps); standardized = (x - mean) / scale, before the affine
-#: weight and bias; normalized = standardized * w + b, the output that feeds attention / MLP / unembed.
-LN_HOOKS = {"hook_scale": LN_SCALE, "hook_standardized": RESID, "hook_normalized": RESID}
+#: LayerNorm streams: scale = sqrt(var + eps); normalized = (x - mean) / scale, before the affine weight
+#: and bias (TransformerLens 3.x's meaning); ln_out = normalized * w + b, the output that feeds
+#: attention / MLP / unembed (a name TransformerLens does not use, so no TransformerLens name changes meaning).
+LN_HOOKS = {"hook_scale": LN_SCALE, "hook_normalized": RESID, "hook_ln_out": RESID}
 
 #: Hooks of every block, relative to `blocks.{L}.`.
 BLOCK_HOOKS = {
@@ -116,26 +117,54 @@ BLOCK_SHORTHAND = {  # short name -> hook name relative to its block
     "result": "attn.hook_result",
     "pre": "mlp.hook_pre",
     "post": "mlp.hook_post",
+    # TransformerLens' long aliases (its get_act_name lookup)
+    "attn": "attn.hook_pattern",
+    "attn_logits": "attn.hook_attn_scores",
+    "key": "attn.hook_k",
+    "query": "attn.hook_q",
+    "value": "attn.hook_v",
+    "mlp_pre": "mlp.hook_pre",
+    "mlp_post": "mlp.hook_post",
 }
+#: TransformerLens' spellings of the third element of a shorthand key (the sublayer).
+_LAYER_TYPES = {"a": "attn", "attention": "attn", "m": "mlp", "b": None, "block": None, "blocks": None}
 #: LayerNorm streams by short name: ("scale", 2, "ln2") is block 2's ln2, ("scale",) ln_final's.
-LN_STREAMS = ("scale", "standardized", "normalized")
+LN_STREAMS = ("scale", "normalized", "ln_out")
 
 
 def expand_shorthand(key: str | tuple, n_layers: int) -> str:
-    """Turn ``"resid_post", 3`` / ``("scale", 2, "ln1")`` style keys into a full hook name."""
+    """Turn ``"resid_post", 3`` / ``("scale", 2, "ln1")`` / ``"pattern1"`` style keys into a full hook name."""
     if isinstance(key, str):
-        return MODEL_SHORTHAND.get(key, key)
+        if key in MODEL_SHORTHAND:
+            return MODEL_SHORTHAND[key]
+        name, digits = key.rstrip("0123456789"), key[len(key.rstrip("0123456789")):]
+        if digits and (name in BLOCK_SHORTHAND or name in LN_STREAMS):
+            return expand_shorthand((name, int(digits)), n_layers)  # TransformerLens' "pattern1", "k6"
+        return key
     name, *rest = key
     layer = rest[0] if rest else None
     if isinstance(layer, int) and layer < 0:
         layer += n_layers
+    where = rest[1] if len(rest) > 1 else None
+    where = _LAYER_TYPES.get(where, where)
     if name in LN_STREAMS:
-        where = rest[1] if len(rest) > 1 else None
         if layer is None or where == "ln_final":
             return f"ln_final.hook_{name}"
-        return block_hook(layer, f"{where or 'ln1'}.hook_{name}")
+        return block_hook(layer, f"{where if where in ('ln1', 'ln2') else 'ln1'}.hook_{name}")
     if name in MODEL_SHORTHAND:
         return MODEL_SHORTHAND[name]
     if name not in BLOCK_SHORTHAND:
         raise KeyError(f"unknown shorthand {name!r}; known: {sorted(MODEL_SHORTHAND | BLOCK_SHORTHAND)}")
+    if layer is None:
+        raise KeyError(f"shorthand {name!r} needs a layer, e.g. ({name!r}, 0)")
     return block_hook(layer, BLOCK_SHORTHAND[name])
+
+
+def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """TransformerLens' `utils.get_act_name`: the full hook name of a short one, e.g.
+    ``get_act_name("z", 3)`` -> "blocks.3.attn.hook_z", ``get_act_name("scale", 2, "ln2")``,
+    ``get_act_name("pattern1")``. Negative layers are not counted back here (no model at hand)."""
+    if layer is None and layer_type is None:
+        full = expand_shorthand(name, n_layers=0)
+        return full if full != name or "." in name or name.startswith("hook_") else expand_shorthand((name,), 0)
+    return expand_shorthand((name, layer, layer_type), n_layers=0)

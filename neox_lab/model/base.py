@@ -71,7 +71,8 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
         raise NotImplementedError(f"{type(self).__name__} must say where its NeoXModel is")
 
     def set_attn_backend(self, name: str) -> None:
-        """"eager" (reference), "sdpa", "flash" (CUDA fp16/bf16) or "auto" (flash where it can run)."""
+        """"eager" (reference), "sdpa", "flash" (CUDA fp16/bf16) or "auto" (flash where it can run, else
+        sdpa; a layer whose scores / pattern are wanted runs eager for that call, silently)."""
         if name not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {name!r}")
         self.attn_backend = name
@@ -186,6 +187,8 @@ class NeoXModel(NeoXPreTrained):
         self.rotary = Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.ln_final = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        # A task head checks its own inputs (with its tokenizer); only a bare model warns here.
+        self._checks_padding = _setup
         if _setup:
             self.init_weights()
             self._setup_hooks()
@@ -267,9 +270,13 @@ class NeoXModel(NeoXPreTrained):
                 position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False, output_hidden_states: bool = False,
                 output_attentions: bool = False, head_mask: torch.Tensor | None = None,
-                stop_at_layer: int | None = None) -> NeoXOutput:
+                stop_at_layer: int | None = None, start_at_layer: int | None = None) -> NeoXOutput:
         """Run the blocks. When `attention_mask` is given without `position_ids`, positions count only
-        unmasked tokens (cumsum - 1), so a left-padded row computes what the unpadded row computes."""
+        unmasked tokens (cumsum - 1), so a left-padded row computes what the unpadded row computes.
+
+        `stop_at_layer=L` runs blocks 0..L-1 and returns the stream entering block L as
+        `last_hidden_state`; `start_at_layer=L` takes that stream as `inputs_embeds` and runs blocks
+        L.. (TransformerLens' pair: the embedding and hook_embed are skipped)."""
         cache = past_key_values
         self._check_cache(cache)
         if use_cache and cache is None:
@@ -278,9 +285,19 @@ class NeoXModel(NeoXPreTrained):
         batch, q_len = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
         self._check_cache(cache, batch)
         head_masks = self._head_masks(head_mask)
+        if self._checks_padding:
+            self.warn_if_left_padded(input_ids, attention_mask)
         device = self.embed.weight.device
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        x = self.embed_dropout(self.hook_embed(x))
+        if start_at_layer is not None:
+            if inputs_embeds is None:
+                raise ValueError("start_at_layer needs the residual stream entering that layer as "
+                                 "inputs_embeds [batch pos d_model] (TransformerLens-style: as the input)")
+            if not 0 <= start_at_layer <= self.cfg.num_hidden_layers:
+                raise ValueError(f"start_at_layer must lie in [0, {self.cfg.num_hidden_layers}], got {start_at_layer}")
+            x = inputs_embeds
+        else:
+            x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+            x = self.embed_dropout(self.hook_embed(x))
 
         key_mask = None
         if attention_mask is not None:
@@ -301,15 +318,17 @@ class NeoXModel(NeoXPreTrained):
             x, hidden, attentions = self.run_blocks(
                 x, position_ids, mask, backend=backend, kv_cache=cache, head_masks=head_masks,
                 stop_at_layer=stop_at_layer, output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions)
+                output_attentions=output_attentions, start_at_layer=start_at_layer or 0)
         except BaseException:
             if snapshot is not None:  # a failing hook must not leave a half-updated cache behind
                 cache.restore(snapshot)
             raise
         n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
         # Once per layer, one warning per call naming them all.
-        fallen = [block.attn for block in self.blocks[:n_run] if block.attn.report_fallback()]
-        if fallen:
+        fallen = [block.attn for block in self.blocks[start_at_layer or 0:n_run] if block.attn.report_fallback()]
+        # "auto" promises the fastest kernel that computes the function asked for, fallback included:
+        # only a backend the user named is worth a warning when a layer leaves it.
+        if fallen and self.attn_backend != "auto":
             layers = ", ".join(str(attn.layer) for attn in fallen)
             warnings.warn(f"layer{'s' if len(fallen) > 1 else ''} {layers}: attention scores/pattern were "
                           f"requested, which the {backend!r} backend's kernels never materialise; "
@@ -325,7 +344,7 @@ class NeoXModel(NeoXPreTrained):
 
     def run_blocks(self, x: torch.Tensor, position_ids: torch.Tensor, mask: AttnMask | StaticDecodeMask, *,
                    backend: str, kv_cache=None, head_masks: list | None = None, stop_at_layer: int | None = None,
-                   output_hidden_states: bool = False, output_attentions: bool = False,
+                   output_hidden_states: bool = False, output_attentions: bool = False, start_at_layer: int = 0,
                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The one loop over the blocks: rotary tables, blocks 0..stop_at_layer-1, then (when
         `stop_at_layer` is None) the final LayerNorm, on the embedded input x [batch pos d_model].
@@ -339,7 +358,8 @@ class NeoXModel(NeoXPreTrained):
         cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
         hidden, attentions = [], []
         n_run = len(self.blocks) if stop_at_layer is None else stop_at_layer
-        for layer, block in enumerate(self.blocks[:n_run]):
+        for layer in range(start_at_layer, n_run):
+            block = self.blocks[layer]
             if output_hidden_states:
                 hidden.append(x)
             x, pattern = block(x, self.rotary, cos, sin, mask, backend=backend, kv_cache=kv_cache,

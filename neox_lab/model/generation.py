@@ -49,8 +49,17 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, *, prompt:
              pad_token_id: int | None = _UNSET,  # type: ignore[assignment]
              generator: torch.Generator | None = None, use_cache: bool = True,
              return_cache: bool = False, names_filter: NameOrFilter | Iterable[str] | None = None,
-             compile: bool = False) -> torch.Tensor | tuple[torch.Tensor, ActivationCache]:
-    """Extend prompts token by token; returns the ids ``[batch prompt_len + new]``.
+             compile: bool = False, return_type: str = "input", verbose: bool = False,
+             prepend_bos: bool = True, padding_side: str = "left", input=None, stop_at_eos: bool = True,
+             ) -> torch.Tensor | str | list[str] | tuple[torch.Tensor | str | list[str], ActivationCache]:
+    """Extend prompts token by token; returns the ids ``[batch prompt_len + new]`` (see `return_type`).
+
+    TransformerLens-style: the input (positional or `input=`) may be a str or a list of str, tokenized
+    as `to_tokens(text, prepend_bos, padding_side="left")` with its mask; `return_type` "input"
+    (default) returns text for text input and ids otherwise, "str" the decoded text (a str for one
+    prompt, a list for several), "tokens" the ids. `verbose=True` shows a progress bar (tqdm, when
+    installed). `stop_at_eos=False` is `eos_token_id=None`. The token-choice defaults are
+    transformers' (greedy unless `do_sample=True`), not TransformerLens' (which samples).
 
     input_ids: int ``[batch pos]`` (or ``[pos]``), left-padded with `attention_mask` ``[batch pos]``
         (1 = real token) when rows differ in length. Or `prompt`: a str or list of str, tokenized with
@@ -76,6 +85,42 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, *, prompt:
 
     Runs under `torch.no_grad()`. Module docstring: what hooks see at each step.
     """
+    if return_type not in ("input", "str", "tokens"):
+        raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+    if input is not None:
+        if input_ids is not None:
+            raise TypeError("pass the input once: positionally or as input=")
+        input_ids = input
+    text_in = isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and len(input_ids) > 0
+                                             and all(isinstance(t, str) for t in input_ids))
+    if text_in:
+        if attention_mask is not None or prompt is not None:
+            raise ValueError("text input makes its own attention_mask; pass neither attention_mask nor prompt=")
+        input_ids, attention_mask = model.to_tokens_and_mask(input_ids, prepend_bos, padding_side)
+    if not stop_at_eos:
+        eos_token_id = None
+    want_text = return_type == "str" or (return_type == "input" and text_in)
+    one_text = isinstance(input if input is not None else None, str)
+    ids = _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_tokens, do_sample,
+                        temperature, top_k, top_p, eos_token_id, pad_token_id, generator, use_cache,
+                        return_cache, names_filter, compile, verbose)
+    if not want_text:
+        return ids
+    out_ids, cache = (ids if return_cache else (ids, None))
+    texts = model.to_string(out_ids)
+    if isinstance(texts, str):
+        texts = [texts]
+    result = texts[0] if (len(texts) == 1 and (one_text or _single_text(input_ids, prompt, text_in))) else texts
+    return (result, cache) if return_cache else result
+
+
+def _single_text(input_ids, prompt, text_in) -> bool:
+    return isinstance(prompt, str) or (text_in and input_ids.shape[0] == 1)
+
+
+def _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_tokens, do_sample, temperature,
+                  top_k, top_p, eos_token_id, pad_token_id, generator, use_cache, return_cache, names_filter,
+                  compile, verbose):
     input_ids, attention_mask = _inputs(model, input_ids, prompt, attention_mask)
     batch, prompt_len = input_ids.shape
     total = _total_length(prompt_len, max_length, max_new_tokens)
@@ -95,7 +140,15 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, *, prompt:
     if compile and use_cache:
         decoder = static_decoder(model, ids, total)  # None (with a warning) where it cannot run
     step_ids = ids
-    for step in range(total - prompt_len):
+    steps = range(total - prompt_len)
+    if verbose:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is optional: no bar then
+            tqdm = None
+        if tqdm is not None:
+            steps = tqdm(steps, desc="generate")
+    for step in steps:
         if decoder is not None:
             logits = decoder(step_ids, mask, prefill=step == 0).float()
         else:

@@ -10,7 +10,9 @@ All kernels take q, k, v in [batch pos n_heads d_head] (k, v with the KV cache's
 prepended) and return z in the same layout. Masks are described once per forward by `AttnMask` (or,
 for a CUDA-graph decoding step, by `StaticDecodeMask`), shared by every layer.
 
-Rows. A query with no key at all (a left-padding position) gets z = 0 on every backend, never NaN.
+Rows. A query with no key at all (a left-padding position, or a row a `hook_attn_scores` hook set to
+-inf everywhere) gets z = 0 on every backend, never NaN (a scores hook runs the eager kernel, on any
+backend, so one guard covers them all).
 A padding query that does see real keys (right padding) is computed like any other row by "eager" and
 "sdpa"; the flash-attn package's unpadded kernel drops it and gives 0 there. No real position ever reads
 a padding position, so outputs at real positions never depend on this.
@@ -140,10 +142,14 @@ def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p
     # unscaled q.k can pass 65504 where q.k / sqrt(d_head) is far below it.
     scores = einsum(q * scale, k, axes.SCORES)
     scores = scores.masked_fill(~mask.allowed, float("-inf"))
+    dead = mask.dead
     if hook_scores is not None:
         scores = hook_scores(scores)
+        # A hook that masks every key of a row (a common knockout) leaves it no softmax: it attends to
+        # nothing, as a padding row does, instead of turning every later logit into NaN.
+        emptied = torch.isneginf(scores).all(-1, keepdim=True)
+        dead = emptied if dead is None else dead | emptied
     scores32 = widen(scores)
-    dead = mask.dead
     if dead is not None:
         # A row with every key masked has no softmax; give it zero attention instead of NaN.
         scores32 = scores32.masked_fill(dead, 0.0)
@@ -204,7 +210,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> str:
-    """Map "auto" to a concrete backend for this input: flash on CUDA half precision, else eager.
+    """Map "auto" to a concrete backend for this input: flash on CUDA half precision, else sdpa (the
+    same function as eager to rounding, and what transformers runs by default; a layer whose scores or
+    pattern are hooked or asked for runs eager for that call). "eager" stays the named reference.
 
     "flash" where it cannot run (CPU, fp32/fp64) raises ValueError before any layer runs.
     """
@@ -212,7 +220,7 @@ def resolve_backend(name: str, x: torch.Tensor) -> str:
         raise ValueError(f"attn_backend must be one of {BACKENDS}, got {name!r}")
     runs_flash = x.is_cuda and compute_dtype(x) in HALF
     if name == "auto":
-        return "flash" if runs_flash else "eager"
+        return "flash" if runs_flash else "sdpa"
     if name == "flash" and not runs_flash:
         raise ValueError(
             f"attn_backend 'flash' needs CUDA tensors in float16/bfloat16, got {compute_dtype(x)} on "

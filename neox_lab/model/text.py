@@ -6,6 +6,9 @@ its directory has a tokenizer.json).
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -26,15 +29,20 @@ class TextMixin:
             raise no_tokenizer_error()
         return self.tokenizer
 
-    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = False,
-                  padding_side: str = "left") -> torch.Tensor:
-        """Token ids ``[batch pos]`` (int64, on the model's device) of a string or a list of strings.
-
-        No special tokens are added except the bos token when `prepend_bos`. Rows of a batch are padded
-        to the longest with the tokenizer's pad token on `padding_side` ("left" suits generation); the
-        padding mask is not returned, so for batched generation prefer ``model.generate(prompt=[...])``
-        or ``model.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")``.
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True,
+                  padding_side: str = "right") -> torch.Tensor:
+        """Token ids ``[batch pos]`` (int64, on the model's device) of a string or a list of strings, as
+        TransformerLens makes them: the bos token first (`prepend_bos`, default True), no other special
+        tokens, rows of a batch padded to the longest with the pad token on the **right**. Causal
+        attention then keeps every real position exact without a mask; pass `padding_side="left"` to
+        line prompts up for generation, and then the attention mask (`to_tokens_and_mask`) too: a
+        forward of a left-padded batch without one warns.
         """
+        return self.to_tokens_and_mask(text, prepend_bos, padding_side)[0]
+
+    def to_tokens_and_mask(self, text: str | Sequence[str], prepend_bos: bool = True,
+                           padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+        """`to_tokens` and its attention mask ``[batch pos]`` (1 = real token, 0 = padding)."""
         tok = self._require_tokenizer()
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
@@ -50,9 +58,14 @@ class TextMixin:
         if any(len(row) != width for row in rows) and tok.pad_token_id is None:
             raise ValueError("rows differ in length and the tokenizer has no pad_token to pad them with")
         pad = [tok.pad_token_id]
-        padded = [pad * (width - len(r)) + r if padding_side == "left" else r + pad * (width - len(r))
-                  for r in rows]
-        return torch.tensor(padded, dtype=torch.long, device=self._text_device()).reshape(len(rows), width)
+        padded, masks = [], []
+        for r in rows:
+            fill = width - len(r)
+            padded.append(pad * fill + r if padding_side == "left" else r + pad * fill)
+            masks.append([0] * fill + [1] * len(r) if padding_side == "left" else [1] * len(r) + [0] * fill)
+        device = self._text_device()
+        ids = torch.tensor(padded, dtype=torch.long, device=device).reshape(len(rows), width)
+        return ids, torch.tensor(masks, dtype=torch.long, device=device).reshape(len(rows), width)
 
     def to_string(self, ids) -> str | list[str]:
         """Decoded text, special tokens kept: a str for one sequence (an int, a list of ints or ``[pos]``),
@@ -63,12 +76,13 @@ class TextMixin:
             return tok.decode(ids)
         return tok.batch_decode(ids)
 
-    def to_str_tokens(self, text_or_ids, prepend_bos: bool = False) -> list[str] | list[list[str]]:
+    def to_str_tokens(self, text_or_ids, prepend_bos: bool = True) -> list[str] | list[list[str]]:
         """Each token decoded on its own, e.g. "Hello world" -> ["Hello", " world"].
 
-        Takes a str (tokenized as `to_tokens` does), or ids: an int, a list of ints, ``[pos]`` or
-        ``[1 pos]`` give a list of str; a list of str, a list of id lists or ``[batch pos]`` with
-        batch > 1 give one list per row. A character split across tokens shows as U+FFFD pieces.
+        Takes a str (tokenized as `to_tokens` does, bos first unless `prepend_bos=False`), or ids: an
+        int, a list of ints, ``[pos]`` or ``[1 pos]`` give a list of str; a list of str, a list of id
+        lists or ``[batch pos]`` with batch > 1 give one list per row. A character split across
+        tokens shows as U+FFFD pieces.
         """
         tok = self._require_tokenizer()
         if isinstance(text_or_ids, str) or (isinstance(text_or_ids, (list, tuple)) and text_or_ids
@@ -86,9 +100,37 @@ class TextMixin:
                 return [self.to_str_tokens(row) for row in ids]
         return [tok.decode([i]) for i in ids]
 
+    def warn_if_left_padded(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        """Warn when a batch looks left-padded and no attention mask says so: its rows begin with
+        different numbers of pad tokens (a bos equal to the pad token counts once in every row, so
+        it does not trigger this). The padding would be read as text and shift every later position."""
+        if attention_mask is not None or input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] < 2:
+            return
+        if input_ids.is_floating_point():
+            return
+        pads = {getattr(self.tokenizer, "pad_token_id", None), getattr(self.cfg, "pad_token_id", None)}  # type: ignore[attr-defined]
+        for pad in pads - {None}:
+            leading = (input_ids == pad).long().cumprod(-1).sum(-1)
+            if int(leading.min()) != int(leading.max()):
+                warnings.warn(f"input_ids look left-padded (rows start with different numbers of the pad token "
+                              f"{pad}) but no attention_mask was given, so the padding is attended to as text "
+                              "and shifts every later position of those rows; pass attention_mask (e.g. from "
+                              "model.to_tokens_and_mask(..., padding_side='left')) or pad on the right",
+                              stacklevel=_outside_stacklevel())
+                return
+
     def _text_device(self) -> torch.device:
         param = next(self.parameters(), None)  # type: ignore[attr-defined]
         return param.device if param is not None else torch.device("cpu")
+
+
+def _outside_stacklevel() -> int:
+    """The `stacklevel` that points a warning at the first frame outside neox_lab and torch."""
+    internal = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _as_lists(ids):

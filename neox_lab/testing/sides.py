@@ -6,22 +6,22 @@ modules that compute them. The mapping (HF module -> neox_lab hook):
 
     gpt_neox.embed_in output                       hook_embed
     layers.L input / output                        blocks.L.hook_resid_pre / hook_resid_post
-    layers.L.input_layernorm output                blocks.L.ln1.hook_normalized
+    layers.L.input_layernorm output                blocks.L.ln1.hook_ln_out
     layers.L.attention.query_key_value output      blocks.L.attn.hook_q / hook_k / hook_v (per-head split)
     layers.L.attention output[1] (eager only)      blocks.L.attn.hook_pattern
     layers.L.attention.dense input                 blocks.L.attn.hook_z
     layers.L.attention output[0]                   blocks.L.hook_attn_out (post_attention_dropout is
                                                    the identity in eval mode, which compare enforces)
     layers.L.post_attention_layernorm input        blocks.L.hook_resid_mid (sequential blocks only)
-    layers.L.post_attention_layernorm output       blocks.L.ln2.hook_normalized
+    layers.L.post_attention_layernorm output       blocks.L.ln2.hook_ln_out
     layers.L.mlp.dense_h_to_4h output / mlp.act    blocks.L.mlp.hook_pre / hook_post
     layers.L.mlp output                            blocks.L.hook_mlp_out
-    final_layer_norm output                        ln_final.hook_normalized
+    final_layer_norm output                        ln_final.hook_ln_out
     lm_head / embed_out / score / classifier /     hook_logits
     qa_outputs output
 
-Not observable there (no module outputs them): the LayerNorm scale and standardized streams, the
-rotated q/k, the attention scores and the per-head results.
+Not observable there (no module outputs them): the LayerNorm scale and hook_normalized (before the
+affine) streams, the rotated q/k, the attention scores and the per-head results.
 """
 
 from __future__ import annotations
@@ -125,13 +125,13 @@ def _hf_head(model):
     return next((getattr(model, n) for n in HF_HEADS if isinstance(getattr(model, n, None), torch.nn.Module)), None)
 
 
-_HF_SUFFIXES = ("hook_resid_pre", "hook_resid_post", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
+_HF_SUFFIXES = ("hook_resid_pre", "hook_resid_post", "ln1.hook_ln_out", "attn.hook_q", "attn.hook_k",
                 "attn.hook_v", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
-                "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")
+                "ln2.hook_ln_out", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")
 
 
 def _hf_observable(name: str) -> bool:
-    if name in ("hook_embed", "ln_final.hook_normalized", "hook_logits"):
+    if name in ("hook_embed", "ln_final.hook_ln_out", "hook_logits"):
         return True
     return name.startswith("blocks.") and name.split(".", 2)[2] in _HF_SUFFIXES
 
@@ -180,18 +180,18 @@ def _run_hf(model, ids, mask, names: set[str]):
         for L, layer in enumerate(base.layers):
             on_input(layer, lambda x, L=L: keep(block_hook(L, "hook_resid_pre"), x))
             on_output(layer, lambda out, L=L: keep(block_hook(L, "hook_resid_post"), _first(out)))
-            on_output(layer.input_layernorm, lambda out, L=L: keep(block_hook(L, "ln1.hook_normalized"), out))
+            on_output(layer.input_layernorm, lambda out, L=L: keep(block_hook(L, "ln1.hook_ln_out"), out))
             on_output(layer.attention.query_key_value, split_qkv(L))
             on_input(layer.attention.dense,
                      lambda x, L=L: keep(block_hook(L, "attn.hook_z"), x.reshape(*x.shape[:-1], n_heads, -1)))
             on_output(layer.attention, attn_out(L))
             if not cfg.use_parallel_residual:
                 on_input(layer.post_attention_layernorm, lambda x, L=L: keep(block_hook(L, "hook_resid_mid"), x))
-            on_output(layer.post_attention_layernorm, lambda out, L=L: keep(block_hook(L, "ln2.hook_normalized"), out))
+            on_output(layer.post_attention_layernorm, lambda out, L=L: keep(block_hook(L, "ln2.hook_ln_out"), out))
             on_output(layer.mlp.dense_h_to_4h, lambda out, L=L: keep(block_hook(L, "mlp.hook_pre"), out))
             on_output(layer.mlp.act, lambda out, L=L: keep(block_hook(L, "mlp.hook_post"), out))
             on_output(layer.mlp, lambda out, L=L: keep(block_hook(L, "hook_mlp_out"), _first(out)))
-        on_output(base.final_layer_norm, lambda out: keep("ln_final.hook_normalized", out))
+        on_output(base.final_layer_norm, lambda out: keep("ln_final.hook_ln_out", out))
         head = _hf_head(model)
         if head is not None:
             on_output(head, lambda out: keep("hook_logits", out))

@@ -86,9 +86,9 @@ def test_subsets_and_per_row_metrics(model):
     res = patching.activation_patch(model, clean, corrupted, per_row, "z_pos", layers=[-1], heads=[1, 3],
                                     positions=[3, 5])
     assert res.values.shape == (1, 2, 2, 3)
-    assert (res.row_labels, res.col_labels, res.depth_labels) == (["1"], ["1", "3"], ["3", "5"])
+    assert (res.row_labels, res.col_labels, res.depth_labels) == (["1"], ["3", "5"], ["1", "3"])
     full = patching.activation_patch(model, clean, corrupted, per_row, "z_pos")
-    torch.testing.assert_close(res.values[0], full.values[1][[1, 3]][:, [3, 5]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.values[0], full.values[1][[3, 5]][:, [1, 3]], rtol=0, atol=1e-6)
     torch.testing.assert_close(res.values.mean(-1), patching.activation_patch(
         model, clean, corrupted, METRIC, "z_pos", layers=[1], heads=[1, 3], positions=[3, 5]).values,
         rtol=0, atol=1e-6)

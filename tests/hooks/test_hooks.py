@@ -30,6 +30,7 @@ configs = neox_configs(max_layers=3, max_heads=4, head_dims=(8, 16), vocab=(16, 
 CLASSES = (NeoXModel, NeoXForCausalLM, NeoXForSequenceClassification, NeoXForTokenClassification,
            NeoXForQuestionAnswering)
 EAGER_ONLY = ("hook_attn_scores", "hook_pattern")
+EVERY_HOOK = lambda name: True  # noqa: E731 - names_filter=None leaves attn.hook_result out
 
 
 def make_model(cfg, seed=0, cls=NeoXForCausalLM, backend="eager"):
@@ -91,7 +92,7 @@ def test_identity_hooks_are_bit_identical(cfg, data):
         for fn in (lambda x, hook: None, lambda x, hook: x):
             out = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(lambda n: True, fn)])
             assert torch.equal(out.logits, ref)
-        logits, _ = model.run_with_cache(ids, attention_mask=mask)
+        logits, _ = model.run_with_cache(ids, attention_mask=mask, names_filter=EVERY_HOOK)
     assert torch.equal(logits, ref)
 
 
@@ -99,7 +100,7 @@ def test_identity_hooks_are_bit_identical(cfg, data):
 def test_replacing_with_cached_values_is_identical(cfg, data):
     model = make_model(cfg)
     ids, mask = draw_batch(data, cfg)
-    logits, cache = model.run_with_cache(ids, attention_mask=mask)
+    logits, cache = model.run_with_cache(ids, attention_mask=mask, names_filter=EVERY_HOOK)
 
     def replace(x, hook):
         return cache[hook.name].clone()
@@ -119,9 +120,9 @@ def test_perturbing_one_hook_changes_downstream_only(cfg, data):
     ids, _ = draw_batch(data, cfg, padding=("none",), min_len=3)
     names = model.hook_names()
     target = data.draw(st.sampled_from(names))
-    _, clean = model.run_with_cache(ids)
+    _, clean = model.run_with_cache(ids, names_filter=EVERY_HOOK)
     with model.hooks(fwd_hooks=[(target, lambda x, hook: x * 1.5 + 0.5)]):
-        _, dirty = model.run_with_cache(ids)
+        _, dirty = model.run_with_cache(ids, names_filter=EVERY_HOOK)
     i = names.index(target)
     for name in names[:i]:
         assert torch.equal(clean[name], dirty[name]), f"{name} is upstream of {target} but changed"
@@ -155,7 +156,7 @@ def test_stream_identities(cfg, data):
     model = make_model(cfg)
     ids, mask = draw_batch(data, cfg)
     out = model(ids, attention_mask=mask, output_hidden_states=True)
-    _, c = model.run_with_cache(ids, attention_mask=mask)
+    _, c = model.run_with_cache(ids, attention_mask=mask, names_filter=EVERY_HOOK)
     n, ch = cfg.num_hidden_layers, cfg.rotary_channels
     for L in range(n):
         if L + 1 < n:
@@ -172,7 +173,7 @@ def test_stream_identities(cfg, data):
         for ln in ("ln1", "ln2"):
             w = getattr(model.model.blocks[L], ln).weight
             b = getattr(model.model.blocks[L], ln).bias
-            torch.testing.assert_close(c["normalized", L, ln], c["standardized", L, ln] * w + b)
+            torch.testing.assert_close(c["ln_out", L, ln], c["normalized", L, ln] * w + b)
         # pattern: rows of real queries sum to 1; masked (padding or future) keys get exactly 0
         pattern, scores = c["pattern", L], c["attn_scores", L]
         T = ids.shape[1]
@@ -181,7 +182,7 @@ def test_stream_identities(cfg, data):
         assert torch.isneginf(scores[~allowed.expand_as(scores)]).all()
         live = allowed.any(-1).expand(-1, pattern.shape[1], -1)
         torch.testing.assert_close(pattern.sum(-1)[live], torch.ones(int(live.sum())))
-    assert torch.equal(out.hidden_states[n], c["ln_final.hook_normalized"])
+    assert torch.equal(out.hidden_states[n], c["ln_final.hook_ln_out"])
     resid = c["resid_post", -1]
     centered = resid - resid.mean(-1, keepdim=True)
     var = centered.pow(2).mean(-1, keepdim=True)
@@ -214,14 +215,14 @@ def hf_streams(hf, ids, mask, cfg):
 
     body = hf.gpt_neox
     handles.append(body.rotary_emb.register_forward_hook(keep("cos_sin")))
-    handles.append(body.final_layer_norm.register_forward_hook(keep("ln_final.hook_normalized")))
+    handles.append(body.final_layer_norm.register_forward_hook(keep("ln_final.hook_ln_out")))
     for L, layer in enumerate(body.layers):
         handles.append(layer.register_forward_pre_hook(
             lambda module, args, L=L: rec.__setitem__(f"blocks.{L}.hook_resid_pre", args[0])))
         handles += [
             layer.register_forward_hook(keep(f"blocks.{L}.hook_resid_post")),
-            layer.input_layernorm.register_forward_hook(keep(f"blocks.{L}.ln1.hook_normalized")),
-            layer.post_attention_layernorm.register_forward_hook(keep(f"blocks.{L}.ln2.hook_normalized")),
+            layer.input_layernorm.register_forward_hook(keep(f"blocks.{L}.ln1.hook_ln_out")),
+            layer.post_attention_layernorm.register_forward_hook(keep(f"blocks.{L}.ln2.hook_ln_out")),
             layer.attention.query_key_value.register_forward_hook(keep(f"qkv{L}")),
             layer.attention.register_forward_hook(keep(f"blocks.{L}.hook_attn_out", lambda o: o[0])),
             layer.attention.register_forward_hook(keep(f"blocks.{L}.attn.hook_pattern", lambda o: o[1])),
@@ -251,7 +252,7 @@ def test_cached_streams_match_transformers(cfg, data, seed):
     hf, ours = hf_pair(cfg, seed)
     ids, mask = draw_batch(data, cfg)
     ref = hf_streams(hf, ids, mask, cfg)
-    _, cache = ours.run_with_cache(ids, attention_mask=mask)
+    _, cache = ours.run_with_cache(ids, attention_mask=mask, names_filter=EVERY_HOOK)
     live = mask.bool()  # padded positions compute nothing meaningful in either model
     for name, theirs in ref.items():
         ours_t = cache[name]
@@ -390,7 +391,10 @@ def test_run_with_cache_options(cfg, data):
     model = make_model(cfg)
     ids, mask = draw_batch(data, cfg, padding=("none",), min_len=3)
     logits, full = model.run_with_cache(ids)
-    assert list(full) == model.hook_names()
+    assert list(full) == [n for n in model.hook_names() if not n.endswith("attn.hook_result")]
+    model.set_use_attn_result(True)  # TransformerLens' flag: no filter now caches hook_result too
+    assert list(model.run_with_cache(ids)[1]) == model.hook_names()
+    model.set_use_attn_result(False)
     assert not any(t.requires_grad for t in full.values())
 
     _, one = model.run_with_cache(ids, names_filter="blocks.0.hook_resid_post")
@@ -410,7 +414,7 @@ def test_run_with_cache_options(cfg, data):
     _, sliced = model.run_with_cache(ids, pos_slice=pos_slice)
     model_pos = {"hook_embed": 1, "blocks.0.attn.hook_pattern": 2, "blocks.0.attn.hook_q": 1,
                  "blocks.0.ln1.hook_scale": 1, "hook_logits": 1}
-    sl = slice(-1, None) if pos_slice == -1 else slice(0, 1) if pos_slice == 0 else pos_slice
+    sl = pos_slice  # an int drops the position axis, as TransformerLens' pos_slice does
     for name, axis in model_pos.items():
         assert torch.equal(sliced[name], full[name][(slice(None),) * axis + (sl,)]), name
     assert sliced["pattern", 0].shape[-1] == ids.shape[1]  # key positions are never sliced
@@ -418,8 +422,8 @@ def test_run_with_cache_options(cfg, data):
     stop = data.draw(st.integers(0, cfg.num_hidden_layers - 1))
     none, early = model.run_with_cache(ids, stop_at_layer=stop)
     assert none is None
-    assert list(early) == [n for n in model.hook_names() if n == "hook_embed" or
-                           (n.startswith("blocks.") and int(n.split(".")[1]) < stop)]
+    assert list(early) == [n for n in model.hook_names() if n == "hook_embed" or (
+        n.startswith("blocks.") and int(n.split(".")[1]) < stop and not n.endswith("hook_result"))]
     assert all(torch.equal(early[n], full[n]) for n in early)
     assert all_clean(model)
 

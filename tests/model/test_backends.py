@@ -117,12 +117,24 @@ def test_set_attn_backend_switches_every_layer_and_heads_follow():
         model.set_attn_backend("flash2")
 
 
-def test_auto_resolves_to_eager_on_cpu():
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        assert resolve_backend("auto", torch.zeros(1, dtype=dtype)) == "eager"
+def test_auto_resolves_to_sdpa_on_cpu_and_falls_back_silently():
+    """transformers' default on CPU is sdpa; "auto" takes it too (same function to rounding), and a
+    layer whose pattern is hooked runs eager for that call without the warning a named backend gives."""
+    import warnings
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        assert resolve_backend("auto", torch.zeros(1, dtype=dtype)) == "sdpa"
     model = model_for(TINY, 0, backend="auto")
-    run(model, "auto", torch.randint(0, 97, (1, 5)))
-    assert model.attn_kernels() == ["eager", "eager"]
+    ids = torch.randint(0, 97, (1, 5))
+    out = run(model, "auto", ids).logits
+    assert model.attn_kernels() == ["sdpa", "sdpa"]
+    ref = run(model, "eager", ids).logits
+    assert rel(out, ref) < FP32_REL
+    model.set_attn_backend("auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: None)])
+    assert model.attn_kernels() == ["sdpa", "eager (fallback)"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -229,7 +229,8 @@ def test_return_cache_covers_the_whole_sequence(model):
     real = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1).bool()
     torch.testing.assert_close(cache[name][:, :10][real], incremental[real], atol=LOGIT_ATOL, rtol=0)
     _, all_hooks = model.generate(ids, attention_mask=mask, max_new_tokens=2, return_cache=True)
-    assert len(list(all_hooks.keys())) == len(model.hook_names())
+    # as run_with_cache(): every hook but the opt-in per-head attn.hook_result
+    assert len(list(all_hooks.keys())) == len([n for n in model.hook_names() if not n.endswith("hook_result")])
     with pytest.raises(KeyError, match="no_such_hook"):
         model.generate(ids, max_new_tokens=2, return_cache=True, names_filter="no_such_hook")
 

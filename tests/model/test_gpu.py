@@ -201,6 +201,28 @@ def test_pattern_hook_falls_back_to_eager_for_that_layer_and_matches_eager(dtype
 
 
 @HALVES
+def test_scores_hook_emptying_a_row_attends_to_nothing_on_flash(dtype):
+    """A knockout setting every key of a query row to -inf gives that head zero output there, no NaN."""
+    cfg = PRESETS["pythia-14m"].replace(num_hidden_layers=2, vocab_size=512)
+    _, half = models(cfg, 2, dtype)
+    ids = torch.randint(0, 512, (2, 24), device=DEVICE)
+
+    def knock_out(scores, *, hook):
+        scores = scores.clone()
+        scores[:, 1, 5, :] = float("-inf")
+        return scores
+
+    seen = {}
+    with pytest.warns(UserWarning, match="layer 0"):
+        logits = half.run_with_hooks(ids, fwd_hooks=[
+            ("blocks.0.attn.hook_attn_scores", knock_out),
+            ("blocks.0.attn.hook_z", lambda z, *, hook: seen.__setitem__("z", z))]).logits
+    assert half.attn_kernels()[0] == "eager (fallback)"
+    assert torch.isfinite(logits).all()
+    assert (seen["z"][:, 5, 1] == 0).all()
+
+
+@HALVES
 def test_every_hook_but_scores_and_pattern_fires_on_flash(dtype):
     cfg = PRESETS["pythia-14m"].replace(num_hidden_layers=2, vocab_size=512, use_parallel_residual=False)
     ref, half = models(cfg, 1, dtype)

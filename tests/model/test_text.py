@@ -33,14 +33,17 @@ def test_every_model_class_has_the_text_methods():
 
 
 def test_to_tokens(model):
-    assert model.to_tokens("Hello world").tolist() == [[12092, 1533]]
-    assert model.to_tokens("Hello world", prepend_bos=True).tolist() == [[EOT, 12092, 1533]]
-    batch = model.to_tokens(["Hello world", "Hello"])
+    # TransformerLens' defaults: bos first, batches padded on the right
+    assert model.to_tokens("Hello world").tolist() == [[EOT, 12092, 1533]]
+    assert model.to_tokens("Hello world", prepend_bos=False).tolist() == [[12092, 1533]]
+    batch = model.to_tokens(["Hello world", "Hello"], prepend_bos=False)
     assert batch.dtype == torch.long and batch.device == model.unembed.weight.device
-    assert batch.tolist() == [[12092, 1533], [EOT, 12092]]  # left padding with the pad (= eos) token
-    assert model.to_tokens(["Hello world", "Hello"], padding_side="right").tolist() == [[12092, 1533],
-                                                                                         [12092, EOT]]
-    assert model.to_tokens("").shape == (1, 0)
+    assert batch.tolist() == [[12092, 1533], [12092, EOT]]  # right padding with the pad (= eos) token
+    assert model.to_tokens(["Hello world", "Hello"], prepend_bos=False, padding_side="left").tolist() == [
+        [12092, 1533], [EOT, 12092]]
+    ids, mask = model.to_tokens_and_mask(["Hello world", "Hello"], padding_side="left")
+    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]] and ids[1].tolist() == [EOT, EOT, 12092]
+    assert model.to_tokens("", prepend_bos=False).shape == (1, 0)
     with pytest.raises(ValueError, match="padding_side"):
         model.to_tokens("x", padding_side="middle")
     with pytest.raises(TypeError, match="str or a list of str"):
@@ -50,7 +53,7 @@ def test_to_tokens(model):
 def test_to_tokens_pads_with_the_tokenizers_pad_token():
     m = NeoXForCausalLM(CFG)
     m.tokenizer = NeoXTokenizer.default(pad_token="<|padding|>")
-    assert m.to_tokens(["Hello world", "Hello"]).tolist() == [[12092, 1533], [PAD, 12092]]
+    assert m.to_tokens(["Hello world", "Hello"], prepend_bos=False).tolist() == [[12092, 1533], [12092, PAD]]
 
 
 def test_to_string(model):
@@ -60,20 +63,20 @@ def test_to_string(model):
     batch = torch.tensor([[12092, 1533], [EOT, 12092]])
     assert model.to_string(batch) == ["Hello world", "<|endoftext|>Hello"]
     assert model.to_string([[12092], [1533]]) == ["Hello", " world"]
-    assert model.to_string(model.to_tokens(["a b", "c"])) == ["a b", "<|endoftext|>c"]
+    assert model.to_string(model.to_tokens(["a b", "c"], prepend_bos=False)) == ["a b", "c<|endoftext|>"]
 
 
 def test_to_str_tokens(model):
-    assert model.to_str_tokens("Hello world") == ["Hello", " world"]
-    assert model.to_str_tokens("Hello world", prepend_bos=True) == ["<|endoftext|>", "Hello", " world"]
+    assert model.to_str_tokens("Hello world", prepend_bos=False) == ["Hello", " world"]
+    assert model.to_str_tokens("Hello world") == ["<|endoftext|>", "Hello", " world"]
     assert model.to_str_tokens([12092, 1533]) == ["Hello", " world"]
     assert model.to_str_tokens(torch.tensor([12092, 1533])) == ["Hello", " world"]
     assert model.to_str_tokens(torch.tensor([[12092, 1533]])) == ["Hello", " world"]  # [1 pos] -> one row
     assert model.to_str_tokens(1533) == [" world"]
     assert model.to_str_tokens(torch.tensor([[12092, 1533], [EOT, 1533]])) == [["Hello", " world"],
                                                                               ["<|endoftext|>", " world"]]
-    assert model.to_str_tokens(["Hello", "Hello world"]) == [["Hello"], ["Hello", " world"]]
-    assert model.to_str_tokens("") == []
+    assert model.to_str_tokens(["Hello", "Hello world"], prepend_bos=False) == [["Hello"], ["Hello", " world"]]
+    assert model.to_str_tokens("", prepend_bos=False) == []
 
 
 @pytest.mark.parametrize("call", [lambda m: m.to_tokens("x"), lambda m: m.to_string([1]),
@@ -94,7 +97,7 @@ def test_save_pretrained_round_trips_the_tokenizer(model, tmp_path):
     assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "tokenizer_config.json").is_file()
     loaded = NeoXForCausalLM.from_pretrained(tmp_path)
     assert isinstance(loaded.tokenizer, NeoXTokenizer) and loaded.tokenizer.add_prefix_space
-    assert loaded.to_tokens("Hello").tolist() == [[24387]]  # " Hello": the prefix space survived
+    assert loaded.to_tokens("Hello", prepend_bos=False).tolist() == [[24387]]  # " Hello": the prefix space survived
     assert NeoXForCausalLM.from_pretrained(_without_tokenizer(model, tmp_path / "bare")).tokenizer is None
 
 

@@ -26,7 +26,7 @@ CFG = tiny_config(num_hidden_layers=3)
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    return NeoXForCausalLM(CFG).eval()
+    return NeoXForCausalLM(CFG, attn_backend="eager").eval()  # "auto" is sdpa on CPU
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ EDITS = {
     "attn.qkv.weight": None,  # hook_q, hook_k or hook_v, by the edited row
     "attn.out.weight": "attn.hook_result",
     "attn.out.bias": "hook_attn_out",
-    "ln1.weight": "ln1.hook_normalized",
-    "ln2.bias": "ln2.hook_normalized",
+    "ln1.weight": "ln1.hook_ln_out",
+    "ln2.bias": "ln2.hook_ln_out",
     "mlp.fc_in.weight": "mlp.hook_pre",
     "mlp.fc_out.weight": "hook_mlp_out",
 }

@@ -20,8 +20,8 @@ from neox_lab.testing.pairs import tiny_config  # noqa: E402
 from neox_lab.testing.strategies import build_pair, neox_configs, paired_models, token_batches  # noqa: E402
 
 # Every stream transformers' modules expose (sides.py); hook_resid_mid only in sequential blocks.
-MAPPED = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-          "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "ln2.hook_normalized", "mlp.hook_pre",
+MAPPED = ("hook_resid_pre", "ln1.hook_ln_out", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+          "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "ln2.hook_ln_out", "mlp.hook_pre",
           "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 
 
@@ -35,7 +35,7 @@ def test_causal_lm_matches_transformers_hook_by_hook(pair, data):
     expected = {f"blocks.{L}.{s}" for L in range(cfg.num_hidden_layers) for s in MAPPED}
     if not cfg.use_parallel_residual:
         expected |= {f"blocks.{L}.hook_resid_mid" for L in range(cfg.num_hidden_layers)}
-    assert compared == expected | {"hook_embed", "ln_final.hook_normalized", "hook_logits"}
+    assert compared == expected | {"hook_embed", "ln_final.hook_ln_out", "hook_logits"}
     assert report.n_positions == int(batch.attention_mask.sum())
 
 
@@ -67,7 +67,7 @@ def test_task_heads_match_transformers(task):
 
 @pytest.mark.parametrize(("module", "first"), [("mlp.dense_h_to_4h", "mlp.hook_pre"),
                                                ("attention.dense", "hook_attn_out"),
-                                               ("post_attention_layernorm", "ln2.hook_normalized")])
+                                               ("post_attention_layernorm", "ln2.hook_ln_out")])
 def test_an_edit_on_the_transformers_side_is_located(module, first):
     """The mapping puts each transformers stream at its neox_lab name: an edit in layer 1 of
     transformers' model is found at the right hook of layer 1, with layer 0 exact to rounding."""
