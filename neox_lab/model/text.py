@@ -104,9 +104,10 @@ class TextMixin:
         """Warn when a batch looks left-padded and no attention mask says so: its rows begin with
         different numbers of pad tokens (a bos equal to the pad token counts once in every row, so
         it does not trigger this). The padding would be read as text and shift every later position."""
-        if attention_mask is not None or input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] < 2:
+        # Anything but an integer id tensor is left to forward's input checks, which name the problem.
+        if attention_mask is not None or not torch.is_tensor(input_ids) or input_ids.is_floating_point():
             return
-        if input_ids.is_floating_point():
+        if input_ids.dim() != 2 or input_ids.shape[0] < 2:
             return
         pads = {getattr(self.tokenizer, "pad_token_id", None), getattr(self.cfg, "pad_token_id", None)}  # type: ignore[attr-defined]
         for pad in pads - {None}:
