@@ -21,7 +21,9 @@ MODEL_HOOKS = {
 
 #: LayerNorm streams: scale = sqrt(var + eps); standardized = (x - mean) / scale, before the affine
 #: weight and bias; normalized = standardized * w + b, the output that feeds attention / MLP / unembed.
-LN_HOOKS = {"hook_scale": LN_SCALE, "hook_standardized": RESID, "hook_normalized": RESID}
+#: The same three streams by meaning, for code that maps another library's modules onto them.
+LN_SCALE_HOOK, LN_STANDARDIZED_HOOK, LN_OUTPUT_HOOK = "hook_scale", "hook_standardized", "hook_normalized"
+LN_HOOKS = {LN_SCALE_HOOK: LN_SCALE, LN_STANDARDIZED_HOOK: RESID, LN_OUTPUT_HOOK: RESID}
 
 #: Hooks of every block, relative to `blocks.{L}.`.
 BLOCK_HOOKS = {
