@@ -194,4 +194,6 @@ def run(args) -> int:
 
 
 def _arguments(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("func", "command") and not callable(v)}
+    """The parsed command-line arguments (argparse's own bookkeeping left out)."""
+    return {k: v for k, v in vars(args).items()
+            if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}

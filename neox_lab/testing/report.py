@@ -41,10 +41,11 @@ class HookResult:
     heads: list[int] = field(default_factory=list)
 
     def where(self) -> str:
-        bits = [self.name, "outside the blocks" if self.layer is None else f"layer {self.layer}"]
+        """In words: "blocks.3.attn.hook_q (layer 3, heads 1, 2)"."""
+        bits = ["outside the blocks" if self.layer is None else f"layer {self.layer}"]
         if self.heads:
             bits.append(("head " if len(self.heads) == 1 else "heads ") + ", ".join(map(str, self.heads)))
-        return ", ".join(bits)
+        return f"{self.name} ({', '.join(bits)})"
 
 
 @dataclass

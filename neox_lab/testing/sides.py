@@ -216,7 +216,9 @@ def _run_hf(model, ids, mask, names: set[str]):
                 scores = scores.masked_fill(~allowed, float("-inf"))
                 keep(block_hook(L, "attn.hook_attn_scores"), scores)
                 if cfg._attn_implementation != "eager":
-                    keep(block_hook(L, "attn.hook_pattern"), scores.float().softmax(-1).to(scores.dtype))
+                    # What its sdpa computes: the softmax in the model's dtype, half precision via fp32.
+                    wide = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+                    keep(block_hook(L, "attn.hook_pattern"), wide.softmax(-1).to(scores.dtype))
         return fn
 
     def attn_out(layer):

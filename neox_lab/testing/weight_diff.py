@@ -134,10 +134,11 @@ def _locate(name: str, changed: torch.Tensor, n_heads: int) -> tuple[list[int], 
         rows = changed.reshape(changed.shape[0], -1).any(-1).reshape(n_heads, 3, -1).any(-1)
         heads = sorted({int(h) for h, _ in rows.nonzero().tolist()})
         parts = [PARTS[p] for p in range(3) if bool(rows[:, p].any())]
-        return heads, parts
+        return (heads if len(heads) < n_heads else []), parts  # [] with parts: every head
     if ".attn.out.weight" in name:
         cols = changed.any(0).reshape(n_heads, -1).any(-1)  # input columns are (n_heads d_head)
-        return [int(h) for h in cols.nonzero().flatten().tolist()], []
+        heads = [int(h) for h in cols.nonzero().flatten().tolist()]
+        return (heads if len(heads) < n_heads else []), []
     return [], []
 
 
