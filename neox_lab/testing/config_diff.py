@@ -43,6 +43,9 @@ CONDITIONAL = {
     "pad_token_id": "which position a sequence classifier pools",
 }
 
+#: Fields that only matter when some channel is rotated.
+ROTARY_ONLY = ("rotary_emb_base", "rope_scaling")
+
 #: The names users see in config.json / transformers, where neox_lab's field is named otherwise.
 DISPLAY = {"rotary_emb_base": "rope_theta", "rotary_pct": "rotary_pct (partial_rotary_factor)"}
 
@@ -87,7 +90,9 @@ def diff_configs(a: NeoXConfig, b: NeoXConfig, *, task: str | None = None) -> li
         if va == vb:
             continue
         structural = f.name in STRUCTURAL
-        if f.name in FUNCTIONAL:
+        if f.name in ROTARY_ONLY and not (_rotates(a) or _rotates(b)):
+            changes, effect = False, "nothing: no channel is rotated (rotary_pct gives 0 rotary dims)"
+        elif f.name in FUNCTIONAL:
             changes, effect = True, FUNCTIONAL[f.name]
         elif f.name == "max_position_embeddings":
             dynamic = any((c.rope_scaling or {}).get("type") == "dynamic" for c in (a, b))
@@ -98,3 +103,7 @@ def diff_configs(a: NeoXConfig, b: NeoXConfig, *, task: str | None = None) -> li
             changes, effect = False, "training or generation settings only"
         out.append(ConfigDifference(f.name, va, vb, changes, structural, effect))
     return out
+
+
+def _rotates(cfg: NeoXConfig) -> bool:
+    return int(cfg.hidden_size // cfg.num_attention_heads * cfg.rotary_pct) > 0

@@ -37,11 +37,14 @@ class TensorResult:
     parts: list[str] = field(default_factory=list)
     passed: bool = True
     accepted_as: str | None = None  # "lossy" when the lossy mode let a changed tensor pass
+    n_heads: int = 0
 
     def where(self) -> str:
         """In words: "layer 3, head 5, query rows of the fused QKV weight"."""
         bits = [] if self.layer is None else [f"layer {self.layer}"]
-        if self.heads:
+        if self.heads and len(self.heads) == self.n_heads > 1:
+            bits.append("every head")
+        elif self.heads:
             bits.append(("head " if len(self.heads) == 1 else "heads ") + ", ".join(map(str, self.heads)))
         what = _kind(self.name)
         if self.parts:
@@ -119,7 +122,7 @@ def _diff_one(name, ta, tb, fa, fb, n_heads) -> TensorResult:
     heads, parts = _locate(name, changed, n_heads) if n_changed else ([], [])
     return TensorResult(name=name, layer=_layer(name), shape=list(tb.shape),
                         max_abs=float(diff.max()) if diff.numel() else 0.0, rel=rel, n_changed=n_changed,
-                        heads=heads, parts=parts, passed=n_changed == 0)
+                        heads=heads, parts=parts, passed=n_changed == 0, n_heads=n_heads)
 
 
 def _layer(name: str) -> int | None:
@@ -134,11 +137,10 @@ def _locate(name: str, changed: torch.Tensor, n_heads: int) -> tuple[list[int], 
         rows = changed.reshape(changed.shape[0], -1).any(-1).reshape(n_heads, 3, -1).any(-1)
         heads = sorted({int(h) for h, _ in rows.nonzero().tolist()})
         parts = [PARTS[p] for p in range(3) if bool(rows[:, p].any())]
-        return (heads if len(heads) < n_heads else []), parts  # [] with parts: every head
+        return heads, parts
     if ".attn.out.weight" in name:
         cols = changed.any(0).reshape(n_heads, -1).any(-1)  # input columns are (n_heads d_head)
-        heads = [int(h) for h in cols.nonzero().flatten().tolist()]
-        return (heads if len(heads) < n_heads else []), []
+        return [int(h) for h in cols.nonzero().flatten().tolist()], []
     return [], []
 
 
