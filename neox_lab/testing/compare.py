@@ -5,7 +5,7 @@ if not, where they stop doing so, from three layers of evidence in one report:
 2. the weights (`weight_diff`), when both models have the same shapes: any element past what casting
    one original to the two dtypes can explain, named by tensor, layer, head and q/k/v part;
 3. the activations, hook by hook in forward order, against the rounding noise floor of the two sides
-   (`tolerance`), plus a longer one-row probe of the rotated q/k where rotary differences grow.
+   (`tolerance`), plus a longer one-row probe of block 0's rotated q/k, where rotary differences grow.
 
 Either model may be a neox_lab model or a transformers GPTNeoX model (its module outputs are mapped
 onto neox_lab hook names, see `sides.py`). `model_b` is the reference: relative errors are
@@ -56,7 +56,8 @@ def compare(model_a, model_b, inputs, *, hooks="all", tolerance: Tolerance | Non
     error; the floors follow from it). weights: False skips the weight diff (e.g. for models whose
     parameters live elsewhere).
     probe_len: one extra row of random ids of this length (at most max_position_embeddings) runs
-    through both models, comparing only the rotated q/k; None or a length not beyond the inputs' skips it.
+    through block 0 of both models, comparing its rotated q/k; None or a length not beyond the
+    inputs' skips it.
     Structurally different models (another depth, width, residual kind ...) are reported as not
     equivalent from their configs alone. Both models run in eval mode (restored afterwards).
     """
@@ -86,13 +87,15 @@ def compare(model_a, model_b, inputs, *, hooks="all", tolerance: Tolerance | Non
     report.hooks = _compare_hooks(a, b, ids, mask, names, real, tolerance, skipped, want_logits=True, report=report)
     if probe_len is not None and names:
         length = min(probe_len, cfg.max_position_embeddings)
-        probe = [n for n in names if n.split(".", 2)[-1] in PROBE_HOOKS]
+        # Block 0 only: a rotary difference (base, rotary_pct, scaling) is the same in every block,
+        # and stopping there keeps the long row cheap.
+        probe = [n for n in names if layer_of(n) == 0 and n.split(".", 2)[-1] in PROBE_HOOKS]
         if length > ids.shape[-1] and probe:
             gen = torch.Generator().manual_seed(probe_seed)
             pids = torch.randint(0, cfg.vocab_size, (1, length), generator=gen)
             ptol = tolerance if mode == "lossy" or tolerance.label == "custom" else _policy(a, b, length)
             report.probe = _compare_hooks(a, b, pids, None, probe, torch.ones_like(pids, dtype=torch.bool), ptol,
-                                          {}, want_logits=False, report=None)
+                                          {}, want_logits=False, report=None, stop_at_layer=1)
             report.probe_shape = [1, length]
     return report
 
@@ -108,9 +111,10 @@ def _policy(a: Side, b: Side, seq_len: int) -> Tolerance:
     return policy_for(a.dtype, b.dtype, a.backend, b.backend, width=width, device_a=a.device, device_b=b.device)
 
 
-def _compare_hooks(a: Side, b: Side, ids, mask, names, real, tolerance, skipped, *, want_logits, report):
-    store_a, logits_a = a.run(ids, mask, names)
-    store_b, logits_b = b.run(ids, mask, names)
+def _compare_hooks(a: Side, b: Side, ids, mask, names, real, tolerance, skipped, *, want_logits, report,
+                   stop_at_layer=None):
+    store_a, logits_a = a.run(ids, mask, names, stop_at_layer)
+    store_b, logits_b = b.run(ids, mask, names, stop_at_layer)
     registry = hook_names(b.cfg)
     n_layers, n_heads = b.cfg.num_hidden_layers, b.cfg.num_attention_heads
     results = []

@@ -104,16 +104,19 @@ class Side:
                 out[name] = f"{self.label} has no such hook point"
         return out
 
-    def run(self, ids, mask, names: list[str]):
-        """Forward once in eval mode; returns ({hook name: tensor}, logits or None)."""
+    def run(self, ids, mask, names: list[str], stop_at_layer: int | None = None):
+        """Forward once in eval mode; returns ({hook name: tensor}, logits or None). stop_at_layer=n
+        runs only blocks 0..n-1 (no logits then)."""
         ids = ids.to(self.device)
         mask = None if mask is None else mask.to(self.device)
         with _eval(self.model), torch.no_grad():
             if not self.hf:
                 kwargs = {} if mask is None else {"attention_mask": mask}
+                if stop_at_layer is not None:
+                    kwargs["stop_at_layer"] = stop_at_layer
                 logits, cache = self.model.run_with_cache(ids, names_filter=names, **kwargs)
-                return dict(cache.items()), logits
-            return _run_hf(self.model, ids, mask, set(names))
+                return dict(cache.items()), (logits if stop_at_layer is None else None)
+            return _run_hf(self.model, ids, mask, set(names), stop_at_layer)
 
 
 @contextlib.contextmanager
@@ -163,7 +166,11 @@ def _allowed(ids, mask) -> torch.Tensor:
     return causal[None, None] & mask.bool()[:, None, None, :]
 
 
-def _run_hf(model, ids, mask, names: set[str]):
+class _Stop(Exception):
+    """Raised by a hook to end a transformers forward once the wanted blocks have run."""
+
+
+def _run_hf(model, ids, mask, names: set[str], stop_at_layer: int | None = None):
     from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
     base = getattr(model, "gpt_neox", model)
@@ -264,7 +271,14 @@ def _run_hf(model, ids, mask, names: set[str]):
         if mask is not None:
             # transformers counts positions from the first column; neox_lab from the first real token.
             kwargs = {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
-        out = model(input_ids=ids, **kwargs)
+        if stop_at_layer is not None:
+            def stop(out):
+                raise _Stop
+            on_output(base.layers[stop_at_layer - 1], stop)
+        try:
+            out = model(input_ids=ids, **kwargs)
+        except _Stop:
+            return store, None
     finally:
         for h in handles:
             h.remove()

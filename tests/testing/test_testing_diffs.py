@@ -16,7 +16,7 @@ import torch
 from neox_lab import NeoXForCausalLM
 from neox_lab.testing import compare, diff_configs, diff_weights
 from neox_lab.testing.metrics import kl_noise
-from neox_lab.testing.mutations import head_permutation
+from neox_lab.testing.mutations import head_permutation, rotary_base
 from neox_lab.testing.pairs import make_trained_like, tiny_config
 from neox_lab.testing.report_json import clean
 
@@ -118,3 +118,18 @@ def test_lossy_mode_accepts_uniform_quantisation_but_not_a_zeroed_bias(model, id
     broken = compare(quantised, model, ids, mode="lossy")
     assert not broken.equivalent
     assert [t.name for t in broken.weights.failures] == ["blocks.1.attn.out.bias"]
+
+
+def test_long_probe_sees_a_rotary_base_change_that_short_inputs_hide():
+    """rope_theta 10000 -> 10001 in fp32: at 8 positions the rotated q moves ~1e-6 relative, under the
+    fp32 floor (~2e-5); the angle error grows with the position, and at 512 it is past the floor."""
+    cfg = tiny_config(num_hidden_layers=1, max_position_embeddings=1024, rotary_pct=1.0)
+    torch.manual_seed(0)
+    good = make_trained_like(NeoXForCausalLM(cfg).eval(), seed=0, std=0.2)
+    bad, _ = rotary_base(good)
+    short = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = compare(bad, good, short)
+    assert all(h.passed for h in report.hooks), report.table()  # the activations alone miss it at 8
+    assert report.probe_shape == [1, 512] and report.first_divergence in report.probe
+    assert report.first_divergence.name == "blocks.0.attn.hook_rot_q"
+    assert compare(bad, good, short, probe_len=None).first_divergence is None
