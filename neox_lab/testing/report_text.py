@@ -7,7 +7,9 @@ from __future__ import annotations
 def render_table(report, only_failures: bool = False) -> str:
     """Fixed-width text; `only_failures` keeps only failing hooks (config and weight findings always show)."""
     tol = report.tolerance
-    lines = [f"A: {report.model_a}", f"B: {report.model_b} (reference)"]
+    paths = {k: (report.provenance.get(f"checkpoint_{k}") or {}).get("argument") for k in "ab"}
+    lines = [f"A: {paths['a'] + ': ' if paths['a'] else ''}{report.model_a}",
+             f"B: {paths['b'] + ': ' if paths['b'] else ''}{report.model_b} (reference)"]
     if tol is not None:
         growth = " x sqrt(depth)" if tol.depth_growth else ""
         lines.append(f"tolerance: {tol.label}: rel {tol.rel:.2e}{growth}, abs {tol.abs:.2e}; "
