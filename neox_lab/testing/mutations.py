@@ -23,6 +23,7 @@ class Expected:
     layer: int | None = None
     heads: list[int] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
+    swapped: tuple[int, int] | None = None  # a pair of blocks the report must name as exchanged
 
 
 def _rebuilt(model, **changes):
@@ -74,7 +75,7 @@ def layer_swap(model, i: int = 0, j: int = 1):
     si, sj = copy.deepcopy(blocks[i].state_dict()), copy.deepcopy(blocks[j].state_dict())
     blocks[i].load_state_dict(sj)
     blocks[j].load_state_dict(si)
-    return out, Expected("weights", f"blocks.{min(i, j)}.", min(i, j))
+    return out, Expected("weights", f"blocks.{min(i, j)}.", min(i, j), swapped=(min(i, j), max(i, j)))
 
 
 def unembed_transposed(model):
@@ -126,11 +127,14 @@ MUTATIONS = {f.__name__: f for f in (head_permutation, bias_zeroed, rotary_base,
 
 
 def named_place(report, expected: Expected) -> bool:
-    """Whether `report` names `expected` as a reason it fails (config field, or tensor + layer + heads + parts)."""
+    """Whether `report` names `expected` as a reason it fails (config field, tensor + layer + heads +
+    parts, or the exchanged pair of blocks)."""
     if expected.kind == "config":
         return any(d.name == expected.name for d in report.config_failures)
     if report.weights is None:
         return False
+    if expected.swapped is not None:
+        return expected.swapped in report.weights.swapped_layers
     for t in report.weights.failures:
         if t.name.startswith(expected.name) and t.layer == expected.layer:
             if expected.heads and t.heads != expected.heads:

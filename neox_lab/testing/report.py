@@ -145,6 +145,8 @@ class EquivalenceReport:
         activations); empty when they are equivalent."""
         out = [d.describe() for d in self.config_failures]
         if self.weights is not None:
+            out.extend(f"blocks {i} and {j} are exchanged: every weight of block {i} in model_a is block {j}'s of "
+                       "model_b and vice versa" for i, j in self.weights.swapped_layers)
             for t in self.weights.failures:
                 out.append(f"{t.where()} differ: {t.n_changed} element(s) past rounding, max abs "
                            f"{t.max_abs:.3g}, rel {t.rel:.3g}")

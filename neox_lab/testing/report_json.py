@@ -21,7 +21,7 @@ def report_dict(report) -> dict:
     weights = None
     if w is not None:
         weights = {"passed": w.passed, "rounding": w.rounding, "lossy_floor": w.lossy_floor,
-                   "only_a": w.only_a, "only_b": w.only_b,
+                   "only_a": w.only_a, "only_b": w.only_b, "swapped_layers": [list(p) for p in w.swapped_layers],
                    "tensors": [dataclasses.asdict(t) for t in w.tensors]}
     return clean({
         "equivalent": report.equivalent,

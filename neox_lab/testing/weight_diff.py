@@ -62,6 +62,7 @@ class WeightDiff:
     only_b: list[str]
     rounding: str  # the formats the elementwise bound was derived for
     lossy_floor: float | None = None  # set by the lossy mode: the relative error a tensor may have
+    swapped_layers: list[tuple[int, int]] = field(default_factory=list)  # blocks exchanged wholesale
 
     @property
     def changed(self) -> list[TensorResult]:
@@ -101,7 +102,25 @@ def diff_weights(model_a, model_b, n_heads: int) -> WeightDiff:
         tensors.append(_diff_one(name, ta, tb, fa, fb, n_heads))
     only_a = sorted(n for n in wa if n not in wb or tuple(wa[n].shape) != tuple(wb[n].shape))
     only_b = sorted(n for n in wb if n not in wa or tuple(wa[n].shape) != tuple(wb[n].shape))
-    return WeightDiff(tensors, only_a, only_b, "/".join(sorted(formats)))
+    diff = WeightDiff(tensors, only_a, only_b, "/".join(sorted(formats)))
+    diff.swapped_layers = _swapped_layers(wa, wb, {t.layer for t in diff.changed if t.layer is not None})
+    return diff
+
+
+def _swapped_layers(wa, wb, changed: set[int]) -> list[tuple[int, int]]:
+    """Pairs (i, j) of changed blocks where block i of one model holds exactly block j of the other,
+    both ways: a converter that mis-numbered layers."""
+    def block(w, layer):
+        prefix = f"blocks.{layer}."
+        return {k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)}
+
+    def same(x, y):
+        return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k].to(x[k].device))
+                                            for k in x)
+
+    layers = sorted(changed)
+    return [(i, j) for n, i in enumerate(layers) for j in layers[n + 1:]
+            if same(block(wa, i), block(wb, j)) and same(block(wa, j), block(wb, i))]
 
 
 def _fmt(dtype: torch.dtype) -> str:
