@@ -1,15 +1,15 @@
-"""`neox-lab compare A B`: run two checkpoints on the same tokens, print the per-hook report, exit 1
-when they are not equivalent (0 when they are, 2 on a usage or loading error).
+"""`neox-lab compare A B`: compare two checkpoints (config diff, weight diff, activations on the same
+tokens), print the report, exit 1 when they are not equivalent (also for a structural difference:
+the report and JSON are still written), 0 when they are, 2 on a usage or loading error.
 
 A and B are checkpoint directories run by neox_lab, or `hf:DIR` to run DIR's weights through
-transformers. B is the reference. Example (CI): neox-lab compare ./quantised hf:./original
---dtype-a float16 --json report.json
+transformers. B is the reference. Example (CI): neox-lab compare ./converted hf:./original --json report.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from pathlib import Path
 
 import torch
@@ -19,35 +19,74 @@ from ..default_model import load_or_default
 from ..dtypes import DTYPES
 from ..model.kernels import BACKENDS
 from ..model.loading import resolve_checkpoint
+from ..model.shipped import package_model_dir
 from ..model.tasks import model_class
-from ..testing.compare import compare, default_tolerance
+from ..testing.compare import MODES, PROBE_LEN, compare, default_tolerance
+from ..testing.provenance import file_sha256, versions
 from ..tokenizer import NeoXTokenizer
+from .errors import check_output_file, user_errors
 
 # neox_lab backend name -> transformers attn_implementation ("auto": transformers' own default)
 HF_BACKENDS = {"eager": "eager", "sdpa": "sdpa", "flash": "flash_attention_2", "auto": None}
+AUTO = "auto"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    dtypes = sorted(DTYPES) + [AUTO]
     parser.add_argument("a", metavar="A", help="checkpoint directory, or hf:DIR to run it through transformers")
     parser.add_argument("b", metavar="B", help="the reference: checkpoint directory or hf:DIR")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of both sides")
-    parser.add_argument("--dtype-a", choices=sorted(DTYPES), help="dtype of A (overrides --dtype)")
-    parser.add_argument("--dtype-b", choices=sorted(DTYPES), help="dtype of B (overrides --dtype)")
+    parser.add_argument("--dtype", choices=dtypes, default=AUTO,
+                        help="dtype of both sides; auto (default): float64 on CPU, where the noise floor is "
+                             "~1e-13 and a 1e-3 change of one weight shows, float32 on other devices")
+    parser.add_argument("--dtype-a", choices=dtypes, help="dtype of A (overrides --dtype)")
+    parser.add_argument("--dtype-b", choices=dtypes, help="dtype of B (overrides --dtype)")
     parser.add_argument("--backend", choices=BACKENDS, default="eager", help="attention backend of both sides")
     parser.add_argument("--backend-a", choices=BACKENDS, help="attention backend of A (overrides --backend)")
     parser.add_argument("--backend-b", choices=BACKENDS, help="attention backend of B (overrides --backend)")
+    parser.add_argument("--mode", choices=MODES, default="exact",
+                        help="exact (default): any changed weight fails; lossy: weights may carry a uniform "
+                             "conversion error (quantisation) and the floors follow from the measured one")
     parser.add_argument("--prompts", metavar="FILE",
-                        help="text file, one prompt per line, tokenized with A's tokenizer (else the "
-                             "bundled GPT-NeoX one); default: random token ids")
+                        help="text file, one prompt per line, tokenized (left-padded) with --tokenizer; "
+                             "default: random token ids")
+    parser.add_argument("--tokenizer", metavar="DIR|bundled",
+                        help="tokenizer for --prompts: a directory (or file) with tokenizer.json, or 'bundled' "
+                             "for neox_lab's GPT-NeoX-20B one; default: A's, else B's checkpoint tokenizer")
+    parser.add_argument("--fold-ids", action="store_true",
+                        help="with --prompts on a model whose vocabulary is smaller than the tokenizer's: map "
+                             "each token id to id %% vocab_size (keeps the prompts' repetition structure)")
     parser.add_argument("--json", metavar="OUT", help="write the report as JSON (a CI artifact)")
     parser.add_argument("--seq-len", type=int, default=32,
                         help="tokens per row: random ids' length, and the cut for prompts (default 32)")
     parser.add_argument("--batch", type=int, default=4, help="rows of random ids (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random ids (default 0)")
+    parser.add_argument("--probe-len", type=int, default=PROBE_LEN,
+                        help=f"length of the one-row rotary probe (default {PROBE_LEN}, capped at "
+                             "max_position_embeddings; 0 skips it)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply the noise floor by this (e.g. for a lossy quantisation)")
+                        help="multiply the noise floor by this (prefer --mode lossy for a quantisation)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--only-failures", action="store_true", help="print only failing hooks")
+
+
+def _validate(args) -> None:
+    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.probe_len < 0:
+        raise ValueError(f"--probe-len must be 0 (off) or positive, got {args.probe_len}")
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise ValueError(f"--scale must be a finite number > 0, got {args.scale}")
+    if args.fold_ids and args.prompts is None:
+        raise ValueError("--fold-ids only applies to --prompts")
+    if args.tokenizer is not None and args.prompts is None:
+        raise ValueError("--tokenizer only applies to --prompts")
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == AUTO:
+        return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    return DTYPES[name]
 
 
 def _load(spec: str, dtype: torch.dtype, backend: str, device: str):
@@ -64,49 +103,94 @@ def _load(spec: str, dtype: torch.dtype, backend: str, device: str):
                          "(pip install transformers)") from err
     NeoXConfig.from_hf(directory)  # refuses configs neox_lab could not run either, with the key named
     kwargs = {} if HF_BACKENDS[backend] is None else {"attn_implementation": HF_BACKENDS[backend]}
-    model = getattr(transformers, arch).from_pretrained(directory, **kwargs)
-    return model.to(device=device, dtype=dtype).eval(), directory
+    model = getattr(transformers, arch).from_pretrained(directory, dtype=dtype, **kwargs)
+    return model.to(device=device).eval(), directory
 
 
-def _inputs(args, model, directory: Path, vocab_size: int):
+def _tokenizer(args, dirs: list[Path]) -> tuple[NeoXTokenizer, str]:
+    """The tokenizer for --prompts and where it came from; never a silent fallback."""
+    if args.tokenizer == "bundled":
+        return NeoXTokenizer.default(), "bundled GPT-NeoX-20B tokenizer (--tokenizer bundled)"
+    if args.tokenizer is not None:
+        path = Path(args.tokenizer)
+        if not (path.is_file() or (path / "tokenizer.json").is_file()):
+            raise ValueError(f"--tokenizer {path}: no tokenizer.json there (pass a directory holding one, "
+                             "the file itself, or 'bundled')")
+        return NeoXTokenizer.from_pretrained(path), f"{path.resolve()} (--tokenizer)"
+    for directory in dirs:
+        if (directory / "tokenizer.json").is_file():
+            return NeoXTokenizer.from_pretrained(directory), f"{(directory / 'tokenizer.json').resolve()}"
+        if directory.resolve() == package_model_dir().resolve():
+            return NeoXTokenizer.default(), "bundled GPT-NeoX-20B tokenizer (the shipped model's own)"
+    raise ValueError("--prompts: neither checkpoint has a tokenizer.json, so there is no tokenizer the models were "
+                     "made for; pass --tokenizer DIR (a tokenizer.json) or --tokenizer bundled (neox_lab's "
+                     "GPT-NeoX-20B tokenizer, what Pythia uses)")
+
+
+def _inputs(args, dirs: list[Path], vocab_size: int) -> tuple[dict, dict]:
+    """(inputs, provenance of the inputs)."""
     if args.prompts is None:
         gen = torch.Generator().manual_seed(args.seed)
-        return {"input_ids": torch.randint(0, vocab_size, (args.batch, args.seq_len), generator=gen)}
-    lines = [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), generator=gen)
+        return {"input_ids": ids}, {"kind": "random token ids", "seed": args.seed, "shape": list(ids.shape)}
+    path = Path(args.prompts)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"--prompts {args.prompts}: no non-empty lines")
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        tok = (NeoXTokenizer.from_pretrained(directory) if (directory / "tokenizer.json").is_file()
-               else NeoXTokenizer.default())
+    tok, source = _tokenizer(args, dirs)
     enc = tok(lines, padding=True, padding_side="left", truncation=True, max_length=args.seq_len,
               return_tensors="pt")
-    top = int(enc["input_ids"].max())
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    top = int(ids[mask.bool()].max())
+    folded = False
     if top >= vocab_size:
-        raise ValueError(f"--prompts: the tokenizer gives token id {top}, outside the model's vocabulary of "
-                         f"{vocab_size}; save the checkpoint with its own tokenizer.json")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if not args.fold_ids:
+            raise ValueError(f"--prompts: the tokenizer ({source}) gives token id {top}, outside the model's "
+                             f"vocabulary of {vocab_size}; use the model's own tokenizer (--tokenizer DIR), or "
+                             f"--fold-ids to map ids to id % {vocab_size}")
+        ids, folded = ids % vocab_size, True
+    info = {"kind": "prompts", "file": str(path.resolve()), "sha256": file_sha256(path), "n_prompts": len(lines),
+            "tokenizer": source, "padding": "left", "max_length": args.seq_len, "shape": list(ids.shape),
+            "ids_folded_modulo": vocab_size if folded else None}
+    return {"input_ids": ids, "attention_mask": mask}, info
 
 
+@user_errors("compare", also=(RuntimeError, FileNotFoundError))
 def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sides = {}
-    try:
-        for key in ("a", "b"):
-            dtype = DTYPES[getattr(args, f"dtype_{key}") or args.dtype]
-            backend = getattr(args, f"backend_{key}") or args.backend
-            sides[key] = _load(getattr(args, key), dtype, backend, device)
-        (model_a, dir_a), (model_b, _) = sides["a"], sides["b"]
-        inputs = _inputs(args, model_a, dir_a, model_a.config.vocab_size)
-        tolerance = None
-        if args.scale != 1.0:
-            tolerance = default_tolerance(model_a, model_b, inputs["input_ids"].shape[-1]).scaled(args.scale)
-        report = compare(model_a, model_b, inputs, tolerance=tolerance)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    sides, dirs, provenance = {}, [], {}
+    _validate(args)
+    if args.json:  # refused before minutes of comparing, not after
+        check_output_file(args.json, "--json")
+    for key in ("a", "b"):
+        dtype = _dtype(getattr(args, f"dtype_{key}") or args.dtype, device)
+        backend = getattr(args, f"backend_{key}") or args.backend
+        spec = getattr(args, key)
+        model, directory = _load(spec, dtype, backend, device)
+        sides[key] = model
+        dirs.append(directory)
+        provenance[f"checkpoint_{key}"] = {"argument": spec, "path": str(Path(directory).resolve()),
+                                           "runner": "transformers" if spec.startswith("hf:") else "neox_lab",
+                                           "dtype": str(dtype).removeprefix("torch."), "backend": backend}
+    model_a, model_b = sides["a"], sides["b"]
+    inputs, provenance["inputs"] = _inputs(args, dirs, min(model_a.config.vocab_size, model_b.config.vocab_size))
+    tolerance = None
+    if args.scale != 1.0:
+        tolerance = default_tolerance(model_a, model_b, inputs["input_ids"].shape[-1]).scaled(args.scale)
+    report = compare(model_a, model_b, inputs, tolerance=tolerance, mode=args.mode,
+                     probe_len=args.probe_len or None, probe_seed=args.seed)
+    report.provenance = {**provenance, "device": device, "arguments": _arguments(args), "versions": versions()}
     print(report.table(only_failures=args.only_failures))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"--json {args.json}: could not write the report ({err})") from err
     return 0 if report.equivalent else 1
+
+
+def _arguments(args) -> dict:
+    """The parsed command-line arguments (argparse's own bookkeeping left out)."""
+    return {k: v for k, v in vars(args).items()
+            if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}

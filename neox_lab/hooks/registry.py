@@ -22,7 +22,9 @@ MODEL_HOOKS = {
 #: LayerNorm streams: scale = sqrt(var + eps); normalized = (x - mean) / scale, before the affine weight
 #: and bias (TransformerLens 3.x's meaning); ln_out = normalized * w + b, the output that feeds
 #: attention / MLP / unembed (a name TransformerLens does not use, so no TransformerLens name changes meaning).
-LN_HOOKS = {"hook_scale": LN_SCALE, "hook_normalized": RESID, "hook_ln_out": RESID}
+#: The same three streams by meaning, for code that maps another library's modules onto them.
+LN_SCALE_HOOK, LN_STANDARDIZED_HOOK, LN_OUTPUT_HOOK = "hook_scale", "hook_normalized", "hook_ln_out"
+LN_HOOKS = {LN_SCALE_HOOK: LN_SCALE, LN_STANDARDIZED_HOOK: RESID, LN_OUTPUT_HOOK: RESID}
 
 #: Hooks of every block, relative to `blocks.{L}.`.
 BLOCK_HOOKS = {

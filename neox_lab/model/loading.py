@@ -238,13 +238,17 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
     if tied:
         expected.pop("unembed.weight")
     loaded, unexpected, misshaped, shaped_wrong = {}, [], [], set()
+    head_in_file = None
     for hf_key, tensor in read_tensors(_weight_files(directory), dtype, device):
         if _LEGACY.search(hf_key):
             continue
         key = hf_to_neox_key(hf_key, bare)
-        if key == "unembed.weight" and (tied or not has_unembed):
-            # A tied model reuses the embedding; a body or classifier has no use for a causal-LM head.
+        if key == "unembed.weight" and tied:
+            _check_finite(hf_key, tensor, directory)
+            head_in_file = tensor  # kept only if it differs from the embedding (see below)
             continue
+        if key == "unembed.weight" and not has_unembed:
+            continue  # a body or classifier has no use for a causal-LM head
         if key not in expected:
             unexpected.append(hf_key)
         elif tuple(tensor.shape) != tuple(expected[key].shape):
@@ -254,6 +258,16 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
             loaded[key] = tensor
             _check_finite(hf_key, tensor, directory)
     _check_one_dtype(loaded, directory)
+    if head_in_file is not None and not _same(head_in_file, loaded.get(hf_to_neox_key("embed_in.weight", bare))):
+        # What transformers 5 does with such a checkpoint: keep the stored head, untied, and warn. Tying
+        # silently would compute another function than the checkpoint's own library does.
+        warnings.warn(f"{directory}: config.json says tie_word_embeddings=true but the weights hold an "
+                      "embed_out different from the embedding; like transformers, the model keeps that "
+                      "embed_out and is NOT tied (set tie_word_embeddings=false in config.json to silence this)",
+                      stacklevel=3)
+        tied = False
+        loaded["unembed.weight"] = head_in_file
+        cfg = _untie(model, cfg)
     heads = tuple(getattr(cls, "head_modules", ()))
     absent = [k for k in expected if k not in loaded and k not in shaped_wrong]
     fresh = [k for k in absent if heads and k.startswith(heads)]
@@ -303,6 +317,17 @@ def _check_one_dtype(loaded: dict, directory: Path) -> None:
         raise CheckpointError(f"checkpoint {directory} mixes dtypes: most tensors are "
                               f"{str(common).removeprefix('torch.')} but {capped(odd)}; pass dtype= "
                               "(e.g. dtype=torch.float32) to cast every tensor at load")
+def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and tuple(a.shape) == tuple(b.shape) and bool(torch.equal(a, b))
+
+
+def _untie(model, cfg: NeoXConfig) -> NeoXConfig:
+    """Give the model (and every submodule sharing its config) an untied config; returns it."""
+    untied = cfg.replace(tie_word_embeddings=False)
+    for module in model.modules():
+        if getattr(module, "cfg", None) is cfg:
+            module.cfg = untied
+    return untied
 
 
 def _attach_tokenizer(model, directory: Path) -> None:

@@ -10,8 +10,11 @@ imported explicitly; nothing here imports hypothesis or transformers.
 """
 
 from .compare import compare, default_tolerance
+from .config_diff import ConfigDifference, diff_configs
 from .report import EquivalenceReport, HookResult, LogitsResult, NotEquivalentError, assert_equivalent
 from .tolerance import Tolerance, policy_for, policy_table
+from .weight_diff import TensorResult, WeightDiff, diff_weights
 
-__all__ = ["EquivalenceReport", "HookResult", "LogitsResult", "NotEquivalentError", "Tolerance",
-           "assert_equivalent", "compare", "default_tolerance", "policy_for", "policy_table"]
+__all__ = ["ConfigDifference", "EquivalenceReport", "HookResult", "LogitsResult", "NotEquivalentError",
+           "TensorResult", "Tolerance", "WeightDiff", "assert_equivalent", "compare", "default_tolerance",
+           "diff_configs", "diff_weights", "policy_for", "policy_table"]

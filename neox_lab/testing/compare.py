@@ -1,10 +1,20 @@
-"""`compare(model_a, model_b, inputs)`: run two NeoX models on the same tokens, hook by hook, and say
-where (if anywhere) they stop computing the same thing.
+"""`compare(model_a, model_b, inputs)`: say whether two NeoX models compute the same function and,
+if not, where they stop doing so, from three layers of evidence in one report:
+
+1. the configs (`config_diff`): a field that changes the function is non-equivalence by itself;
+2. the weights (`weight_diff`), when both models have the same shapes: any element past what casting
+   one original to the two dtypes can explain, named by tensor, layer, head and q/k/v part;
+3. the activations, hook by hook in forward order, against the rounding noise floor of the two sides
+   (`tolerance`), plus a longer one-row probe of block 0's rotated q/k, where rotary differences grow.
 
 Either model may be a neox_lab model or a transformers GPTNeoX model (its module outputs are mapped
 onto neox_lab hook names, see `sides.py`). `model_b` is the reference: relative errors are
-||a - b|| / ||b||. Everything is compared in fp64 after casting, over real (non-pad) positions only:
+||a - b|| / ||b||. Activations are compared in fp64 after casting, over real (non-pad) positions:
 what a model computes at padding is unspecified.
+
+mode="lossy" is for deliberate weight changes (quantisation): weights may differ by up to a floor
+derived from the measured weight error, the activation floor widens in proportion (`lossy.py`), and
+a tensor changed far more than the rest (a zeroed bias on top of int8) still fails.
 """
 
 from __future__ import annotations
@@ -14,19 +24,26 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ..hooks.registry import hook_names, layer_of, unknown_hook_message
-from .report import EquivalenceReport, HookResult, LogitsResult, assert_equivalent
+from .config_diff import diff_configs
+from .lossy import accept_lossy_weights, lossy_tolerance
+from .metrics import compare_logits, errors, per_head_failures, ratio, real_entries
+from .report import EquivalenceReport, HookResult, assert_equivalent
 from .sides import Side
 from .tolerance import Tolerance, policy_for
+from .weight_diff import diff_weights
 
 __all__ = ["EquivalenceReport", "assert_equivalent", "compare", "default_tolerance"]
 
-#: Fields two models must share to be compared stream by stream.
-STRUCTURE = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size",
-             "use_parallel_residual", "vocab_size")
+#: The rotated q/k are where a rotary difference shows first, and it grows with the position.
+PROBE_HOOKS = ("attn.hook_rot_q", "attn.hook_rot_k")
+#: Length of the long rotary probe (capped at max_position_embeddings).
+PROBE_LEN = 512
+MODES = ("exact", "lossy")
 
 
 def compare(model_a, model_b, inputs, *, hooks="all", tolerance: Tolerance | None = None,
-            attention_mask: torch.Tensor | None = None) -> EquivalenceReport:
+            attention_mask: torch.Tensor | None = None, mode: str = "exact", weights: bool = True,
+            probe_len: int | None = PROBE_LEN, probe_seed: int = 0) -> EquivalenceReport:
     """Compare `model_a` against the reference `model_b` on `inputs`; returns an `EquivalenceReport`.
 
     inputs: token ids [batch pos], a `TokenBatch`, or a mapping with "input_ids" (and optionally
@@ -35,41 +52,52 @@ def compare(model_a, model_b, inputs, *, hooks="all", tolerance: Tolerance | Non
     or None (logits only).
     tolerance: a `Tolerance`; None derives the noise floor of the two sides' dtypes and attention
     backends (`tolerance.policy_for`) at the models' contraction width.
-    Both models run in eval mode (their mode is restored afterwards).
+    mode: "exact" (any changed weight fails) or "lossy" (weights may carry a uniform quantisation-like
+    error; the floors follow from it). weights: False skips the weight diff (e.g. for models whose
+    parameters live elsewhere).
+    probe_len: one extra row of random ids of this length (at most max_position_embeddings) runs
+    through block 0 of both models, comparing its rotated q/k; None or a length not beyond the
+    inputs' skips it.
+    Structurally different models (another depth, width, residual kind ...) are reported as not
+    equivalent from their configs alone. Both models run in eval mode (restored afterwards).
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ids, mask = _as_inputs(inputs, attention_mask)
     a, b = Side(model_a, "model_a"), Side(model_b, "model_b")
-    _check_structure(a, b)
-    cfg = b.cfg
-    names, skipped = _select(hooks, a, b)
-    store_a, logits_a = a.run(ids, mask, names)
-    store_b, logits_b = b.run(ids, mask, names)
+    config = diff_configs(a.cfg, b.cfg, task=b.architecture)
+    report = EquivalenceReport(model_a=a.describe(), model_b=b.describe(), tolerance=tolerance, n_positions=0,
+                               config=config, mode=mode, sides={"model_a": a.info(), "model_b": b.info()})
+    if any(d.structural for d in config):
+        report.tolerance = tolerance or _policy(a, b, ids.shape[-1])
+        report.skipped_all = "the models differ structurally (see the config differences)"
+        return report
+    wdiff = diff_weights(model_a, model_b, b.cfg.num_attention_heads) if weights else None
     if tolerance is None:
         tolerance = _policy(a, b, ids.shape[-1])
+    if mode == "lossy" and wdiff is not None:
+        delta = accept_lossy_weights(wdiff)
+        tolerance = lossy_tolerance(tolerance, delta)
+    report.weights, report.tolerance = wdiff, tolerance
+    cfg = b.cfg
+    names, skipped = _select(hooks, a, b)
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    registry = hook_names(cfg)
-    n_layers = cfg.num_hidden_layers
-    results = []
-    for name in names:
-        if name not in store_a or name not in store_b:
-            skipped[name] = f"not produced by {'model_a' if name not in store_a else 'model_b'} on this input"
-            continue
-        ta = _real(store_a.pop(name), registry[name], real)
-        tb = _real(store_b.pop(name), registry[name], real)
-        if ta.shape != tb.shape:
-            raise ValueError(f"hook {name!r}: model_a gives {tuple(ta.shape)}, model_b {tuple(tb.shape)} "
-                             "on the real positions")
-        layer = layer_of(name)
-        depth = _depth(name, layer, n_layers)
-        max_abs, err, ref, n = _errors(ta, tb)
-        results.append(HookResult(name=name, layer=layer, shape=list(ta.shape), n=n, max_abs=max_abs,
-                                  rel=_ratio(err, ref), bound=tolerance.rel_at(depth),
-                                  passed=tolerance.allows(err, ref, n, depth)))
-    logits = None
-    if logits_a is not None and logits_b is not None:
-        logits = _compare_logits(logits_a, logits_b, real, tolerance, n_layers + 1)
-    return EquivalenceReport(model_a=a.describe(), model_b=b.describe(), tolerance=tolerance,
-                             n_positions=int(real.sum()), hooks=results, logits=logits, skipped=skipped)
+    report.n_positions = int(real.sum())
+    report.skipped = skipped
+    report.hooks = _compare_hooks(a, b, ids, mask, names, real, tolerance, skipped, want_logits=True, report=report)
+    if probe_len is not None and names:
+        length = min(probe_len, cfg.max_position_embeddings)
+        # Block 0 only: a rotary difference (base, rotary_pct, scaling) is the same in every block,
+        # and stopping there keeps the long row cheap.
+        probe = [n for n in names if layer_of(n) == 0 and n.split(".", 2)[-1] in PROBE_HOOKS]
+        if length > ids.shape[-1] and probe:
+            gen = torch.Generator().manual_seed(probe_seed)
+            pids = torch.randint(0, cfg.vocab_size, (1, length), generator=gen)
+            ptol = tolerance if mode == "lossy" or tolerance.label == "custom" else _policy(a, b, length)
+            report.probe = _compare_hooks(a, b, pids, None, probe, torch.ones_like(pids, dtype=torch.bool), ptol,
+                                          {}, want_logits=False, report=None, stop_at_layer=1)
+            report.probe_shape = [1, length]
+    return report
 
 
 def default_tolerance(model_a, model_b, seq_len: int) -> Tolerance:
@@ -81,6 +109,34 @@ def default_tolerance(model_a, model_b, seq_len: int) -> Tolerance:
 def _policy(a: Side, b: Side, seq_len: int) -> Tolerance:
     width = max(b.cfg.hidden_size, b.cfg.intermediate_size, seq_len)
     return policy_for(a.dtype, b.dtype, a.backend, b.backend, width=width, device_a=a.device, device_b=b.device)
+
+
+def _compare_hooks(a: Side, b: Side, ids, mask, names, real, tolerance, skipped, *, want_logits, report,
+                   stop_at_layer=None):
+    store_a, logits_a = a.run(ids, mask, names, stop_at_layer)
+    store_b, logits_b = b.run(ids, mask, names, stop_at_layer)
+    registry = hook_names(b.cfg)
+    n_layers, n_heads = b.cfg.num_hidden_layers, b.cfg.num_attention_heads
+    results = []
+    for name in names:
+        if name not in store_a or name not in store_b:
+            skipped[name] = f"not produced by {'model_a' if name not in store_a else 'model_b'} on this input"
+            continue
+        ta, dims = real_entries(store_a.pop(name), registry[name], real)
+        tb, _ = real_entries(store_b.pop(name), registry[name], real)
+        if ta.shape != tb.shape:
+            raise ValueError(f"hook {name!r}: model_a gives {tuple(ta.shape)}, model_b {tuple(tb.shape)} "
+                             "on the real positions")
+        layer = layer_of(name)
+        depth = _depth(name, layer, n_layers)
+        max_abs, err, ref, n = errors(ta, tb)
+        passed = tolerance.allows(err, ref, n, depth)
+        heads = [] if passed else per_head_failures(ta, tb, dims, n_heads, tolerance, depth)
+        results.append(HookResult(name=name, layer=layer, shape=list(ta.shape), n=n, max_abs=max_abs,
+                                  rel=ratio(err, ref), bound=tolerance.rel_at(depth), passed=passed, heads=heads))
+    if want_logits and logits_a is not None and logits_b is not None:
+        report.logits = compare_logits(logits_a, logits_b, real, tolerance, n_layers + 1)
+    return results
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -102,6 +158,8 @@ def _as_inputs(inputs, attention_mask):
         ids = ids[None]
     if ids.dim() != 2 or ids.dtype.is_floating_point:
         raise ValueError(f"input_ids must be integer token ids [batch pos], got {ids.dtype} {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"input_ids must hold at least one token, got shape {tuple(ids.shape)}")
     if attention_mask is not None:
         mask = attention_mask
     if mask is not None:
@@ -113,13 +171,6 @@ def _as_inputs(inputs, attention_mask):
         if bool(mask.bool().all()):
             mask = None  # no padding: both libraries then take their plain causal path
     return ids, mask
-
-
-def _check_structure(a: Side, b: Side) -> None:
-    diffs = [f"{f}: model_a {getattr(a.cfg, f)}, model_b {getattr(b.cfg, f)}" for f in STRUCTURE
-             if getattr(a.cfg, f) != getattr(b.cfg, f)]
-    if diffs:
-        raise ValueError("compare needs two models of one architecture; they differ in " + "; ".join(diffs))
 
 
 def _select(hooks, a: Side, b: Side) -> tuple[list[str], dict[str, str]]:
@@ -155,65 +206,3 @@ def _depth(name: str, layer: int | None, n_layers: int) -> int:
     if layer is not None:
         return layer + 1
     return 1 if name == "hook_embed" else n_layers + 1
-
-
-# ---------------------------------------------------------------------------------------- metrics
-def _real(t: torch.Tensor, shape: str, real: torch.Tensor) -> torch.Tensor:
-    """The entries at real positions, as fp64 [n_real ...] (every hook stream has batch first)."""
-    dims = shape.split()
-    axis = next((dims.index(a) for a in ("pos", "query_pos") if a in dims), None)
-    t = t.to(torch.float64)
-    if axis is None or tuple(t.shape[:1]) + (t.shape[axis],) != tuple(real.shape):
-        return t
-    return t.movedim(axis, 1)[real.to(t.device)]
-
-
-def _errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, int]:
-    """(max |a - b|, ||a - b||, ||b||, n). Equal infinities (masked scores) count as agreeing; a
-    non-finite value on one side only is an infinite error."""
-    b = b.to(a.device)
-    same = (a == b) | (a.isnan() & b.isnan())
-    finite = a.isfinite() & b.isfinite()
-    if bool((~same & ~finite).any()):
-        return float("inf"), float("inf"), float(b[finite].norm()), a.numel()
-    diff = torch.where(same, torch.zeros_like(a), a - b)
-    ref = torch.where(finite, b, torch.zeros_like(b))
-    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
-    return max_abs, float(diff.norm()), float(ref.norm()), a.numel()
-
-
-def _ratio(err: float, ref: float) -> float:
-    if err == 0.0:
-        return 0.0
-    return err / ref if ref > 0 else float("inf")
-
-
-def _compare_logits(la: torch.Tensor, lb: torch.Tensor, real: torch.Tensor, tol: Tolerance,
-                    depth: int) -> LogitsResult:
-    if la.shape != lb.shape:
-        raise ValueError(f"logits: model_a gives {tuple(la.shape)}, model_b {tuple(lb.shape)}")
-    a, b = la.to(torch.float64), lb.to(device=la.device, dtype=torch.float64)
-    if a.dim() >= 3 and tuple(a.shape[:2]) == tuple(real.shape):
-        a, b = a[real.to(a.device)], b[real.to(a.device)]  # per-position outputs: real positions only
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    max_abs, err, ref, n = _errors(a, b)
-    rel_bound = tol.rel_at(depth)
-    # The per-logit scale of the bound, row by row: a near tie within twice of it may flip.
-    per_logit = rel_bound * b.pow(2).mean(-1).sqrt() + tol.abs
-    top_a, top_b = a.argmax(-1), b.argmax(-1)
-    agree = top_a == top_b
-    margin = b.gather(-1, top_b[:, None]).squeeze(-1) - b.gather(-1, top_a[:, None]).squeeze(-1)
-    within = agree | (margin <= 2 * per_logit)
-    logp_a, logp_b = a.log_softmax(-1), b.log_softmax(-1)
-    kl = (logp_b.exp() * (logp_b - logp_a)).sum(-1).clamp_min(0.0)
-    kl_bound = tol.kl if tol.kl is not None else float((per_logit.pow(2) / 2).mean())
-    rows = a.shape[0]
-    return LogitsResult(
-        shape=list(la.shape), n_rows=rows, max_abs=max_abs, rel=_ratio(err, ref), bound=rel_bound,
-        passed_error=tol.allows(err, ref, n, depth),
-        top1_agreement=float(agree.double().mean()) if rows else 1.0,
-        top1_within_noise=float(within.double().mean()) if rows else 1.0,
-        top1_required=tol.top1_agreement,
-        kl_mean=float(kl.mean()) if rows else 0.0, kl_max=float(kl.max()) if rows else 0.0,
-        kl_bound=kl_bound,
-    )

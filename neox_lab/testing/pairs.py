@@ -39,17 +39,21 @@ def hf_config(cfg: NeoXConfig, attn_implementation: str = "eager"):
 
 
 def build_pair(cfg: NeoXConfig, seed: int = 0, task: str = "causal_lm", *, directory: str | None = None,
-               dtype=torch.float32, attn_backend: str = "eager", attn_implementation: str = "eager"):
+               dtype=torch.float32, attn_backend: str = "eager", attn_implementation: str = "eager",
+               trained_like: float | None = None):
     """A seeded random `transformers` model and the neox_lab model loaded from its saved checkpoint.
 
     Both are in eval mode and `dtype`. Returns (hf_model, neox_model). `directory` keeps the
     checkpoint there (e.g. for `neox-lab compare`); by default it lives in a temporary directory.
+    trained_like: a weight std for `make_trained_like` (random biases and LayerNorms, sharp attention).
     """
     import transformers
 
     hf_cls = getattr(transformers, HF_CLASSES[task])
     torch.manual_seed(seed)
     hf_model = hf_cls(hf_config(cfg, attn_implementation)).eval()
+    if trained_like is not None:
+        make_trained_like(hf_model, seed, trained_like)
     neox_cls = MODEL_CLASSES[HF_CLASSES[task]]
     with tempfile.TemporaryDirectory() if directory is None else _Keep(directory) as path:
         hf_model.save_pretrained(path)
@@ -70,6 +74,25 @@ def randomize_parameters(model, seed: int = 0, std: float = 0.3):
             is_ln_weight = name.rsplit(".", 2)[-2].startswith("ln") and name.endswith("weight")
             p.copy_(1.0 + std * noise if is_ln_weight else std * noise)
     return model.eval()
+
+
+def make_trained_like(model, seed: int = 0, std: float = 0.2):
+    """Give a random model (neox_lab or transformers) the statistics of a trained one, in place: weight
+    matrices ~N(0, std) (std 0.2 gives attention-score rms ~3-10, like trained heads), random biases,
+    LayerNorm weights ~1 + N(0, 0.1) and biases ~N(0, 0.1). Fresh-init models have zero biases and
+    unit LayerNorms, so a dropped bias or a LayerNorm mix-up would change nothing. Returns `model`."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if p.dim() >= 2:
+                value = std * noise
+            elif "norm" in name or ".ln" in name or name.startswith("ln"):
+                value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * noise
+            else:
+                value = 0.1 * noise
+            p.copy_(value.to(p.dtype))
+    return model
 
 
 class _Keep:

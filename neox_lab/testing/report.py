@@ -1,12 +1,16 @@
-"""`EquivalenceReport`: what `compare` found, hook by hook, and `assert_equivalent` for tests and CI."""
+"""`EquivalenceReport`: what `compare` found (config, weights, activations), the verdict, the first
+divergence in words, and `assert_equivalent` for tests and CI. Text rendering is in `report_text`,
+JSON in `report_json`."""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from .config_diff import ConfigDifference
+from .report_json import report_dict, report_json
+from .report_text import render_table
 from .tolerance import Tolerance
+from .weight_diff import WeightDiff
 
 
 class NotEquivalentError(AssertionError):
@@ -23,6 +27,7 @@ class HookResult:
 
     rel = ||a - b|| / ||b||; bound is the relative floor at this depth; passed applies the tolerance
     (relative plus absolute term), so a stream that is (nearly) zero can pass with a large `rel`.
+    heads: for a failing head-shaped stream, the heads whose own slice fails, worst first.
     """
 
     name: str
@@ -33,6 +38,14 @@ class HookResult:
     rel: float
     bound: float
     passed: bool
+    heads: list[int] = field(default_factory=list)
+
+    def where(self) -> str:
+        """In words: "blocks.3.attn.hook_q (layer 3, heads 1, 2)"."""
+        bits = ["outside the blocks" if self.layer is None else f"layer {self.layer}"]
+        if self.heads:
+            bits.append(("head " if len(self.heads) == 1 else "heads ") + ", ".join(map(str, self.heads)))
+        return f"{self.name} ({', '.join(bits)})"
 
 
 @dataclass
@@ -41,7 +54,8 @@ class LogitsResult:
 
     top1_agreement counts positions whose argmax agrees; top1_within_noise also excuses near ties
     (the reference's margin between the two tokens within twice the per-logit bound), and is what
-    the tolerance's `top1_agreement` is held against. kl_* are KL(p_b || p_a) in nats.
+    the tolerance's `top1_agreement` is held against. kl_* are KL(p_b || p_a) in nats; kl_bound is
+    never below kl_noise, the rounding noise of computing the KL itself.
     """
 
     shape: list[int]
@@ -56,6 +70,7 @@ class LogitsResult:
     kl_mean: float
     kl_max: float
     kl_bound: float
+    kl_noise: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -65,20 +80,40 @@ class LogitsResult:
 
 @dataclass
 class EquivalenceReport:
-    """Per-hook errors (forward order), the logits comparison and the tolerance they were held to."""
+    """Config differences, the weight diff, per-hook errors (forward order), the logits comparison,
+    the long rotary probe, and the tolerance they were held to."""
 
     model_a: str
     model_b: str
-    tolerance: Tolerance
+    tolerance: Tolerance | None
     n_positions: int
     hooks: list[HookResult] = field(default_factory=list)
     logits: LogitsResult | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    config: list[ConfigDifference] = field(default_factory=list)
+    weights: WeightDiff | None = None
+    probe: list[HookResult] = field(default_factory=list)
+    probe_shape: list[int] | None = None
+    mode: str = "exact"
+    sides: dict = field(default_factory=dict)
+    skipped_all: str | None = None  # why no activation was compared at all
+    provenance: dict = field(default_factory=dict)  # filled by the CLI: paths, arguments, versions ...
+
+    @property
+    def config_failures(self) -> list[ConfigDifference]:
+        return [d for d in self.config if d.changes_function]
+
+    @property
+    def structural(self) -> bool:
+        return any(d.structural for d in self.config)
 
     @property
     def equivalent(self) -> bool:
-        """Every compared hook and the logits within the noise floor."""
-        return all(h.passed for h in self.hooks) and (self.logits is None or self.logits.passed)
+        """No function-changing config difference, no changed weight (beyond what the mode allows),
+        and every compared hook, the probe and the logits within the floor."""
+        return (not self.config_failures and (self.weights is None or self.weights.passed)
+                and all(h.passed for h in self.hooks) and all(h.passed for h in self.probe)
+                and (self.logits is None or self.logits.passed))
 
     passed = equivalent
 
@@ -88,8 +123,9 @@ class EquivalenceReport:
 
     @property
     def first_divergence(self) -> HookResult | None:
-        """The earliest hook (forward order) whose error leaves the noise floor, or None."""
-        return next((h for h in self.hooks if not h.passed), None)
+        """The earliest hook (forward order) whose error leaves the noise floor, or None (the long
+        probe's hooks count after the main run's)."""
+        return next((h for h in self.hooks + self.probe if not h.passed), None)
 
     @property
     def first_diverging_layer(self) -> int | None:
@@ -104,96 +140,63 @@ class EquivalenceReport:
         reason = self.skipped.get(name)
         raise KeyError(f"hook {name!r} was not compared" + (f": {reason}" if reason else ""))
 
-    # ------------------------------------------------------------------ rendering
-    def summary(self) -> str:
-        """One line: the verdict and, when it fails, where and by how much."""
-        if self.equivalent:
-            what = f"{len(self.hooks)} hooks" + (" and logits" if self.logits is not None else "")
-            return f"EQUIVALENT ({what} within {self.tolerance.label})"
+    def reasons(self) -> list[str]:
+        """Why the models are not equivalent, in words, most basic evidence first (config, weights,
+        activations); empty when they are equivalent."""
+        out = [d.describe() for d in self.config_failures]
+        if self.weights is not None:
+            out.extend(f"blocks {i} and {j} are exchanged: every weight of block {i} in model_a is block {j}'s of "
+                       "model_b and vice versa" for i, j in self.weights.swapped_layers)
+            for t in self.weights.failures:
+                out.append(f"{t.where()} differ: {t.n_changed} element(s) past rounding, max abs "
+                           f"{t.max_abs:.3g}, rel {t.rel:.3g}")
+            out.extend(f"parameter {n} exists only in model_a" for n in self.weights.only_a)
+            out.extend(f"parameter {n} exists only in model_b" for n in self.weights.only_b)
         first = self.first_divergence
         if first is not None:
-            where = f"layer {first.layer}" if first.layer is not None else "outside the blocks"
-            if math.isinf(first.rel):
-                where += "; a non-finite value on one side only"
-            return (f"NOT EQUIVALENT: first divergence at {first.name} ({where}): rel error {first.rel:.3g} > "
-                    f"bound {first.bound:.3g}, max abs error {first.max_abs:.3g}; "
-                    f"{len(self.failures)} of {len(self.hooks)} hooks fail")
+            probe = " (long probe, " + "x".join(map(str, self.probe_shape or [])) + " random ids)" \
+                if first in self.probe else ""
+            nonfinite = "; a non-finite value on one side only" if first.rel == float("inf") else ""
+            out.append(f"activations: first divergence at {first.where()}{probe}: rel error {first.rel:.3g} > bound "
+                       f"{first.bound:.3g}{nonfinite}; {len(self.failures)} of {len(self.hooks)} hooks fail")
         lg = self.logits
-        return (f"NOT EQUIVALENT at the logits (every hook passes): rel error {lg.rel:.3g} (bound {lg.bound:.3g}), "
-                f"top-1 within noise {lg.top1_within_noise:.4f} (required {lg.top1_required}), "
-                f"KL mean {lg.kl_mean:.3g} (bound {lg.kl_bound:.3g})")
+        if lg is not None and not lg.passed:
+            out.append(f"logits: rel error {lg.rel:.3g} (bound {lg.bound:.3g}), top-1 within noise "
+                       f"{lg.top1_within_noise:.4f} (required {lg.top1_required}), KL mean {lg.kl_mean:.3g} "
+                       f"(bound {lg.kl_bound:.3g})")
+        return out
+
+    def summary(self) -> str:
+        """One line: the verdict and, when it fails, the first (most basic) reason."""
+        if self.equivalent:
+            what = f"{len(self.hooks)} hooks" + (" and logits" if self.logits is not None else "")
+            label = self.tolerance.label if self.tolerance is not None else "the floor"
+            return f"EQUIVALENT ({what} within {label})"
+        reasons = self.reasons()
+        more = f" (+{len(reasons) - 1} more finding(s))" if len(reasons) > 1 else ""
+        return f"NOT EQUIVALENT: {reasons[0]}{more}"
 
     def table(self, only_failures: bool = False) -> str:
-        """The report as a fixed-width text table (the `neox-lab compare` output)."""
-        tol = self.tolerance
-        growth = " x sqrt(depth)" if tol.depth_growth else ""
-        lines = [f"A: {self.model_a}", f"B: {self.model_b} (reference)",
-                 f"tolerance: {tol.label}: rel {tol.rel:.2e}{growth}, abs {tol.abs:.2e}; "
-                 f"{self.n_positions} real positions",
-                 f"{'hook':<34} {'layer':>5} {'max abs':>10} {'rel err':>10} {'bound':>10}  ok"]
-        first = self.first_divergence
-        for h in self.hooks:
-            if only_failures and h.passed:
-                continue
-            layer = "-" if h.layer is None else str(h.layer)
-            mark = "ok" if h.passed else "FAIL" + ("  <- first divergence" if h is first else "")
-            lines.append(f"{h.name:<34} {layer:>5} {h.max_abs:>10.2e} {h.rel:>10.2e} {h.bound:>10.2e}  {mark}")
-        lg = self.logits
-        if lg is not None:
-            lines.append(f"{'logits':<34} {'':>5} {lg.max_abs:>10.2e} {lg.rel:>10.2e} {lg.bound:>10.2e}  "
-                         f"{'ok' if lg.passed_error else 'FAIL'}")
-            lines.append(f"top-1 agreement {lg.top1_agreement:.4f} (near ties excused: {lg.top1_within_noise:.4f}, "
-                         f"required {lg.top1_required}); KL(b||a) mean {lg.kl_mean:.2e} max {lg.kl_max:.2e} "
-                         f"(bound {lg.kl_bound:.2e})")
-        if self.skipped:
-            reasons: dict[str, int] = {}
-            for reason in self.skipped.values():
-                reasons[reason] = reasons.get(reason, 0) + 1
-            lines.extend(f"skipped {n} hook(s): {reason}" for reason, n in reasons.items())
-        lines.append(self.summary())
-        return "\n".join(lines)
+        """The report as fixed-width text (the `neox-lab compare` output)."""
+        return render_table(self, only_failures)
 
     def __str__(self) -> str:
         return self.table()
 
     def to_dict(self) -> dict:
-        """Plain data (JSON-ready: non-finite numbers become the strings "inf", "nan")."""
-        first = self.first_divergence
-        logits = None
-        if self.logits is not None:
-            logits = {**asdict(self.logits), "passed": self.logits.passed}
-        return _clean({
-            "equivalent": self.equivalent,
-            "summary": self.summary(),
-            "first_divergence": None if first is None else {"name": first.name, "layer": first.layer},
-            "model_a": self.model_a,
-            "model_b": self.model_b,
-            "tolerance": self.tolerance.to_dict(),
-            "n_positions": self.n_positions,
-            "hooks": [asdict(h) for h in self.hooks],
-            "logits": logits,
-            "skipped": dict(self.skipped),
-        })
+        """Plain, JSON-ready data: numbers stay numbers; a non-finite one becomes null with a
+        `<key>_nonfinite` flag ("inf", "-inf" or "nan") next to it."""
+        return report_dict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return report_json(self, indent)
 
 
 def assert_equivalent(report: EquivalenceReport, msg: str | None = None) -> None:
-    """Raise `NotEquivalentError` (an AssertionError) naming the first diverging hook, with the numbers."""
+    """Raise `NotEquivalentError` (an AssertionError) naming where the models first differ, with the numbers."""
     if report.equivalent:
         return
     lines = [msg] if msg else []
     lines.append(report.summary())
     lines.append(report.table(only_failures=True))
     raise NotEquivalentError("\n".join(lines), report)
-
-
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj

@@ -45,10 +45,11 @@ def test_an_edited_checkpoint_exits_one_and_names_the_layer(checkpoints, tmp_pat
 
 def test_per_side_dtype_uses_that_pairs_floor(checkpoints, capsys):
     a = str(checkpoints / "a")
-    assert main(["compare", a, a, "--dtype-a", "float16", "--seq-len", "8"]) == 0
+    assert main(["compare", a, a, "--dtype-a", "float16", "--dtype-b", "float32", "--seq-len", "8"]) == 0
     assert "float16/eager vs float32/eager" in capsys.readouterr().out
     # The same fp16 gap against a floor shrunk 10^4 times is a failure.
-    assert main(["compare", a, a, "--dtype-a", "float16", "--scale", "1e-4", "--seq-len", "8"]) == 1
+    assert main(["compare", a, a, "--dtype-a", "float16", "--dtype-b", "float32", "--scale", "1e-4",
+                 "--seq-len", "8"]) == 1
 
 
 def test_checkpoint_against_its_weights_in_transformers(checkpoints, capsys):
@@ -56,8 +57,9 @@ def test_checkpoint_against_its_weights_in_transformers(checkpoints, capsys):
     a = str(checkpoints / "a")
     assert main(["compare", a, "hf:" + a, "--backend-b", "sdpa", "--seq-len", "8"]) == 0
     out = capsys.readouterr().out
-    assert "transformers GPTNeoXForCausalLM float32/hf-sdpa" in out
-    assert "attention weights exist only in transformers' eager attention" in out
+    assert "transformers GPTNeoXForCausalLM float64/hf-sdpa" in out  # fp64 by default on CPU
+    # rot_q/k, scores, pattern, per-head results and LayerNorm statistics are recomputed from its modules
+    assert "skipped" not in out and "blocks.2.attn.hook_rot_q" in out and "ln1.hook_scale" in out
 
 
 def test_prompts_are_tokenized_with_the_checkpoints_tokenizer(tmp_path, capsys):
@@ -77,7 +79,7 @@ def test_prompts_outside_the_vocabulary_and_missing_checkpoints_exit_two(checkpo
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello world, in GPT-NeoX token ids far above 97\n")
     a = str(checkpoints / "a")
-    assert main(["compare", a, a, "--prompts", str(prompts)]) == 2
+    assert main(["compare", a, a, "--prompts", str(prompts), "--tokenizer", "bundled"]) == 2
     assert "outside the model's vocabulary of 97" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "nowhere"), a]) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -15,14 +15,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 
+from neox_lab.hooks.registry import hook_names  # noqa: E402
 from neox_lab.testing import assert_equivalent, compare  # noqa: E402
 from neox_lab.testing.pairs import tiny_config  # noqa: E402
 from neox_lab.testing.strategies import build_pair, neox_configs, paired_models, token_batches  # noqa: E402
-
-# Every stream transformers' modules expose (sides.py); hook_resid_mid only in sequential blocks.
-MAPPED = ("hook_resid_pre", "ln1.hook_ln_out", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-          "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "ln2.hook_ln_out", "mlp.hook_pre",
-          "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 
 
 @given(pair=paired_models(neox_configs(max_layers=3)), data=st.data())
@@ -31,11 +27,8 @@ def test_causal_lm_matches_transformers_hook_by_hook(pair, data):
     batch = data.draw(token_batches(cfg, max_len=min(24, 2 * cfg.max_position_embeddings)))
     report = compare(pair.neox, pair.hf, batch)
     assert_equivalent(report)
-    compared = {h.name for h in report.hooks}
-    expected = {f"blocks.{L}.{s}" for L in range(cfg.num_hidden_layers) for s in MAPPED}
-    if not cfg.use_parallel_residual:
-        expected |= {f"blocks.{L}.hook_resid_mid" for L in range(cfg.num_hidden_layers)}
-    assert compared == expected | {"hook_embed", "ln_final.hook_ln_out", "hook_logits"}
+    # Every hook: read from transformers' modules or recomputed from them (sides.py); none skipped.
+    assert [h.name for h in report.hooks] == list(hook_names(cfg)) and report.skipped == {}
     assert report.n_positions == int(batch.attention_mask.sum())
 
 
@@ -66,7 +59,7 @@ def test_task_heads_match_transformers(task):
 
 
 @pytest.mark.parametrize(("module", "first"), [("mlp.dense_h_to_4h", "mlp.hook_pre"),
-                                               ("attention.dense", "hook_attn_out"),
+                                               ("attention.dense", "attn.hook_result"),
                                                ("post_attention_layernorm", "ln2.hook_ln_out")])
 def test_an_edit_on_the_transformers_side_is_located(module, first):
     """The mapping puts each transformers stream at its neox_lab name: an edit in layer 1 of
