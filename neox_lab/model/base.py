@@ -21,6 +21,7 @@ from .kv_cache import KVCache
 from .layernorm import LayerNorm
 from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
+from .placement import load_placed
 from .rotary import Rotary
 from .text import TextMixin
 
@@ -33,6 +34,11 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
     cfg: NeoXConfig
     #: The transformers class a checkpoint of this class is saved as (config.json's `architectures`).
     hf_architecture: ClassVar[str]
+    #: Where each placement unit lives, by module name ("model.embed", "model.blocks.3", ...,
+    #: "unembed" -> "cuda:0", "cpu" or "disk") when loaded with a `device_map`; None for a model on
+    #: one device.
+    device_map: dict[str, str] | None = None
+    _main_device: torch.device | None = None
 
     def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto"):
         super().__init__()
@@ -86,13 +92,48 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
     @classmethod
     def from_pretrained(cls: type[ModelT], path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, attn_backend: str = "auto",
-                        revision: str | None = None) -> ModelT:
+                        revision: str | None = None, device_map: str | dict | None = None,
+                        max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None) -> ModelT:
         """Load a transformers GPTNeoX checkpoint (local directory or hub id), in eval mode.
 
         `dtype` None keeps the checkpoint's own; the tokenizer is the checkpoint's tokenizer.json when
-        it has one."""
+        it has one.
+
+        `device_map` spreads a model over several devices with accelerate (``pip install
+        neox-lab[big]``): "auto" / "balanced" (blocks evenly over the GPUs, the rest to CPU RAM, then
+        disk), "balanced_low_0", "sequential", or a dict of module name -> device ("cpu", "disk", an
+        int CUDA index or "cuda:N"; neox_lab's module names or transformers', prefixes allowed: e.g.
+        ``{"model.embed": 0, "model.blocks.0": 0, "model.blocks.1": "disk", ...}``). Blocks are never
+        split. `max_memory` ({0: "20GiB", "cpu": "60GiB"}) caps a planned map; `offload_folder` is
+        needed only when a .bin checkpoint has blocks on "disk" (safetensors files are read in place).
+        The result's `device_map` shows the placement (accelerate also sets `hf_device_map`, the same
+        dict); README "Bigger than one GPU".
+        """
+        if device_map is not None:
+            if device is not None:
+                raise ValueError("pass either device= (one device) or device_map= (several), not both")
+            return load_placed(cls, path_or_repo_id, device_map=device_map, max_memory=max_memory,
+                               offload_folder=offload_folder, dtype=dtype, attn_backend=attn_backend,
+                               revision=revision)
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder apply to a device_map; pass device_map='auto' too")
         return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
                                revision=revision)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the device the embedding runs on (for a placed model, accelerate's main
+        device, where offloaded blocks run too), else the parameters' device."""
+        if self._main_device is not None:
+            return self._main_device
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def set_placement(self, device_map: dict[str, str], main_device: str | torch.device) -> None:
+        """Record a placement made by `accelerate.dispatch_model` (done by `from_pretrained`)."""
+        for model in {id(self): self, id(self.body): self.body}.values():
+            model.device_map = dict(device_map)
+            model._main_device = torch.device(main_device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers loads with identical logits."""
@@ -172,7 +213,7 @@ class NeoXModel(NeoXPreTrained):
         if head_mask.shape != (n_layers, n_heads):
             raise ValueError(f"head_mask must be [n_heads]={n_heads} or [n_layers, n_heads]={(n_layers, n_heads)}, "
                              f"got {tuple(head_mask.shape)}")
-        return list(head_mask.to(self.embed.weight.device))
+        return list(head_mask.to(self.input_device))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -187,7 +228,7 @@ class NeoXModel(NeoXPreTrained):
         past_len = cache.length if cache is not None else 0
         batch, q_len = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
         head_masks = self._head_masks(head_mask)
-        device = self.embed.weight.device
+        device = self.input_device
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.embed_dropout(self.hook_embed(x))
 
@@ -251,8 +292,10 @@ class NeoXModel(NeoXPreTrained):
         for layer, block in enumerate(self.blocks[:n_run]):
             if output_hidden_states:
                 hidden.append(x)
-            x, pattern = block(x, self.rotary, cos, sin, mask, backend=backend, kv_cache=kv_cache,
-                               head_mask=None if head_masks is None else head_masks[layer],
+            # rotary and kv_cache by keyword: accelerate's hooks on a placed block move tensor arguments
+            # to its device but must pass these through (placement.SKIP_KEYS).
+            x, pattern = block(x, cos=cos, sin=sin, mask=mask, rotary=self.rotary, backend=backend,
+                               kv_cache=kv_cache, head_mask=None if head_masks is None else head_masks[layer],
                                output_attentions=output_attentions)
             if output_attentions:
                 attentions.append(pattern)

@@ -87,8 +87,7 @@ class TextMixin:
         return [tok.decode([i]) for i in ids]
 
     def _text_device(self) -> torch.device:
-        param = next(self.parameters(), None)  # type: ignore[attr-defined]
-        return param.device if param is not None else torch.device("cpu")
+        return self.input_device  # type: ignore[attr-defined]
 
 
 def _as_lists(ids):
