@@ -335,7 +335,8 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 
     with torch.no_grad():
         clean_value = torch.as_tensor(metric(clean_logits))
-    return PatchResult(values=torch.stack(per_layer).detach().cpu(), target=target,
+    # Gathered per layer: a model placed across devices leaves each layer's values on its own.
+    return PatchResult(values=torch.stack([t.detach().cpu() for t in per_layer]), target=target,
                        axes=("layer", *plan.cell_axes), clean_value=clean_value.detach().float().cpu(),
                        corrupted_value=value.detach().float().cpu(), method="attribution", **_labels(plan))
 

@@ -146,9 +146,13 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin):
 
 
 def _caller_stacklevel() -> int:
-    """The `stacklevel` that makes a warning point at the first frame outside neox_lab and torch."""
+    """The `stacklevel` that makes a warning point at the first frame outside neox_lab, torch and
+    (for a placed model, whose modules it wraps) accelerate."""
     # The package root, not this file's folder: hooks/ and model/ frames are neox_lab's alike.
     internal = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    accelerate = sys.modules.get("accelerate")  # only where already imported: never imported for this
+    if accelerate is not None and getattr(accelerate, "__file__", None):
+        internal += (os.path.dirname(accelerate.__file__),)
     level, frame = 1, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1

@@ -191,3 +191,22 @@ def test_without_accelerate_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "accelerate", None)
     with pytest.raises(ImportError, match=r"pip install neox-lab\[big\]"):
         NeoXForCausalLM.from_pretrained(path, device_map="auto")
+
+
+def test_compare_takes_a_placed_model_on_either_side(tmp_path):
+    from neox_lab.default_model import load_or_default
+    from neox_lab.testing.compare import compare
+
+    cfg = tiny_config(num_hidden_layers=2)
+    path = save_random(cfg, tmp_path)
+    whole = load_or_default(path, attn_backend="eager")
+    placed = load_or_default(path, attn_backend="eager",
+                             device_map={"": "cpu", "model.blocks.1": "disk"})
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    for a, b in ((placed, whole), (whole, placed)):
+        report = compare(a, b, ids)
+        assert report.equivalent and report.hooks
+        # The same arithmetic: every stream and the logits equal bit for bit.
+        assert all(h.max_abs == 0.0 for h in report.hooks) and report.logits.max_abs == 0.0
+    with pytest.raises(ValueError, match="shipped model"):
+        load_or_default(None, device_map="auto")
