@@ -16,6 +16,7 @@ the checkpoint is a .bin one, whose disk tensors are written to `offload_folder`
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import struct
@@ -336,13 +337,26 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
         model.tie_weights()
+        if "model.embed.weight" in index:
+            # accelerate loads each offloaded module's weights by its own name: the unembedding's are
+            # the embedding's.
+            index["unembed.weight"] = index["model.embed.weight"]
     main = main_device(units, placed)
     model._reset_buffers(torch.device(main))
     model.eval()
     if index and offload_folder is not None and any("safetensors_file" not in v for v in index.values()):
         save_offload_index(index, os.fspath(offload_folder))
-    dispatch_model(model, device_map=dict(placed), main_device=main, offload_dir=offload_folder,
-                   offload_index=index or None, skip_keys=SKIP_KEYS, preload_module_classes=PRELOAD)
+    # accelerate logs "Some parameters are on the meta device because they were offloaded to the cpu
+    # and disk" for any map naming "cpu", even where "cpu" is where the model runs: `device_map` says
+    # what is offloaded, without that noise at every load.
+    quiet = logging.getLogger("accelerate.big_modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        dispatch_model(model, device_map=dict(placed), main_device=main, offload_dir=offload_folder,
+                       offload_index=index or None, skip_keys=SKIP_KEYS, preload_module_classes=PRELOAD)
+    finally:
+        quiet.setLevel(level)
     model.set_placement(placed, main)
     attach_tokenizer(model, directory)
     return model

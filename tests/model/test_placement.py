@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from neox_lab import CheckpointError, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
-from neox_lab.analysis.patching import activation_patch
+from neox_lab.analysis.patching import activation_patch, attribution_patch
 from neox_lab.model.placement import placement_units
 from neox_lab.testing.pairs import tiny_config
 from neox_lab.testing.strategies import neox_configs, token_batches
@@ -83,6 +83,10 @@ def test_offloaded_model_matches_the_whole_model_bit_for_bit(cfg, data, tmp_path
         got = activation_patch(placed, ids, corrupted, metric, target=target)
         want = activation_patch(ref, ids, corrupted, metric, target=target)
         assert torch.equal(got.values, want.values), target
+
+    # Gradients flow through offloaded blocks too (autograd keeps the weights a forward used).
+    got = attribution_patch(placed, ids, corrupted, metric, target="resid_pre")
+    assert torch.equal(got.values, attribution_patch(ref, ids, corrupted, metric, target="resid_pre").values)
 
     prompt = ids[:, : max(1, ids.shape[1] - 2)]
     prompt_mask = mask[:, : prompt.shape[1]]
@@ -210,3 +214,20 @@ def test_compare_takes_a_placed_model_on_either_side(tmp_path):
         assert all(h.max_abs == 0.0 for h in report.hooks) and report.logits.max_abs == 0.0
     with pytest.raises(ValueError, match="shipped model"):
         load_or_default(None, device_map="auto")
+
+
+def test_eager_fallback_on_an_offloaded_layer(tmp_path):
+    cfg = tiny_config(num_hidden_layers=3)
+    path = save_random(cfg, tmp_path)
+    ref = NeoXForCausalLM.from_pretrained(path, attn_backend="sdpa")
+    placed = NeoXForCausalLM.from_pretrained(path, attn_backend="sdpa",
+                                             device_map={"": "cpu", "model.blocks.2": "disk"})
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    name = "blocks.2.attn.hook_pattern"
+    with pytest.warns(UserWarning, match="layer 2: attention scores/pattern") as caught:
+        logits, cache = placed.run_with_cache(ids, names_filter=name)
+    assert caught[0].filename == __file__  # the warning points here, past accelerate's wrappers
+    assert placed.attn_kernels() == ["sdpa", "sdpa", "eager (fallback)"]
+    with pytest.warns(UserWarning):
+        ref_logits, ref_cache = ref.run_with_cache(ids, names_filter=name)
+    assert torch.equal(logits, ref_logits) and torch.equal(cache[name], ref_cache[name])
