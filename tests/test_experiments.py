@@ -94,3 +94,10 @@ def test_equivalence_sweep_reports_fp64_at_machine_precision():
     # The last row is fp64 with transformers' fp32 softmax lifted: structure alone, at machine precision.
     fp64 = out.strip().splitlines()[-1].split()
     assert fp64[0] == "fp64" and float(fp64[1]) < 1e-12, out
+
+
+def test_bench_placement_quick():
+    pytest.importorskip("accelerate")
+    out = run_script("bench_placement", "--preset", "pythia-14m", "--tokens", "4", "--repeats", "1",
+                     "--threads", "1", timeout=300)
+    assert "ratio to shard" in out and "| every block on disk |" in out

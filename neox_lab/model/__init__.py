@@ -9,6 +9,7 @@
     base          `NeoXPreTrained` (what every model class shares) and the bare `NeoXModel`
     tasks         the task models: causal LM, sequence / token classification, question answering
     kv_cache, outputs, text (to_tokens / to_string), loading (checkpoints in and out),
+    placement (device_map: blocks over GPUs, CPU RAM and disk with accelerate),
     generation, fast_decode (CUDA-graph decoding)
 
 Builds on `neox_lab.hooks`, `config`, `axes` and `tokenizer` only; analysis, the activation store,
