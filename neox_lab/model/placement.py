@@ -158,6 +158,10 @@ def plan_device_map(model, device_map, *, max_memory=None, dtype: torch.dtype) -
         raise ValueError(f"device_map places no device for {', '.join(missing)}; add them (or a prefix such "
                          "as 'model.blocks', or '' for the rest) to the dict")
     unknown = [k for k in raw if k not in used and not any(u.startswith(k + ".") for u in units)]
+    inside = [k for k in unknown if any(k.startswith(u + ".") for u in units)]
+    if inside and not isinstance(device_map, str):
+        raise ValueError(f"device_map places parts of a placement unit ({', '.join(map(repr, inside))}); units "
+                         f"are placed whole (a block is never split): use {', '.join(units[:2])}, ...")
     if unknown and not isinstance(device_map, str):
         raise ValueError(f"device_map names modules this {type(model).__name__} does not have: "
                          f"{', '.join(map(repr, unknown))}; its placement units are {', '.join(units)}")

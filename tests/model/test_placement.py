@@ -163,6 +163,7 @@ def test_bin_checkpoint_on_disk_needs_an_offload_folder(tmp_path):
 @pytest.mark.parametrize("device_map, kwargs, message", [
     ({"model.embed": "cpu"}, {}, "places no device for model.blocks.0"),
     ({"": "cpu", "model.blocks.9": "cpu"}, {}, "does not have: 'model.blocks.9'"),
+    ({"": "cpu", "model.blocks.0.mlp": "disk"}, {}, "placed whole"),
     ({"": "floppy"}, {}, "is not a device"),
     ({"": 3}, {}, "CUDA device"),
     ({"": "cpu"}, {"max_memory": {"cpu": "1GiB"}}, "max_memory budgets a planned"),
