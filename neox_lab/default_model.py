@@ -37,20 +37,27 @@ def load_default(dtype: torch.dtype = torch.float32, device: torch.device | str 
 
 def load_or_default(model: str | os.PathLike | None = None, *, cls: type[NeoXPreTrained] | None = None,
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                    attn_backend: str = "auto") -> NeoXPreTrained:
+                    attn_backend: str = "auto", device_map: str | dict | None = None,
+                    max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
+                    ) -> NeoXPreTrained:
     """The model a `--model` argument names: the one way every CLI command (and the demo) loads one.
 
     None: the shipped model (`load_default`). Otherwise a checkpoint directory or hub id, loaded as
     `cls` when given (generation needs a `NeoXForCausalLM`), else as the class its config.json's
     `architectures` names. `dtype` None keeps the checkpoint's own (the shipped model's is float32:
     its fp16 file is only storage). A tokenizer is attached either way: the checkpoint's own, else
-    the package's GPT-NeoX one.
+    the package's GPT-NeoX one. `device_map`, `max_memory` and `offload_folder` place a checkpoint
+    over several devices (`NeoXPreTrained.from_pretrained`); the shipped model is small and takes none.
     """
+    placement = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     if model is None:
+        if any(v is not None for v in placement.values()):
+            raise ValueError("device_map places a checkpoint over several devices; the shipped model fits "
+                             "any one: pass device= instead, or name a checkpoint")
         return load_default(dtype=dtype or torch.float32, device=device, attn_backend=attn_backend)
     directory = resolve_checkpoint(model)
     loaded = (cls or model_class(directory)).from_pretrained(directory, dtype=dtype, device=device,
-                                                               attn_backend=attn_backend)
+                                                               attn_backend=attn_backend, **placement)
     attach_default_tokenizer(loaded)
     return loaded
 

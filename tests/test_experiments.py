@@ -99,3 +99,10 @@ def test_equivalence_sweep_reports_fp64_at_machine_precision():
 def test_bench_store_integrity_quick():
     out = run_script("bench_store_integrity", "--quick")
     assert "weights fingerprint" in out and "check='lazy'" in out and "check='open'" in out
+
+
+def test_bench_placement_quick():
+    pytest.importorskip("accelerate")
+    out = run_script("bench_placement", "--preset", "pythia-14m", "--tokens", "4", "--repeats", "1",
+                     "--threads", "1", timeout=300)
+    assert "ratio to shard" in out and "| every block on disk |" in out

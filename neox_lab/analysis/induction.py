@@ -112,7 +112,7 @@ def measure_induction(model, tokens: torch.Tensor, n: int) -> InductionResult:
     offset = _offset(tokens, n)
     n_layers = model.cfg.num_hidden_layers
     names = [block_hook(layer, "attn.hook_pattern") for layer in range(n_layers)]
-    device = next(model.parameters()).device
+    device = model.input_device
     previous = model.attn_backend
     model.set_attn_backend("eager")  # patterns exist only in the eager kernel
     try:

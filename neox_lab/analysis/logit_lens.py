@@ -38,7 +38,7 @@ def logit_lens(model, tokens: torch.Tensor) -> LogitLens:
     """Logit lens of a `NeoXForCausalLM` on tokens [batch pos]."""
     n_layers = model.cfg.num_hidden_layers
     names = lens_names(n_layers)
-    device = next(model.parameters()).device
+    device = model.input_device
     tokens = tokens.to(device)
     _, cache = model.run_with_cache(tokens, names_filter=names)
     top_ids, top_probs, target_probs = [], [], []

@@ -186,7 +186,7 @@ def _labels(plan: _Plan) -> dict:
 
 def _inputs(model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask,
             corrupted_attention_mask):
-    device = next(model.parameters()).device
+    device = model.input_device
     clean = _as_batch(clean_tokens, "clean_tokens").to(device)
     corrupted = _as_batch(corrupted_tokens, "corrupted_tokens").to(device)
     if clean.shape != corrupted.shape:
@@ -236,7 +236,9 @@ def _batched_hook(clean: torch.Tensor, plan: _Plan, entries: list[tuple[int, tup
         for axis, idx in zip(plan.cell_axes, per_axis, strict=True):
             dst[plan.hook_axes[axis]] = src[plan.hook_axes[axis]] = idx
         x = x.clone()
-        x[tuple(dst)] = clean[tuple(src)].to(x.dtype)
+        if x.device != device:  # a clean value recorded (or gathered) elsewhere than this layer runs now
+            dst = [i.to(x.device) if torch.is_tensor(i) else i for i in dst]
+        x[tuple(dst)] = clean[tuple(src)].to(x.device, x.dtype)
         return x
     return hook_fn
 
@@ -356,7 +358,8 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 
     with torch.no_grad():
         clean_value = torch.as_tensor(metric(clean_logits))
-    return PatchResult(values=plan.squeeze(torch.stack(per_layer).detach().cpu()), target=target,
+    # Gathered per layer: a model placed across devices leaves each layer's values on its own.
+    return PatchResult(values=plan.squeeze(torch.stack([t.detach().cpu() for t in per_layer])), target=target,
                        axes=plan.result_axes, clean_value=clean_value.detach().float().cpu(),
                        corrupted_value=value.detach().float().cpu(), method="attribution", **_labels(plan))
 

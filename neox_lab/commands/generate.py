@@ -44,7 +44,7 @@ def run(args) -> int:
     model = load_or_default(args.model, cls=NeoXForCausalLM, device=device)
     generator = None
     if args.seed is not None:
-        device = next(model.parameters()).device
+        device = model.input_device
         generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = model.generate(
         prompt=list(args.prompts), max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,

@@ -13,6 +13,7 @@
     processing    TransformerLens' weight processing (fold_ln, centring, fold_value_biases)
     token_lookup  to_single_token, get_token_position
     kv_cache, outputs, text (to_tokens / to_string), loading (checkpoints in and out),
+    placement (device_map: blocks over GPUs, CPU RAM and disk with accelerate),
     generation, fast_decode (CUDA-graph decoding)
 
 Builds on `neox_lab.hooks`, `config`, `axes` and `tokenizer` only; analysis, the activation store,

@@ -21,6 +21,7 @@ from .kv_cache import KVCache
 from .layernorm import LayerNorm
 from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
+from .placement import load_placed
 from .processing import PROCESSING_ARGS, TL_DEFAULTS, process_weights
 from .rotary import Rotary
 from .text import TextMixin
@@ -37,6 +38,11 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
     cfg: NeoXConfig
     #: The transformers class a checkpoint of this class is saved as (config.json's `architectures`).
     hf_architecture: ClassVar[str]
+    #: Where each placement unit lives, by module name ("model.embed", "model.blocks.3", ...,
+    #: "unembed" -> "cuda:0", "cpu" or "disk") when loaded with a `device_map`; None for a model on
+    #: one device.
+    device_map: dict[str, str] | None = None
+    _main_device: torch.device | None = None
 
     def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto"):
         super().__init__()
@@ -103,7 +109,9 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
     @classmethod
     def from_pretrained(cls: type[ModelT], path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, attn_backend: str = "auto",
-                        revision: str | None = None, fold_ln: bool = False, center_writing_weights: bool = False,
+                        revision: str | None = None, device_map: str | dict | None = None,
+                        max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
+                        fold_ln: bool = False, center_writing_weights: bool = False,
                         center_unembed: bool = False, fold_value_biases: bool = False,
                         refactor_factored_attn_matrices: bool = False) -> ModelT:
         """Load a transformers GPTNeoX checkpoint (local directory or hub id), in eval mode.
@@ -114,12 +122,36 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
         Weights load **unprocessed** by default: the model computes what transformers computes, weight for
         weight. This differs from TransformerLens, whose from_pretrained folds and centres by default;
         pass ``fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True``
-        (or call `process_weights_()` after loading) for TransformerLens' processed weights."""
-        model = load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
-                                revision=revision)
+        (or call `process_weights_()` after loading) for TransformerLens' processed weights.
+
+        `device_map` spreads a model over several devices with accelerate (``pip install
+        neox-lab[big]``): "auto" / "balanced" (blocks evenly over the GPUs, the rest to CPU RAM, then
+        disk), "balanced_low_0", "sequential", or a dict of module name -> device ("cpu", "disk", an
+        int CUDA index or "cuda:N"; neox_lab's module names or transformers', prefixes allowed: e.g.
+        ``{"model.embed": 0, "model.blocks.0": 0, "model.blocks.1": "disk", ...}``). Blocks are never
+        split. `max_memory` ({0: "20GiB", "cpu": "60GiB"}) caps a planned map; `offload_folder` is
+        needed only when a .bin checkpoint has blocks on "disk" (safetensors files are read in place).
+        The result's `device_map` shows the placement (accelerate also sets `hf_device_map`, the same
+        dict); README "Bigger than one GPU".
+        """
         steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
                      fold_value_biases=fold_value_biases,
                      refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        if device_map is not None:
+            if device is not None:
+                raise ValueError("pass either device= (one device) or device_map= (several), not both")
+            if any(steps.values()):
+                # Offloaded weights are placeholders between forwards: processing would edit those.
+                raise ValueError("weight processing (fold_ln, ...) edits weights in memory, which a model "
+                                 "placed with device_map does not hold for offloaded parts; load without "
+                                 "device_map to process the weights")
+            return load_placed(cls, path_or_repo_id, device_map=device_map, max_memory=max_memory,
+                               offload_folder=offload_folder, dtype=dtype, attn_backend=attn_backend,
+                               revision=revision)
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder apply to a device_map; pass device_map='auto' too")
+        model = load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
+                                revision=revision)
         if any(steps.values()):
             model.process_weights_(**steps)
         return model
@@ -154,6 +186,21 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
         self.weights_processed |= {name for name, on in steps.items() if on}
         return self
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the device the embedding runs on (for a placed model, accelerate's main
+        device, where offloaded blocks run too), else the parameters' device."""
+        if self._main_device is not None:
+            return self._main_device
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def set_placement(self, device_map: dict[str, str], main_device: str | torch.device) -> None:
+        """Record a placement made by `accelerate.dispatch_model` (done by `from_pretrained`)."""
+        for model in {id(self): self, id(self.body): self.body}.values():
+            model.device_map = dict(device_map)
+            model._main_device = torch.device(main_device)
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers loads with identical logits."""
         save_pretrained(self, directory)
@@ -165,9 +212,13 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
 
 
 def _caller_stacklevel() -> int:
-    """The `stacklevel` that makes a warning point at the first frame outside neox_lab and torch."""
+    """The `stacklevel` that makes a warning point at the first frame outside neox_lab, torch and
+    (for a placed model, whose modules it wraps) accelerate."""
     # The package root, not this file's folder: hooks/ and model/ frames are neox_lab's alike.
     internal = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    accelerate = sys.modules.get("accelerate")  # only where already imported: never imported for this
+    if accelerate is not None and getattr(accelerate, "__file__", None):
+        internal += (os.path.dirname(accelerate.__file__),)
     level, frame = 1, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1
@@ -264,7 +315,7 @@ class NeoXModel(NeoXPreTrained):
         if head_mask.shape != (n_layers, n_heads):
             raise ValueError(f"head_mask must be [n_heads]={n_heads} or [n_layers, n_heads]={(n_layers, n_heads)}, "
                              f"got {tuple(head_mask.shape)}")
-        return list(head_mask.to(self.embed.weight.device))
+        return list(head_mask.to(self.input_device))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -287,7 +338,7 @@ class NeoXModel(NeoXPreTrained):
         head_masks = self._head_masks(head_mask)
         if self._checks_padding:
             self.warn_if_left_padded(input_ids, attention_mask)
-        device = self.embed.weight.device
+        device = self.input_device
         if start_at_layer is not None:
             if inputs_embeds is None:
                 raise ValueError("start_at_layer needs the residual stream entering that layer as "
@@ -362,8 +413,10 @@ class NeoXModel(NeoXPreTrained):
             block = self.blocks[layer]
             if output_hidden_states:
                 hidden.append(x)
-            x, pattern = block(x, self.rotary, cos, sin, mask, backend=backend, kv_cache=kv_cache,
-                               head_mask=None if head_masks is None else head_masks[layer],
+            # rotary and kv_cache by keyword: accelerate's hooks on a placed block move tensor arguments
+            # to its device but must pass these through (placement.SKIP_KEYS).
+            x, pattern = block(x, cos=cos, sin=sin, mask=mask, rotary=self.rotary, backend=backend,
+                               kv_cache=kv_cache, head_mask=None if head_masks is None else head_masks[layer],
                                output_attentions=output_attentions)
             if output_attentions:
                 attentions.append(pattern)

@@ -34,7 +34,8 @@ class Block(nn.Module):
 
     def forward(self, resid_pre, rotary, cos, sin, mask, **attn_kwargs):
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out, pattern = self.attn(self.ln1(resid_pre), rotary, cos, sin, mask, **attn_kwargs)
+        attn_out, pattern = self.attn(self.ln1(resid_pre), cos=cos, sin=sin, mask=mask, rotary=rotary,
+                                      **attn_kwargs)
         # Dropout is skipped outright in eval: a module call per stream is overhead that small-batch
         # decoding, bound by per-op cost, would pay for nothing.
         attn_out = self.hook_attn_out(self.attn_dropout(attn_out) if self.training else attn_out)

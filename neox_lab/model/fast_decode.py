@@ -36,6 +36,8 @@ def unsupported_reason(model, input_ids: torch.Tensor) -> str | None:
     """Why the captured decoding step cannot run for this model and input, or None if it can."""
     cfg = model.cfg
     param = next(model.parameters())
+    if model.device_map is not None:
+        return "the model is placed across devices (device_map); its KV cache lives beside each layer"
     if not (param.is_cuda and input_ids.is_cuda):
         return "the model is not on a CUDA device"
     if param.dtype not in HALF:

@@ -156,7 +156,8 @@ def _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_
                 out = model(step_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
             else:
                 out = model(ids, attention_mask=mask)
-            logits = out.logits[:, -1].float()
+            # A placed model's logits come off its last device; the ids and mask stay on its first.
+            logits = out.logits[:, -1].float().to(ids.device)
         if do_sample:
             scores = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
             probs = scores.softmax(-1)
@@ -200,7 +201,7 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
 
 # ------------------------------------------------------------------------------------------ validation
 def _inputs(model, input_ids, prompt, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    device = next(model.parameters()).device
+    device = model.input_device
     if (input_ids is None) == (prompt is None):
         raise ValueError("pass exactly one of input_ids and prompt")
     if prompt is not None:

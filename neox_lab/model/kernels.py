@@ -50,6 +50,18 @@ class AttnMask:
     key_mask: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def to(self, device, non_blocking: bool = False) -> AttnMask:
+        """This mask on `device` (itself when already there): a block placed on another device gets
+        its own copy, made once per forward and shared by every block on that device."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        key = ("to", device)
+        if key not in self._cache:
+            key_mask = None if self.key_mask is None else self.key_mask.to(device)
+            self._cache[key] = AttnMask(q_len=self.q_len, k_len=self.k_len, device=device, key_mask=key_mask)
+        return self._cache[key]
+
     @property
     def plain_causal(self) -> bool:
         """No padding and no past: the kernels' built-in (top-left) causal mask is exact."""

@@ -367,3 +367,19 @@ def save_pretrained(model, directory) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "tokenizer", None) is not None and hasattr(model.tokenizer, "save_pretrained"):
         model.tokenizer.save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------- shared with placement
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: the single file, or every shard its index names."""
+    return _weight_files(directory)
+
+
+def is_legacy_key(key: str) -> bool:
+    """True for buffers old checkpoints carry that no forward pass needs (skipped on load)."""
+    return bool(_LEGACY.search(key))
+
+
+def attach_tokenizer(model, directory: Path) -> None:
+    """Give a loaded model its checkpoint's tokenizer (or the package's, for the shipped model)."""
+    _attach_tokenizer(model, directory)

@@ -121,8 +121,7 @@ class TextMixin:
                 return
 
     def _text_device(self) -> torch.device:
-        param = next(self.parameters(), None)  # type: ignore[attr-defined]
-        return param.device if param is not None else torch.device("cpu")
+        return self.input_device  # type: ignore[attr-defined]
 
 
 def _outside_stacklevel() -> int:

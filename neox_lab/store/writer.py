@@ -256,7 +256,7 @@ def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int, *, batch
     names = [hp.name for hp in points]
     shapes = {hp.name: hp.shape for hp in points}
     axes = {hp.name: _pos_axes(hp.shape, hp.name)[1] for hp in points}
-    stop, device = _stop_layer(points), next(model.parameters()).device
+    stop, device = _stop_layer(points), model.input_device
     first, start = writer.header["doc_range"][0], writer.next_doc
     bar = tqdm(total=end - first, initial=start - first, unit="doc", desc=desc, disable=not progress)
     seen, t0, was_training = 0, time.perf_counter(), model.training

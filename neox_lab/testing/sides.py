@@ -67,7 +67,9 @@ class Side:
         self.label = label
         self.hf = is_hf(model)
         param = next(model.parameters())
-        self.dtype, self.device = param.dtype, param.device
+        # A model placed across devices (device_map) takes its inputs where it embeds, which an
+        # offloaded first parameter (on "meta" between forwards) does not tell.
+        self.dtype, self.device = param.dtype, getattr(model, "input_device", param.device)
         if self.hf:
             self.cfg = _cfg_of_hf(model)
             self.backend = "hf-" + str(model.config._attn_implementation)
