@@ -143,7 +143,10 @@ class ActivationStore:
 
     def document(self, doc: int) -> slice:
         """The token range of document `doc` (empty when none of its positions was cached)."""
-        total = self.manifest["source"]["n_documents"]
+        if (self.manifest["settings"].get("windows") or {}).get("packing"):
+            raise ValueError("a packed store has no per-document token ranges (a window holds several "
+                             "documents, a document spans windows); select tokens by store.doc_ids() instead")
+        total = self.manifest["source"]["n_documents"] or self.n_documents
         if not 0 <= doc < total:
             raise IndexError(f"document {doc} is out of range for {total} documents")
         for i, s in enumerate(self.shards):

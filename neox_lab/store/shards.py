@@ -76,6 +76,7 @@ class ShardWriter:
             raise
         self.pending: dict[str, list[torch.Tensor]] = {}
         self.pending_tokens = self.pending_docs = 0
+        self.pending_offset = self.manifest["next_offset"]
 
     # ------------------------------------------------------------------ start / resume
     def _open(self, extra_identity: tuple) -> None:
@@ -85,13 +86,14 @@ class ShardWriter:
                 raise CacheMismatchError(f"{self.dir} holds shard files but no {MANIFEST}; refusing to "
                                          "overwrite them (use another output directory)")
             self.manifest = {**self.header, "hooks": {}, "shards": [], "n_tokens": 0, "n_documents": 0,
-                             "completed": False}
+                             "next_offset": 0, "completed": False}
             self._clean(ours=False)
             atomic_write_json(self.dir / MANIFEST, self.manifest)
             return
         check_compatible(existing, self.header, self.dir, extra_identity)
         progress = ("hooks", "shards", "n_tokens", "n_documents", "completed")
-        self.manifest = {**self.header, **{k: existing[k] for k in progress}}
+        self.manifest = {**self.header, **{k: existing[k] for k in progress},
+                         "next_offset": existing.get("next_offset", 0)}
         for shard in self.manifest["shards"]:
             path = self.dir / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
@@ -119,17 +121,28 @@ class ShardWriter:
         """The first document not yet safely on disk."""
         return self.header["doc_range"][0] + self.manifest["n_documents"]
 
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """Where writing resumes: the next document, and how many of its tokens are already on disk
+        (nonzero only when packed windows split a document across shards)."""
+        return self.next_doc, int(self.manifest["next_offset"])
+
     # ------------------------------------------------------------------ writing
-    def add(self, tensors: dict[str, torch.Tensor], n_docs: int) -> None:
-        """Queue one batch: per-token tensors [n_tokens ...] under each name, covering `n_docs` documents."""
-        for name, t in tensors.items():
+    def add(self, tensors: dict[str, torch.Tensor] | None, n_docs: int, offset: int = 0) -> None:
+        """Queue one batch: per-token tensors [n_tokens ...] under each name (None: no tokens), finishing
+        `n_docs` documents and ending `offset` tokens into the next one."""
+        for name, t in (tensors or {}).items():
             self.pending.setdefault(name, []).append(t)
-        self.pending_tokens += int(tensors["token_ids"].shape[0])
+        self.pending_tokens += int(tensors["token_ids"].shape[0]) if tensors else 0
         self.pending_docs += n_docs
+        self.pending_offset = offset
 
     def flush(self, axes: dict[str, list[str]]) -> None:
         """Write the queued batches as the next shard (a no-op when nothing is queued)."""
-        if not self.pending_docs:
+        if not self.pending_docs and self.pending_offset == self.manifest["next_offset"]:
+            return
+        if not self.pending:  # only documents without tokens: no shard, just the progress
+            self._commit(None)
             return
         tensors = {name: torch.cat(parts).contiguous() for name, parts in self.pending.items()}
         index = len(self.manifest["shards"])
@@ -151,18 +164,25 @@ class ShardWriter:
         m = self.manifest
         if not m["hooks"]:
             m["hooks"] = {name: {"axes": axes[name], "shape": list(tensors[name].shape[1:])} for name in axes}
-        m["shards"].append({"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
-                            "first_doc": self.next_doc, "n_docs": self.pending_docs, "bytes": size,
-                            "sha256": digest})
+        self._commit({"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
+                      "first_doc": self.next_doc, "n_docs": self.pending_docs, "bytes": size, "sha256": digest})
+
+    def _commit(self, shard: dict | None) -> None:
+        """Record the queued progress (and its shard) in the manifest."""
+        m, saved = self.manifest, (self.manifest["n_tokens"], self.manifest["n_documents"],
+                                   self.manifest["next_offset"])
+        if shard is not None:
+            m["shards"].append(shard)
         m["n_tokens"] += self.pending_tokens
         m["n_documents"] += self.pending_docs
+        m["next_offset"] = self.pending_offset
         try:
             atomic_write_json(self.dir / MANIFEST, m)
         except CacheWriteError:
-            # The shard is on disk but unlisted: a resumed run deletes and rewrites it.
-            m["shards"].pop()
-            m["n_tokens"] -= self.pending_tokens
-            m["n_documents"] -= self.pending_docs
+            # A shard is on disk but unlisted: a resumed run deletes and rewrites it.
+            if shard is not None:
+                m["shards"].pop()
+            m["n_tokens"], m["n_documents"], m["next_offset"] = saved
             raise
         self.pending, self.pending_tokens, self.pending_docs = {}, 0, 0
 

@@ -321,8 +321,10 @@ def test_text_without_tokenizer_and_bad_files(model, tmp_path):
     (tmp_path / "c.csv").write_text("the cat\n")
     with pytest.raises(ValueError, match="unknown suffix '.csv'"):
         cache_dataset(model, tmp_path / "c.csv", ["hook_embed"], tmp_path / "o", tokenizer=word_tokenizer())
-    with pytest.raises(ValueError, match="document 1 has no tokens"):
-        cache_dataset(model, [[1, 2], []], ["hook_embed"], tmp_path / "o", **SMALL)
+    # An empty document keeps its number and stores nothing.
+    cache = cache_dataset(model, [[1, 2], [], [3]], ["hook_embed"], tmp_path / "e", **SMALL)
+    assert cache.doc_ids().tolist() == [0, 0, 2] and cache.n_documents == 3
+    assert cache.document(1) == slice(2, 2)
 
 
 # ------------------------------------------------------------------------------------------ CLI
