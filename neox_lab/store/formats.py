@@ -121,13 +121,9 @@ def iter_parquet(files: list[Path], text_field: str, start: int = 0) -> Iterator
         if text_field not in pf.schema_arrow.names:
             raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); "
                              "choose it with text_field= / --text-field")
-        groups = []
-        for g in range(pf.metadata.num_row_groups):
-            rows = pf.metadata.row_group(g).num_rows
-            if index + rows > start:
-                groups.append(g)
-            else:
-                index += rows
+        groups = list(range(pf.metadata.num_row_groups))
+        while groups and index + pf.metadata.row_group(groups[0]).num_rows <= start:
+            index += pf.metadata.row_group(groups.pop(0)).num_rows
         if not groups:
             continue
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[text_field]):
