@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "under torchrun)")
     parser.add_argument("--model-dtype", choices=sorted(DTYPES), help="dtype to run the model in")
     parser.add_argument("--attn-backend", choices=BACKENDS, default="auto", help="attention backend of the model")
+    parser.add_argument("--allow-backend-change", action="store_true",
+                        help="resume a store started with another attention backend or device (each shard "
+                             "records the backend that wrote it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         cache = cache_dataset(model, args.data, names, args.out, batch_size=args.batch_size,
                               max_length=args.max_length, dtype=args.dtype, positions=args.positions,
                               tokenizer=tokenizer, text_field=args.text_field,
-                              shard_tokens=args.shard_tokens, progress=not args.no_progress)
+                              shard_tokens=args.shard_tokens, progress=not args.no_progress,
+                              allow_backend_change=args.allow_backend_change)
     except (KeyError, ValueError, TypeError, FileNotFoundError, CacheMismatchError, CacheWriteError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"neox-lab cache: error: {message}", file=sys.stderr)

@@ -6,7 +6,10 @@ all shards). The manifest is JSON with sorted keys and no timestamps, so equal r
 
   format, version        "neox_lab.activation_cache", 1
   model                  class, config (`cfg.to_hf()`), config_sha256 (of its sorted-key JSON),
-                         weights_sha256 (first 1024 values of every tensor), param_dtype
+                         weights_sha256 (every byte of every tensor, with names, shapes and dtypes),
+                         weights_fingerprint (what weights_sha256 covers), param_dtype, hooks (the hook
+                         functions attached while caching, by qualified name; {} unless allowed)
+  runtime                attn_backend (the model's setting) and device type of the run that started the store
   settings               hook_names (forward order), dtype on disk, positions ("all" | "last" |
                          "start:stop:step"), max_length (the context size), batch_size, shard_tokens,
                          windows (packing, prepend_bos, min_tokens, every_k_documents, sample_tokens,
@@ -22,11 +25,14 @@ all shards). The manifest is JSON with sorted keys and no timestamps, so equal r
   next_offset            tokens of document doc_range[0] + n_documents already stored (packing only)
   stats                  optional, per hook: mean and mean norm (`ActivationStore.normalization_stats`)
   shards                 in document order: file (relative path), first_token, n_tokens, first_doc,
-                         n_docs, bytes, sha256
+                         n_docs, bytes, sha256, backend ("attn_backend@device" of the run that wrote it)
   completed              false until every document is on disk
 
 Each shard holds, for its token range, one [token ...] tensor per hook plus int64 "token_ids",
 "doc_ids" (index in the source) and "positions" (position in the document) [token].
+
+The manifest is trusted only after `check_manifest`: shard files are plain names inside the store (no
+absolute paths, no ".."), token and document counts add up, and a completed store covers every document.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -46,7 +53,8 @@ MANIFEST = "manifest.json"
 
 #: Manifest fields that must agree before a run may resume or reuse a store ("source.path" may differ).
 IDENTITY = (
-    ("model", "config_sha256"), ("model", "weights_sha256"), ("model", "param_dtype"),
+    ("model", "config_sha256"), ("model", "weights_fingerprint"), ("model", "weights_sha256"),
+    ("model", "param_dtype"), ("model", "hooks"),
     ("settings", "hook_names"), ("settings", "dtype"), ("settings", "positions"), ("settings", "max_length"),
     ("settings", "batch_size"), ("settings", "shard_tokens"), ("settings", "windows"),
     ("source", "kind"), ("source", "text_field"), ("source", "n_documents"), ("source", "documents_sha256"),
@@ -56,6 +64,11 @@ IDENTITY = (
 
 class CacheMismatchError(ValueError):
     """The output directory holds a store made by another model, another dataset or other settings."""
+
+
+class CacheIntegrityError(ValueError):
+    """The store on disk is damaged: a shard's bytes, size or contents, or the manifest's own accounting,
+    disagree with what was written. Delete the directory (or the damaged run) and cache again."""
 
 
 class CacheWriteError(OSError):
@@ -96,14 +109,29 @@ def config_sha256(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg.to_hf(), sort_keys=True).encode()).hexdigest()
 
 
+#: What `weights_sha256` covers; stored next to it so a store fingerprinted another way is told apart.
+WEIGHTS_FINGERPRINT = "sha256 of every state_dict tensor's bytes, name, shape and dtype"
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(raw)).digest()
+
+
 def weights_sha256(model: torch.nn.Module) -> str:
-    """A digest of the first 1024 values of every parameter: tells checkpoints of one architecture apart
-    (e.g. training steps) without reading gigabytes."""
+    """A digest of every byte of every tensor in the model's state_dict, with names, shapes and dtypes.
+
+    Two checkpoints that differ anywhere (another training step, one edited weight) differ here. Tensors
+    are hashed in parallel threads (hashlib releases the GIL), which costs about a second per 1.5 GB of
+    weights per core; see experiments/bench_store_integrity.py.
+    """
+    items = list(model.state_dict().items())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda item: _tensor_digest(item[1]), items))
     h = hashlib.sha256()
-    for name, param in model.state_dict().items():
-        head = param.detach().reshape(-1)[:1024].to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(param.shape)}:".encode())
-        h.update(head.numpy().tobytes())
+    for (name, t), digest in zip(items, digests):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:".encode())
+        h.update(digest)
     return h.hexdigest()
 
 
@@ -113,6 +141,67 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def shard_path(directory: Path, file: Any, where: Path) -> Path:
+    """The path of a manifest's shard entry, refused unless it is a relative path inside `directory`."""
+    if not isinstance(file, str) or not file:
+        raise CacheIntegrityError(f"{where}: a shard's file is {file!r}, not a relative path")
+    parts = PurePosixPath(file).parts
+    if file.startswith(("/", "\\")) or "\\" in file or ":" in file or ".." in parts or "." in parts:
+        raise CacheIntegrityError(f"{where}: shard file {file!r} points outside the store (absolute paths, "
+                                  "'..' and drive letters are refused); the manifest was edited or damaged")
+    return Path(directory, *parts)
+
+
+def check_manifest(manifest: dict, directory: Path) -> None:
+    """Raise `CacheIntegrityError` unless the manifest's accounting is self-consistent: shard files are
+    confined to `directory`, shards are contiguous in tokens and documents, their counts sum to
+    ``n_tokens`` / ``n_documents``, and a completed store covers every document of its range."""
+    where = Path(directory) / MANIFEST
+    try:
+        shards, doc_range = manifest["shards"], manifest["doc_range"]
+        n_tokens, n_docs = manifest["n_tokens"], manifest["n_documents"]
+        first_doc = doc_range[0]
+        token = doc = 0
+        for i, s in enumerate(shards):
+            shard_path(directory, s["file"], where)
+            if s["first_token"] != token or s["first_doc"] != first_doc + doc:
+                raise CacheIntegrityError(
+                    f"{where}: shard {i} ({s['file']}) starts at token {s['first_token']}, document "
+                    f"{s['first_doc']}; the shards before it end at token {token}, document {first_doc + doc}")
+            if min(s["n_tokens"], s["n_docs"], s["bytes"]) < 0 or not isinstance(s["sha256"], str):
+                raise CacheIntegrityError(f"{where}: shard {i} ({s['file']}) has a negative count or no sha256")
+            token, doc = token + s["n_tokens"], doc + s["n_docs"]
+        files = [s["file"] for s in shards]
+        if len(set(files)) != len(files):
+            raise CacheIntegrityError(f"{where}: a shard file is listed twice")
+    except (KeyError, TypeError, IndexError) as err:
+        raise CacheIntegrityError(f"{where}: the manifest lacks or garbles a field ({err!r})") from None
+    if (token, doc) != (n_tokens, n_docs):
+        raise CacheIntegrityError(f"{where}: the shards hold {token} tokens of {doc} documents but the manifest "
+                                  f"says n_tokens={n_tokens}, n_documents={n_docs}")
+    if manifest.get("completed"):
+        want = doc_range[1] - doc_range[0]
+        total = manifest.get("source", {}).get("n_documents")
+        if doc != want or ("rank" not in manifest and list(doc_range) != [0, total]):
+            raise CacheIntegrityError(f"{where}: marked completed but covers {doc} documents of "
+                                      f"{doc_range} (the source has {total})")
+
+
+def check_shard_file(path: Path, shard: dict, hashed: bool) -> None:
+    """Raise `CacheIntegrityError` unless the shard file exists with the manifest's size (and, if `hashed`,
+    its sha256)."""
+    if not path.is_file():
+        raise CacheIntegrityError(f"shard {path} is listed in the manifest but missing; the store is damaged "
+                                  "(delete the directory and cache again)")
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        raise CacheIntegrityError(f"shard {path} has {size} bytes, the manifest says {shard['bytes']}: it was "
+                                  "truncated or replaced (delete the directory and cache again)")
+    if hashed and file_sha256(path) != shard["sha256"]:
+        raise CacheIntegrityError(f"shard {path} does not match its sha256 in the manifest: its bytes were "
+                                  "changed or shards were swapped (delete the directory and cache again)")
 
 
 def fsync_dir(directory: Path) -> None:

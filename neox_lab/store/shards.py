@@ -3,6 +3,7 @@
 Every shard is written under a temporary name, fsynced and renamed; the manifest is rewritten atomically
 after each shard. On restart, the manifest says which documents are safely on disk; stray files from the
 interrupted shard are deleted and work resumes at the next document, which is always a batch boundary.
+A resume re-hashes the shards already written, so it never builds on a damaged or swapped one.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from .manifest import (
     CacheWriteError,
     atomic_write_json,
     check_compatible,
+    check_manifest,
+    check_shard_file,
     file_sha256,
     fsync_dir,
     read_manifest,
+    shard_path,
 )
 
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors(\.tmp)?$")
@@ -35,7 +39,12 @@ def shard_name(index: int) -> str:
 
 
 class _Lock:
-    """An exclusive advisory lock on `directory/.lock`, released by the OS if the process dies."""
+    """An exclusive advisory flock on `directory/.lock`, held from the start of a run to its end and
+    released by the OS if the process dies.
+
+    The file is never deleted: unlinking it while a second process has it open but not yet locked would
+    let that process lock the orphaned inode while a third locks a fresh file, two holders at once.
+    """
 
     def __init__(self, directory: Path):
         self.path, self.fd = directory / ".lock", None
@@ -55,17 +64,16 @@ class _Lock:
     def release(self) -> None:
         if self.fd is None:
             return
-        # Unlink before closing, while still holding the lock, so no stale lock file outlives a clean exit.
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
+        os.close(self.fd)  # closing the last descriptor drops the flock
         self.fd = None
 
 
 class ShardWriter:
     """Writes the shards of documents ``doc_range`` to `directory`, under the identity in `header`."""
 
-    def __init__(self, directory: Path, header: dict, extra_identity: tuple = ()):
-        self.dir = Path(directory)
+    def __init__(self, directory: Path, header: dict, extra_identity: tuple = (), backend: str = "",
+                 allow_backend_change: bool = False):
+        self.dir, self.backend, self.allow_backend_change = Path(directory), backend, allow_backend_change
         self.dir.mkdir(parents=True, exist_ok=True)
         self.header = header
         self.lock = _Lock(self.dir)
@@ -91,14 +99,21 @@ class ShardWriter:
             atomic_write_json(self.dir / MANIFEST, self.manifest)
             return
         check_compatible(existing, self.header, self.dir, extra_identity)
+        check_manifest(existing, self.dir)
+        old, new = existing.get("runtime"), self.header.get("runtime")
+        if old != new and existing["shards"] and not existing["completed"] and not self.allow_backend_change:
+            raise CacheMismatchError(
+                f"{self.dir} was started with attention backend/device {old}, this run uses {new}; kernels "
+                "differ in rounding, so the store would mix them. Resume with the same backend and device, "
+                "or pass allow_backend_change=True (--allow-backend-change) to accept it (each shard "
+                "records its backend)")
         progress = ("hooks", "shards", "n_tokens", "n_documents", "completed")
         self.manifest = {**self.header, **{k: existing[k] for k in progress},
                          "next_offset": existing.get("next_offset", 0)}
+        # Hash what a resumed store builds on: reading it back costs about a second per 1.5 GB, and a
+        # flipped byte or a swapped shard found now is cheaper than a store that fails when read.
         for shard in self.manifest["shards"]:
-            path = self.dir / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise CacheMismatchError(f"{path} is listed in {self.dir / MANIFEST} but is missing or has "
-                                         "the wrong size; the cache is damaged (delete the directory, rerun)")
+            check_shard_file(shard_path(self.dir, shard["file"], self.dir / MANIFEST), shard, hashed=True)
         self._clean()
 
     def _clean(self, ours: bool = True) -> None:
@@ -128,21 +143,18 @@ class ShardWriter:
         return self.next_doc, int(self.manifest["next_offset"])
 
     # ------------------------------------------------------------------ writing
-    def add(self, tensors: dict[str, torch.Tensor] | None, n_docs: int, offset: int = 0) -> None:
-        """Queue one batch: per-token tensors [n_tokens ...] under each name (None: no tokens), finishing
-        `n_docs` documents and ending `offset` tokens into the next one."""
-        for name, t in (tensors or {}).items():
+    def add(self, tensors: dict[str, torch.Tensor], n_docs: int, offset: int = 0) -> None:
+        """Queue one batch: per-token tensors [n_tokens ...] under each name, finishing `n_docs` documents
+        and ending `offset` tokens into the next one."""
+        for name, t in tensors.items():
             self.pending.setdefault(name, []).append(t)
-        self.pending_tokens += int(tensors["token_ids"].shape[0]) if tensors else 0
+        self.pending_tokens += int(tensors["token_ids"].shape[0])
         self.pending_docs += n_docs
         self.pending_offset = offset
 
     def flush(self, axes: dict[str, list[str]]) -> None:
         """Write the queued batches as the next shard (a no-op when nothing is queued)."""
-        if not self.pending_docs and self.pending_offset == self.manifest["next_offset"]:
-            return
-        if not self.pending:  # only documents without tokens: no shard, just the progress
-            self._commit(None)
+        if not self.pending:
             return
         tensors = {name: torch.cat(parts).contiguous() for name, parts in self.pending.items()}
         index = len(self.manifest["shards"])
@@ -165,14 +177,14 @@ class ShardWriter:
         if not m["hooks"]:
             m["hooks"] = {name: {"axes": axes[name], "shape": list(tensors[name].shape[1:])} for name in axes}
         self._commit({"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
-                      "first_doc": self.next_doc, "n_docs": self.pending_docs, "bytes": size, "sha256": digest})
+                      "first_doc": self.next_doc, "n_docs": self.pending_docs, "bytes": size, "sha256": digest,
+                      "backend": self.backend})
 
-    def _commit(self, shard: dict | None) -> None:
-        """Record the queued progress (and its shard) in the manifest."""
+    def _commit(self, shard: dict) -> None:
+        """Record the queued shard and progress in the manifest."""
         m, saved = self.manifest, (self.manifest["n_tokens"], self.manifest["n_documents"],
                                    self.manifest["next_offset"])
-        if shard is not None:
-            m["shards"].append(shard)
+        m["shards"].append(shard)
         m["n_tokens"] += self.pending_tokens
         m["n_documents"] += self.pending_docs
         m["next_offset"] = self.pending_offset
@@ -180,8 +192,7 @@ class ShardWriter:
             atomic_write_json(self.dir / MANIFEST, m)
         except CacheWriteError:
             # A shard is on disk but unlisted: a resumed run deletes and rewrites it.
-            if shard is not None:
-                m["shards"].pop()
+            m["shards"].pop()
             m["n_tokens"], m["n_documents"], m["next_offset"] = saved
             raise
         self.pending, self.pending_tokens, self.pending_docs = {}, 0, 0
@@ -190,8 +201,8 @@ class ShardWriter:
         """Mark this directory's part complete; returns its manifest."""
         self.manifest["completed"] = True
         atomic_write_json(self.dir / MANIFEST, self.manifest)
-        self.lock.release()
         return self.manifest
 
     def close(self) -> None:
+        """End the run: release the lock (held since the writer was made)."""
         self.lock.release()

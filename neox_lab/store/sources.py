@@ -72,15 +72,13 @@ class Documents:
                 "n_documents": len(self), "documents_sha256": self.sha256()}
 
     def token_rows(self, start: int, stop: int, tokenizer: Any, max_length: int) -> list[list[int]]:
-        """Token ids of documents [start, stop), each cut to its first `max_length` tokens."""
+        """Token ids of documents [start, stop), each cut to its first `max_length` tokens (an empty
+        document gives an empty row)."""
         chunk = [self.docs[i] for i in range(start, stop)]
         if self.is_text:
             rows = [list(r) for r in tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]]
         else:
             rows = [[int(t) for t in np.asarray(doc).reshape(-1)[:max_length]] for doc in chunk]
-        for offset, row in enumerate(rows):
-            if not row:
-                raise ValueError(f"document {start + offset} has no tokens; empty documents cannot be cached")
         return rows
 
 
@@ -110,6 +108,7 @@ class DocumentStream:
                  text_field: str | None = None, reiterable: bool = True):
         self.kind, self.path, self.text_field, self.reiterable = kind, path, text_field, reiterable
         self._reader, self._used = reader, False
+        self._read, self._hash = 0, hashlib.sha256(b"text")
         self.n_documents: int | None = None
         self.digest: str | None = None
         if reiterable:
@@ -137,7 +136,16 @@ class DocumentStream:
         for index, text in self._reader(start):
             if stop is not None and index >= stop:
                 return
+            if not self.reiterable:
+                raw = text.encode("utf-8")
+                self._hash.update(len(raw).to_bytes(8, "little"))
+                self._hash.update(raw)
+                self._read = index + 1
             yield index, text
+
+    def consumed(self) -> tuple[int, str]:
+        """Documents read so far from a one-shot iterator, and their digest (as `sha256` of a list)."""
+        return self._read, self._hash.hexdigest()
 
 
 def _iterator_reader(iterator: Iterator) -> Callable[[int], Iterator[tuple[int, str]]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,8 +122,11 @@ def _tokenized(docs, start: int, stop: int | None, spec: WindowSpec, tokenizer: 
 
 
 def iter_windows(docs, spec: WindowSpec, tokenizer: Any, cursor: tuple[int, int], stop: int | None,
-                 *, bos_id: int | None, eos_id: int | None) -> Iterator[Window]:
-    """The windows of documents [cursor, stop), starting `cursor[1]` tokens into document `cursor[0]`."""
+                 *, bos_id: int | None, eos_id: int | None, counts: dict | None = None) -> Iterator[Window]:
+    """The windows of documents [cursor, stop), starting `cursor[1]` tokens into document `cursor[0]`.
+
+    `counts`, when given, gets the number of "empty" documents and of "short" ones (under `min_tokens`)."""
+    counts = {"empty": 0, "short": 0} if counts is None else counts
     is_text = docs.is_text
     if spec.prepend_bos and bos_id is None:
         raise ValueError("prepend_bos needs a tokenizer with a bos_token")
@@ -136,6 +139,7 @@ def iter_windows(docs, spec: WindowSpec, tokenizer: Any, cursor: tuple[int, int]
     start = cursor
     for index, ids in _tokenized(docs, first, stop, spec, tokenizer, is_text):
         if len(ids) < (spec.min_tokens or 1):  # an empty document has nothing to store
+            counts["empty" if not ids else "short"] += 1
             continue
         if not spec.packing:
             yield Window(bos + ids, [index] * (len(bos) + len(ids)), (index, 0), (index + 1, 0))
@@ -169,10 +173,11 @@ def sample_positions(allowed: np.ndarray, spec: WindowSpec, start: tuple[int, in
 
 
 def iter_batches(windows: Iterator[Window], batch_size: int, cursor: tuple[int, int],
-                 stop: int | None) -> Iterator[Batch]:
+                 stop: int | Callable[[], int] | None) -> Iterator[Batch]:
     """Windows grouped `batch_size` at a time; each batch carries the cursor after it.
 
-    The last batch ends at (stop, 0), so documents skipped after the last window still count as read.
+    The last batch ends at (stop, 0), so documents skipped after the last window still count as read
+    (`stop` may be a function, asked once the windows are exhausted: a one-shot source's length).
     """
     held, current = None, []
     for window in windows:
@@ -181,6 +186,8 @@ def iter_batches(windows: Iterator[Window], batch_size: int, cursor: tuple[int, 
             if held is not None:
                 yield held
             held, current = Batch(current, window.end), []
+    if callable(stop):
+        stop = stop()
     if current:
         if held is not None:
             yield held

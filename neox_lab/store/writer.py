@@ -18,6 +18,7 @@ import fnmatch
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from ..dtypes import DTYPES, dtype_name
 from .manifest import (
     FORMAT,
     VERSION,
+    WEIGHTS_FINGERPRINT,
     CacheMismatchError,
     atomic_write_json,
     check_compatible,
@@ -127,14 +129,32 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
     return rank, world_size, bool(group and world_size > 1 and dist.get_world_size() == world_size)
 
 
+def attached_hooks(model) -> dict[str, list[str]]:
+    """Forward hook functions attached to the model right now, by hook point or module name: a permanent
+    ablation changes every activation, so a store must not mix runs with and without it."""
+    name_of = lambda fn: getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    found = {hp.name: [name_of(fn) for fn, _ in hp.fwd_fns] for hp in model.resolve_hooks(None) if hp.fwd_fns}
+    for name, module in model.named_modules():
+        fns = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        if fns:
+            found[f"module {name or '(root)'}"] = [name_of(fn) for fn in fns]
+    return found
+
+
+def _runtime(model) -> dict:
+    return {"attn_backend": getattr(model, "attn_backend", None), "device": next(model.parameters()).device.type}
+
+
 def _header(model, docs: Documents | DocumentStream, tokenizer, names, dtype, positions, max_length, batch_size,
-            shard_tokens, spec: WindowSpec):
+            shard_tokens, spec: WindowSpec, hooks: dict):
     param = next(model.parameters())
     return {
         "format": FORMAT, "version": VERSION,
         "model": {"class": type(model).__name__, "config": model.cfg.to_hf(),
                   "config_sha256": config_sha256(model.cfg), "weights_sha256": weights_sha256(model),
+                  "weights_fingerprint": WEIGHTS_FINGERPRINT, "hooks": hooks,
                   "param_dtype": str(param.dtype).removeprefix("torch.")},
+        "runtime": _runtime(model),
         "settings": {"hook_names": names, "dtype": dtype, "positions": positions, "max_length": max_length,
                      "batch_size": batch_size, "shard_tokens": shard_tokens, "windows": spec.describe()},
         "source": {**docs.describe(),
@@ -145,10 +165,10 @@ def _header(model, docs: Documents | DocumentStream, tokenizer, names, dtype, po
 def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, max_length: int = 128,
                   dtype: torch.dtype | str = torch.float16, positions: str | slice = "all", tokenizer=None,
                   text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
-                  rank: int | None = None, world_size: int | None = None, context_size: int | None = None,
-                  packing: bool = False, prepend_bos: bool = False, min_tokens: int | None = None,
-                  every_k_documents: int = 1, sample_tokens: int | None = None,
-                  seed: int = 0) -> ActivationStore | None:
+                  rank: int | None = None, world_size: int | None = None, allow_hooks: bool = False,
+                  allow_backend_change: bool = False, context_size: int | None = None, packing: bool = False,
+                  prepend_bos: bool = False, min_tokens: int | None = None, every_k_documents: int = 1,
+                  sample_tokens: int | None = None, seed: int = 0) -> ActivationStore | None:
     """Run `model` over every document of `source` and store the activations of hooks `names` in `out_dir`.
 
     source: a .txt file (a document per non-blank line), a .jsonl file (field `text_field`), either one
@@ -169,9 +189,19 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     `KeyError` before any work. positions: "all" real tokens, the "last" one of each document, or a
     slice of each document's positions. Activations are stored as `dtype` [token ...], plus "token_ids",
     "doc_ids" and "positions" [token], in shards of at least `shard_tokens` tokens (batch boundaries).
+    A document with no tokens (an empty string or id list) is kept in the numbering and stores nothing;
+    their count is reported once. Non-finite values written to the store (fp16 overflows past 65504)
+    raise a warning naming the hook.
+
+    Hook functions attached to the model (e.g. a permanent ablation) would change what is stored, so
+    they are refused unless ``allow_hooks=True``, which records them (by qualified name, part of the
+    store's identity) in the manifest. The weights are fingerprinted byte for byte. A resume with another
+    attention backend or device than the one that started the store is refused unless
+    ``allow_backend_change=True``; each shard records the backend that wrote it.
 
     A rerun into the same `out_dir` resumes an unfinished store (and returns a finished one at once);
-    a store made by another model, dataset or settings raises `CacheMismatchError`. With several
+    a store made by another model, dataset or settings raises `CacheMismatchError`, a damaged one
+    `CacheIntegrityError` (shards are hashed when a resume builds on them and on first read). With several
     ranks (`torch.distributed` initialised, or `rank`/`world_size` given) each rank caches its block of
     batches under ``rank-RRRRR-of-WWWWW/`` and one manifest lists all shards in document order.
     Returns an `ActivationStore` over the finished store (None on a rank that cannot merge yet, which
@@ -195,17 +225,26 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     dtype_str, pos_spec = dtype_name(dtype), positions_spec(positions)
     spec = WindowSpec(max_length, packing=packing, prepend_bos=prepend_bos, min_tokens=min_tokens,
                       every_k_documents=every_k_documents, sample_tokens=sample_tokens, seed=seed)
+    hooks = attached_hooks(model)
+    if hooks and not allow_hooks:
+        listed = "; ".join(f"{where}: {', '.join(fns)}" for where, fns in hooks.items())
+        raise ValueError(f"the model has hook functions attached ({listed}); they would change the stored "
+                         "activations. Remove them (model.reset_hooks(including_permanent=True)) or pass "
+                         "allow_hooks=True to cache with them and record them in the manifest")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     specials = _special_ids(tokenizer, spec)
     rank, world, group = _world(rank, world_size)
     docs = load_documents(source, text_field)
+    if docs.n_documents == 0:
+        raise ValueError(f"the source {source if isinstance(source, (str, Path)) else 'given'} holds no "
+                         "documents; nothing to cache")
     if docs.is_text and tokenizer is None:
         raise ValueError("text documents need a tokenizer: pass tokenizer= or set model.tokenizer")
     if docs.n_documents is None and world > 1:
         raise ValueError(f"a {docs.kind} source can be read only once, so it cannot be split across {world} "
                          "processes; pass a file, a folder or a dataset")
     header = _header(model, docs, tokenizer, hook_list, dtype_str, pos_spec, max_length, batch_size,
-                     shard_tokens, spec)
+                     shard_tokens, spec, hooks)
     out = Path(out_dir)
 
     top = read_manifest(out)
@@ -234,13 +273,21 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     part_header = {**header, "world_size": world, "doc_range": [first, end]}
     if world > 1:
         part_header["rank"] = rank
-    writer = ShardWriter(out if world == 1 else out / part_dir_name(rank, world), part_header, _PART_IDENTITY)
+    runtime = header["runtime"]
+    writer = ShardWriter(out if world == 1 else out / part_dir_name(rank, world), part_header, _PART_IDENTITY,
+                         backend=f"{runtime['attn_backend']}@{runtime['device']}",
+                         allow_backend_change=allow_backend_change)
     try:
         if not writer.completed:
             desc = "caching" if world == 1 else f"caching (rank 0 of {world})"
             _run(model, docs, tokenizer, points, writer, end, spec=spec, specials=specials,
                  batch_size=batch_size, dtype=DTYPES[dtype_str], pos_slice=parse_positions(pos_spec),
                  shard_tokens=shard_tokens, progress=progress and rank == 0, desc=desc)
+            if docs.n_documents is None:  # a one-shot iterator: its count and digest are known only now
+                read, digest = docs.consumed()
+                writer.manifest["doc_range"] = [0, read]
+                writer.manifest["source"] = {**writer.manifest["source"], "n_documents": read,
+                                             "documents_sha256": digest}
             writer.finish()
     finally:
         writer.close()
@@ -311,17 +358,24 @@ def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int | None, *
     first, cursor = writer.header["doc_range"][0], writer.cursor
     total = None if end is None else end - first
     bar = tqdm(total=total, initial=cursor[0] - first, unit="doc", desc=desc, disable=not progress)
-    seen, t0, was_training = 0, time.perf_counter(), model.training
-    windows = iter_windows(docs, spec, tokenizer, cursor, end, **specials)
-    batches = Prefetcher(count_docs(iter_batches(windows, batch_size, cursor, end), cursor))
+    seen, t0, was_training, warned = 0, time.perf_counter(), model.training, set()
+    skipped = {"empty": 0, "short": 0}
+    windows = iter_windows(docs, spec, tokenizer, cursor, end, counts=skipped, **specials)
+    stop_at = end if end is not None else (lambda: docs.consumed()[0])
+    batches = Prefetcher(count_docs(iter_batches(windows, batch_size, cursor, stop_at), cursor))
     sink = _ShardSink(writer, axes, shard_tokens)
     model.eval()  # dropout would make the store differ from run to run
     done = False
     try:
         for batch in batches:
-            tensors = None
             if batch.windows:
                 tensors = _forward(model, batch, names, shapes, spec, pos_slice, dtype, stop, device)
+                for name in names:
+                    if name not in warned and not torch.isfinite(tensors[name]).all():
+                        warned.add(name)
+                        warnings.warn(_non_finite_message(name, tensors[name], dtype), stacklevel=3)
+            else:  # only skipped documents: a shard of no tokens still records that they were read
+                tensors = _no_tokens(model, names, shapes, spec.context_size, dtype, stop)
             sink.put(tensors, batch.n_docs, batch.end[1])
             seen += sum(len(w.tokens) for w in batch.windows)
             bar.update(batch.n_docs)
@@ -332,6 +386,9 @@ def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int | None, *
         bar.close()
         model.train(was_training)
         sink.close(flush=done)
+    if skipped["empty"]:
+        warnings.warn(f"{skipped['empty']} document(s) had no tokens; they keep their numbers and store nothing",
+                      stacklevel=3)
 
 
 def _forward(model, batch: Batch, names, shapes, spec: WindowSpec, pos_slice, dtype, stop, device) -> dict:
@@ -351,6 +408,22 @@ def _forward(model, batch: Batch, names, shapes, spec: WindowSpec, pos_slice, dt
     tensors["doc_ids"] = doc_ids[keep]
     tensors["positions"] = torch.arange(ids.shape[1])[None].expand(ids.shape)[keep]
     return tensors
+def _no_tokens(model, names, shapes, max_length, dtype, stop) -> dict:
+    """Zero-token tensors for a batch whose documents are all empty (the per-token shape from the model)."""
+    _, acts = model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device),
+                                   names_filter=names, device="cpu", dtype=dtype, stop_at_layer=stop)
+    keep = torch.zeros(1, 1, dtype=torch.bool)
+    tensors = {name: _flatten(acts[name], shapes[name], keep, max_length) for name in names}
+    for meta in ("token_ids", "doc_ids", "positions"):
+        tensors[meta] = torch.zeros(0, dtype=torch.long)
+    return tensors
+
+
+def _non_finite_message(name: str, t: torch.Tensor, dtype: torch.dtype) -> str:
+    bad = int((~torch.isfinite(t)).sum())
+    hint = (" float16 overflows past 65504: cache with dtype=torch.bfloat16 or torch.float32"
+            if dtype == torch.float16 else "")
+    return f"hook {name!r}: {bad} non-finite value(s) (inf/nan) written to the store as {dtype_name(dtype)};{hint}"
 
 
 def merge_parts(out: Path, header: dict, n_docs: int, world: int) -> dict | None:
