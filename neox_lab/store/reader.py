@@ -30,6 +30,7 @@ from .manifest import (
     read_manifest,
     shard_path,
 )
+from .stream import ActivationStream, normalization_stats
 
 #: Per-token tensors every shard holds next to the hook activations.
 META = ("token_ids", "doc_ids", "positions")
@@ -207,6 +208,21 @@ class ActivationStore:
         stop = len(self) if stop is None else min(stop, len(self))
         for a in range(start, stop, batch_size):
             yield view[a : min(a + batch_size, stop)]
+
+    def stream(self, hooks: str | Sequence[str], **kwargs: Any) -> ActivationStream:
+        """A shuffled, sharded `torch.utils.data.IterableDataset` of batches of `hooks` (see
+        `ActivationStream` for batch_size, buffer_tokens, seed, epoch, normalize, meta, start_batch ...)."""
+        return ActivationStream(self, hooks, **kwargs)
+
+    def normalization_stats(self, hook: str) -> dict:
+        """Mean and mean norm of `hook` over the store (computed once, then read from the manifest)."""
+        return normalization_stats(self, hook)
+
+    def __getstate__(self) -> dict:
+        # Open shard handles cannot be pickled (DataLoader workers); each process reopens its own.
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
 
     # ------------------------------------------------------------------ integrity
     def verify(self) -> None:
