@@ -94,3 +94,9 @@ def test_equivalence_sweep_reports_fp64_at_machine_precision():
     # The last row is fp64 with transformers' fp32 softmax lifted: structure alone, at machine precision.
     fp64 = out.strip().splitlines()[-1].split()
     assert fp64[0] == "fp64" and float(fp64[1]) < 1e-12, out
+
+
+def test_train_probe_tiny():
+    out = run_script("train_probe", "--files", "8", "--chunks", "30", "--epochs", "1", "--context", "48")
+    assert "held-out accuracy, inside a string literal" in out
+    assert "hook_embed" in out and "hook_resid_post" in out

@@ -26,14 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR",
                         help="checkpoint directory, loaded as the class its config.json names (default: the "
                              "shipped model, neox_lab.load_default())")
-    parser.add_argument("--data", required=True, metavar="FILE",
-                        help=".txt (a document per line), .jsonl (a text field) or .npy (token ids "
-                             "[document pos])")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help=".txt (a document per line), .jsonl (a text field), either one .gz or .zst "
+                             "compressed, .parquet or a folder of them, a folder saved by `datasets`, or .npy "
+                             "(token ids [document pos])")
     parser.add_argument("--hooks", required=True, nargs="+", metavar="NAME",
                         help="hook names or globs, e.g. 'blocks.*.hook_resid_post'")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (reruns resume it)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128, help="tokens kept per document")
+    parser.add_argument("--max-length", "--context-size", type=int, default=128, dest="max_length",
+                        help="tokens per window (a document's first ones, or a packed window)")
+    parser.add_argument("--packing", action="store_true",
+                        help="join documents with EOS and cut them into consecutive context-size windows")
+    parser.add_argument("--prepend-bos", action="store_true", help="put the BOS token first in every window")
+    parser.add_argument("--min-tokens", type=int, help="skip documents with fewer tokens")
+    parser.add_argument("--every-k-documents", type=int, default=1, help="read only every k-th document")
+    parser.add_argument("--sample-tokens", type=int,
+                        help="keep a random sample of this many positions of each window")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample-tokens")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="dtype on disk")
     parser.add_argument("--positions", default="all",
                         help="'all' real tokens, the 'last' of each document, or a slice 'start:stop[:step]'")
@@ -82,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
                               max_length=args.max_length, dtype=args.dtype, positions=args.positions,
                               tokenizer=tokenizer, text_field=args.text_field,
                               shard_tokens=args.shard_tokens, progress=not args.no_progress,
-                              allow_backend_change=args.allow_backend_change)
-    except (KeyError, ValueError, TypeError, FileNotFoundError, CacheMismatchError, CacheWriteError) as err:
+                              allow_backend_change=args.allow_backend_change, packing=args.packing,
+                              prepend_bos=args.prepend_bos, min_tokens=args.min_tokens,
+                              every_k_documents=args.every_k_documents, sample_tokens=args.sample_tokens,
+                              seed=args.seed)
+    except (KeyError, ValueError, TypeError, FileNotFoundError, ImportError, CacheMismatchError,
+            CacheWriteError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"neox-lab cache: error: {message}", file=sys.stderr)
         return 2

@@ -1,0 +1,187 @@
+"""A linear probe for "this token is inside a string literal", trained from an activation store's stream.
+
+    python experiments/train_probe.py                   # the shipped model, ~400 stdlib chunks (a minute)
+    python experiments/train_probe.py --files 8 --chunks 30 --epochs 1   # the smoke-test size
+
+1. Corpus: the Python standard library's own .py files (every install has them), cut into chunks of
+   --lines lines, written as a .jsonl.zst when zstandard is installed (else .jsonl) and streamed from
+   there by `cache_dataset`, like any corpus on disk.
+2. Labels: Python's `tokenize` marks each file's string literals (quotes included); a model token is
+   "in a string" when its first character is. Character offsets come from the tokenizer itself.
+3. Cache: `hook_embed` and the residual stream after --layer of the shipped model (`load_default`),
+   every chunk cut to --context tokens, into a store in a temporary folder (or --store).
+4. Probe: logistic regression on each hook, trained with Adam from `store.stream(...)` (shuffled,
+   normalised with the stored statistics), documents split 4:1 into train and held-out by their index.
+   The embedding probe sees only the token itself, so the gap to the residual-stream probe is what the
+   model's context adds (a quote token is often, but not always, a string's first or last character).
+
+Prints held-out accuracy of both probes and of always answering the majority class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import sysconfig
+import tempfile
+import tokenize
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neox_lab import load_default
+from neox_lab.store.reader import ActivationStore
+from neox_lab.store.writer import cache_dataset
+
+STRING_TOKENS = {tokenize.STRING} | {getattr(tokenize, n) for n in ("FSTRING_START", "FSTRING_MIDDLE",
+                                                                      "FSTRING_END") if hasattr(tokenize, n)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--files", type=int, default=60, help="stdlib files to read (sorted by path)")
+    p.add_argument("--lines", type=int, default=12, help="lines per document")
+    p.add_argument("--chunks", type=int, default=400, help="documents to cache at most")
+    p.add_argument("--context", type=int, default=96, help="tokens per window")
+    p.add_argument("--layer", type=int, default=None, help="residual stream after this block (default: the last)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=512, help="tokens per probe step")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--store", help="folder for the store (default: a temporary one, deleted afterwards)")
+    return p.parse_args(argv)
+
+
+def string_spans(source: str) -> list[tuple[int, int]]:
+    """Character ranges of the string literals of a Python file (empty if it does not tokenize)."""
+    starts = np.cumsum([0] + [len(line) for line in source.splitlines(keepends=True)])
+    spans = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type in STRING_TOKENS:
+                a = starts[tok.start[0] - 1] + tok.start[1]
+                b = starts[tok.end[0] - 1] + tok.end[1]
+                spans.append((int(a), int(b)))
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return []
+    return spans
+
+
+def corpus(n_files: int, lines: int, max_chunks: int) -> list[tuple[str, np.ndarray]]:
+    """(text, in-string flag per character) of chunks of the standard library's .py files."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "site-packages"} & set(p.parts))
+    chunks = []
+    for path in files[:n_files]:
+        source = path.read_text(encoding="utf-8", errors="replace")
+        spans = string_spans(source)
+        if not spans:
+            continue
+        flag = np.zeros(len(source), dtype=bool)
+        for a, b in spans:
+            flag[a:b] = True
+        file_lines = source.splitlines(keepends=True)
+        offset = 0
+        for i in range(0, len(file_lines), lines):
+            text = "".join(file_lines[i : i + lines])
+            if text.strip():
+                chunks.append((text, flag[offset : offset + len(text)]))
+            offset += len(text)
+            if len(chunks) >= max_chunks:
+                return chunks
+    return chunks
+
+
+def write_jsonl(chunks, folder: Path) -> Path:
+    lines = "".join(json.dumps({"text": text}) + "\n" for text, _ in chunks).encode()
+    try:
+        import zstandard
+    except ImportError:
+        path = folder / "corpus.jsonl"
+        path.write_bytes(lines)
+        return path
+    path = folder / "corpus.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    return path
+
+
+def token_labels(chunks, tokenizer, context: int) -> list[np.ndarray]:
+    """Per document: the in-string flag of each of its first `context` tokens."""
+    labels = []
+    for text, flag in chunks:
+        offsets = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets[:context]
+        labels.append(np.array([flag[min(a, len(flag) - 1)] for a, _ in offsets], dtype=bool))
+    return labels
+
+
+def train_probe(store: ActivationStore, hook: str, label_of, args) -> tuple[float, float]:
+    """Held-out accuracy of a logistic-regression probe on `hook`, and the majority-class accuracy."""
+    torch.manual_seed(args.seed)
+    d = int(np.prod(store[hook].shape[1:]))
+    probe = torch.nn.Linear(d, 1)
+    opt = torch.optim.Adam(probe.parameters(), lr=args.lr)
+    stream = store.stream(hook, batch_size=args.batch_size, buffer_tokens=max(4 * args.batch_size, 4096),
+                          seed=args.seed, meta=True, normalize="center_scale", drop_last=False)
+    for epoch in range(args.epochs):
+        stream.set_epoch(epoch)
+        for batch in stream:
+            train = batch["doc_ids"] % 5 != 0
+            if not train.any():
+                continue
+            x, y = batch[hook][train].reshape(-1, d), label_of(batch)[train]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(x).squeeze(-1), y.float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    correct = total = positives = 0
+    with torch.no_grad():
+        for batch in store.stream(hook, batch_size=4096, shuffle=False, meta=True, normalize="center_scale",
+                                  drop_last=False):
+            held = batch["doc_ids"] % 5 == 0
+            x, y = batch[hook][held].reshape(-1, d), label_of(batch)[held]
+            correct += int(((probe(x).squeeze(-1) > 0) == y).sum())
+            total += len(y)
+            positives += int(y.sum())
+    return correct / total, max(positives, total - positives) / total
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model = load_default()
+    layer = model.cfg.num_hidden_layers - 1 if args.layer is None else args.layer
+    hooks = ["hook_embed", f"blocks.{layer}.hook_resid_post"]
+    chunks = corpus(args.files, args.lines, args.chunks)
+    if len(chunks) < 5:
+        raise SystemExit("too few stdlib chunks with string literals; raise --files")
+    labels = token_labels(chunks, model.tokenizer, args.context)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_jsonl(chunks, Path(tmp))
+        out = Path(args.store) if args.store else Path(tmp) / "store"
+        store = cache_dataset(model, data, hooks, out, context_size=args.context, batch_size=16,
+                              dtype=torch.float32, progress=False)
+        table = np.zeros((len(chunks), args.context), dtype=bool)
+        for d, flags in enumerate(labels):
+            table[d, : len(flags)] = flags
+        # The store's token ids must be the ones the labels were computed on.
+        for d in (0, len(chunks) - 1):
+            span = store.document(d)
+            ids = model.tokenizer.backend_tokenizer.encode(chunks[d][0], add_special_tokens=False).ids
+            assert store.tokens(span.start, span.stop).tolist() == ids[: args.context], "tokens differ"
+        label_of = lambda batch: torch.from_numpy(table[batch["doc_ids"].numpy(), batch["positions"].numpy()])
+        print(f"corpus: {len(chunks)} chunks of {args.lines} lines from {args.files} stdlib files ({data.name}); "
+              f"store: {len(store):,} tokens, {len(store.shards)} shards, in-string share "
+              f"{table.sum() / sum(map(len, labels)):.2f}")
+        results = {hook: train_probe(store, hook, label_of, args) for hook in hooks}
+        store.close()
+    majority = next(iter(results.values()))[1]
+    print(f"held-out accuracy, inside a string literal (majority class: {majority:.3f}):")
+    for hook, (acc, _) in results.items():
+        print(f"  {hook:28s} {acc:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
