@@ -65,11 +65,6 @@ def normalization_stats(store: Any, hook: str, *, chunk_tokens: int = 8192) -> d
     return stats
 
 
-def _rows(pool_idx: np.ndarray, order: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-    """Rows of the pool holding token indices `idx` (`order` sorts `pool_idx`)."""
-    return torch.from_numpy(order[np.searchsorted(pool_idx, idx, sorter=order)])
-
-
 def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -202,36 +197,63 @@ class ActivationStream(IterableDataset):
                              "keep the workers' turns fixed)")
         names = self.hooks + (list(META_NAMES) if self.meta else [])
         emitted, skip_tokens = skip, skip * self.batch_size
-        pool_idx, pool = None, None  # the rows of every token in the buffer, once reading has begun
-        carry: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        n_carry = 0
+        # The buffer: fixed slots, refilled where emitted tokens left, so each token is copied twice (into
+        # its slot, out to its batch). slot_token[i] is the token index in slot i (-1: free).
+        capacity = self.buffer_tokens + self.chunk_tokens
+        slots: dict[str, torch.Tensor] | None = None
+        slot_token = np.full(capacity, -1, dtype=np.int64)
+        carry: dict[str, torch.Tensor] | None = None
+        replayed = False
         for out, fresh, left in self._order(consumer, n_consumers):
             if emitted >= n_batches:
                 return
-            if pool is None:
+            if slots is None and skip_tokens:
                 if skip_tokens >= len(out):
                     skip_tokens -= len(out)  # replayed on indices only: nothing read
+                    replayed = True
                     continue
-                out = out[skip_tokens:]
-                pool_idx = np.concatenate([out, left])
-                pool = {name: self.store[name][pool_idx] for name in names}  # the buffer at the resume point
-            else:
-                reads = [np.arange(a, b, dtype=np.int64) for a, b in fresh]
-                pool_idx = np.concatenate([pool_idx, *reads])
-                pool = {name: torch.cat([pool[name], *(self.store[name][a:b] for a, b in fresh)]) for name in names}
-            order = np.argsort(pool_idx, kind="stable")
-            rows_out, rows_left = _rows(pool_idx, order, out), _rows(pool_idx, order, left)
-            joined = {name: torch.cat([*carry[name], pool[name][rows_out]]) for name in names}
-            pool_idx, pool = left, {name: t[rows_left] for name, t in pool.items()}
-            n_full = min(len(joined[names[0]]) // self.batch_size, n_batches - emitted)
+                out, skip_tokens = out[skip_tokens:], 0
+            if slots is None:
+                slots = {name: self._empty(name, capacity) for name in names}
+                if replayed:  # the buffer at the resume point, gathered once
+                    held = np.concatenate([out, left])
+                    slot_token[: len(held)] = held
+                    for name in names:
+                        slots[name][: len(held)] = self.store[name][held]
+                    fresh = []
+            free = np.flatnonzero(slot_token < 0)
+            used = 0
+            for a, b in fresh:
+                where = free[used : used + b - a]
+                slot_token[where] = np.arange(a, b)
+                rows = torch.from_numpy(where)
+                for name in names:
+                    slots[name].index_copy_(0, rows, self.store[name][a:b])
+                used += b - a
+            order = np.argsort(slot_token, kind="stable")
+            rows_out = order[np.searchsorted(slot_token, out, sorter=order)]
+            # Free every slot but the buffer's: the emitted tokens, and any skipped when resuming.
+            slot_token[~np.isin(slot_token, left)] = -1
+            n_carry = 0 if carry is None else len(carry[names[0]])
+            n_full = min((n_carry + len(out)) // self.batch_size, n_batches - emitted)
+            joined = {}
+            for name in names:
+                t = self._empty(name, n_carry + len(out))
+                if n_carry:
+                    t[:n_carry] = carry[name]
+                torch.index_select(slots[name], 0, torch.from_numpy(rows_out), out=t[n_carry:])
+                joined[name] = t
             for j in range(n_full):
                 yield self._finish({name: t[j * self.batch_size : (j + 1) * self.batch_size]
                                     for name, t in joined.items()})
             emitted += n_full
-            carry = {name: [t[n_full * self.batch_size :]] for name, t in joined.items()}
-            n_carry = len(carry[names[0]][0])
-        if n_carry and emitted < n_batches:
-            yield self._finish({name: torch.cat(parts) for name, parts in carry.items()})
+            carry = {name: t[n_full * self.batch_size :].clone() for name, t in joined.items()}
+        if carry is not None and len(carry[names[0]]) and emitted < n_batches:
+            yield self._finish(carry)
+
+    def _empty(self, name: str, n: int) -> torch.Tensor:
+        view = self.store[name]
+        return torch.empty((n, *view.shape[1:]), dtype=view.dtype)
 
     def num_batches(self, num_workers: int = 0) -> int:
         """Batches this process yields in this epoch through a DataLoader with `num_workers` workers."""
