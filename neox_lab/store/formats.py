@@ -93,14 +93,32 @@ def json_text(line: str, text_field: str, path: Path, number: int) -> str:
     return value
 
 
-def parquet_files(path: Path) -> list[Path]:
-    """A Parquet file, or the Parquet files under a folder (recursively, in sorted path order)."""
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{path} holds no *.parquet files")
-    return files
+def iter_files(files: list[Path], read, start: int = 0) -> Iterator[tuple[int, str]]:
+    """Documents of several files in turn, numbered across them (`read(path)` yields (index, text))."""
+    offset = 0
+    for path in files:
+        count = 0
+        for index, text in read(path):
+            count = index + 1
+            if offset + index >= start:
+                yield offset + index, text
+        offset += count
+
+
+def corpus_files(path: Path) -> tuple[str, list[Path]]:
+    """The kind and files of a corpus folder: all its .parquet files, or all its .jsonl / .txt files
+    (plain, .gz or .zst), searched recursively and sorted by path. One kind per folder."""
+    by_kind: dict[str, list[Path]] = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            kind = text_suffix(p)[1:]
+            if kind in ("parquet", "jsonl", "jsonl.gz", "jsonl.zst", "txt", "txt.gz", "txt.zst"):
+                by_kind.setdefault(kind, []).append(p)
+    if not by_kind:
+        raise FileNotFoundError(f"{path} holds no *.parquet, *.jsonl[.gz|.zst] or *.txt[.gz|.zst] files")
+    if len(by_kind) > 1:
+        raise ValueError(f"{path} mixes corpus formats ({', '.join(sorted(by_kind))}); keep one per folder")
+    return next(iter(by_kind.items()))
 
 
 def parquet_rows(files: list[Path]) -> list[int]:

@@ -22,14 +22,15 @@ import numpy as np
 import torch
 
 from .formats import (
+    corpus_files,
     is_dataset_dir,
     is_hf_dataset,
+    iter_files,
     iter_hf_dataset,
     iter_jsonl,
     iter_lines,
     iter_parquet,
     load_dataset_dir,
-    parquet_files,
     text_suffix,
 )
 
@@ -163,9 +164,14 @@ def _path_source(path: Path, source: Any, text_field: str) -> Documents | Docume
             ds = load_dataset_dir(path)
             return DocumentStream("dataset", lambda s: iter_hf_dataset(ds, text_field, s), path=str(source),
                                   text_field=text_field)
-        files = parquet_files(path)
-        return DocumentStream("parquet", lambda s: iter_parquet(files, text_field, s), path=str(source),
-                              text_field=text_field)
+        kind, files = corpus_files(path)
+        if kind == "parquet":
+            reader = lambda s: iter_parquet(files, text_field, s)
+        elif kind.startswith("jsonl"):
+            reader = lambda s: iter_files(files, lambda f: iter_jsonl(f, text_field), s)
+        else:
+            reader = lambda s: iter_files(files, iter_lines, s)
+        return DocumentStream(kind, reader, path=str(source), text_field=text_field if kind != "txt" else None)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     suffix = text_suffix(path)
@@ -196,10 +202,11 @@ def load_documents(source: Any, text_field: str = "text") -> Documents | Documen
     """Open `source` for caching.
 
     Paths: .txt (a document per non-blank line), .jsonl (the `text_field` of each record), either one
-    compressed as .gz or .zst; .parquet or a folder of .parquet files (column `text_field`); a folder
-    saved by `datasets` (`save_to_disk`); .npy (a 2-d integer array, a document per row). Objects: a
-    `datasets.Dataset` or `IterableDataset` (column `text_field`), a list of strings, token ids (a list
-    of id lists, or a 2-d integer tensor / array, a document per row), or an iterator of strings.
+    compressed as .gz or .zst; .parquet (column `text_field`); a folder of files of one of these kinds
+    (read in sorted path order, numbered across files); a folder saved by `datasets` (`save_to_disk`);
+    .npy (a 2-d integer array, a document per row). Objects: a `datasets.Dataset` or `IterableDataset`
+    (column `text_field`), a list of strings, token ids (a list of id lists, or a 2-d integer tensor /
+    array, a document per row), or an iterator of strings.
     """
     if isinstance(source, (str, os.PathLike)):
         return _path_source(Path(source), source, text_field)

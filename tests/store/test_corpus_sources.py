@@ -66,6 +66,11 @@ def sources(tmp_path, texts):
     out["jsonl.zst"] = tmp_path / "a.jsonl.zst"
     write_parquet_folder(tmp_path / "pq", texts)
     out["parquet"] = tmp_path / "pq"
+    for n, a in enumerate(range(0, len(texts), 4)):  # the Pile's layout: a folder of .jsonl.zst files
+        name = f"{n:02d}/part.jsonl.zst" if n % 2 else f"{n:02d}.jsonl.zst"  # sorted by path, subfolders too
+        (tmp_path / "shards" / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / "shards" / name, texts[a : a + 4], zst_writer)
+    out["jsonl.zst folder"] = tmp_path / "shards"
     ds = datasets.Dataset.from_dict({"text": texts})
     out["dataset"] = ds
     ds.save_to_disk(str(tmp_path / "saved"))
@@ -127,7 +132,11 @@ def test_bad_records_name_file_row_and_field(tmp_path):
     with pytest.raises(ValueError, match=r"c\.jsonl\.gz, line 2: field 'text' is int"):
         load_documents(tmp_path / "c.jsonl.gz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"holds no \*\.parquet files"):
+    with pytest.raises(FileNotFoundError, match=r"holds no \*\.parquet, \*\.jsonl"):
+        load_documents(tmp_path / "empty")
+    (tmp_path / "empty" / "a.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "empty" / "b.txt").write_text("a\n")
+    with pytest.raises(ValueError, match="mixes corpus formats"):
         load_documents(tmp_path / "empty")
     with pytest.raises(ValueError, match="no column 'body'"):
         load_documents(datasets.Dataset.from_dict({"text": ["a"]}), text_field="body")
