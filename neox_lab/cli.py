@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .commands.errors import user_errors
+
 # subcommand -> module in neox_lab.commands defining `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
     "demo": "Run the interpretability demo (induction heads, patching, logit lens) and draw its figures.",
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-    return int(args._module.run(args) or 0)
+    # Every subcommand wraps its own run too; this catches what one raises outside it (e.g. writing --json).
+    return user_errors(args.command)(args._module.run)(args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,26 @@ _BOOKKEEPING = {
 }
 
 
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """A JSON file's top-level object; an unreadable file, invalid JSON or a non-object raises `ValueError`
+    (`FileNotFoundError` when missing) naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg}); fix or re-save it") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be read ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} holds a JSON {type(data).__name__}, not an object of settings")
+    return data
+
+
 def _refuse_if(cond: bool, key: str, why: str) -> None:
     if cond:
         raise ValueError(f"config key {key!r}: {why}; neox_lab cannot build this model")
@@ -159,8 +179,7 @@ class NeoXConfig:
             path = os.fspath(source)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path, encoding="utf-8") as fh:
-                source = json.load(fh)
+            source = read_json_object(path, "config")
         d = dict(source)
         model_type = d.get("model_type", "gpt_neox")
         _refuse_if(model_type != "gpt_neox", "model_type", f"is {model_type!r}, not 'gpt_neox'")

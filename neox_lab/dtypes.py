@@ -27,3 +27,15 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 def widen(t: torch.Tensor) -> torch.Tensor:
     """`t` in at least fp32: half precision becomes fp32, fp32 and fp64 stay as they are."""
     return t.float() if t.dtype in HALF else t
+
+
+def nonfinite_count(t: torch.Tensor) -> int:
+    """How many inf/NaN values a tensor holds, fast when there are none: min and max are one vectorised
+    pass (NaN propagates into both, an inf becomes one of them), where isfinite is 20-50x slower on a CPU
+    in half precision. Only a tensor that has some pays for the exact count."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return 0
+    return int((~torch.isfinite(t)).sum())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,9 +17,9 @@ import torch.distributed as dist
 from ..default_model import load_or_default
 from ..dtypes import DTYPES
 from ..model.kernels import BACKENDS
-from ..store.manifest import CacheMismatchError, CacheWriteError
 from ..store.writer import DEFAULT_SHARD_TOKENS, cache_dataset, expand_hook_patterns
 from ..tokenizer import NeoXTokenizer
+from .errors import check_device, check_output_dir, user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,14 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _device(arg: str | None, local_rank: int) -> torch.device:
     if arg:
-        device = torch.device(arg)
+        device = check_device(arg)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         return device
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+@user_errors("cache", also=(ImportError,))  # a corpus format whose optional extra is missing
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out)
+    data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(args.device, local_rank)
@@ -96,11 +101,6 @@ def run(args: argparse.Namespace) -> int:
                               prepend_bos=args.prepend_bos, min_tokens=args.min_tokens,
                               every_k_documents=args.every_k_documents, sample_tokens=args.sample_tokens,
                               seed=args.seed)
-    except (KeyError, ValueError, TypeError, FileNotFoundError, ImportError, CacheMismatchError,
-            CacheWriteError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"neox-lab cache: error: {message}", file=sys.stderr)
-        return 2
     finally:
         if group:
             dist.destroy_process_group()

@@ -4,9 +4,9 @@ the shipped model (or a checkpoint), as PNG figures plus summary.txt."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..demo import run_demo
+from .errors import check_output_dir, user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,12 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@user_errors("demo")
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = run_demo(args.model, args.out, progress=not args.no_progress, seed=args.seed)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"neox-lab demo: {err}", file=sys.stderr)
-        return 1
+    check_output_dir(args.out)
+    result = run_demo(args.model, args.out, progress=not args.no_progress, seed=args.seed)
     print(result.summary, end="")
     print(f"Wrote {len(result.files)} files to {result.out_dir.resolve()}")
     return 0

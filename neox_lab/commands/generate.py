@@ -9,6 +9,7 @@ import torch
 
 from ..default_model import load_or_default
 from ..model.tasks import NeoXForCausalLM
+from .errors import user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--completion-only", action="store_true", help="print only the new text")
 
 
+# RuntimeError as well, as this command always treated it (torch reports some device limits that way).
+@user_errors("generate", also=(RuntimeError,))
 def run(args) -> int:
     sampling = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                ("--top-p", args.top_p)) if v is not None]
@@ -36,22 +39,18 @@ def run(args) -> int:
         print(f"error: --greedy picks the argmax; it cannot be combined with {', '.join(sampling)}",
               file=sys.stderr)
         return 2
-    try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # Without --model, the shipped model (FileNotFoundError says so if its package data is missing).
-        model = load_or_default(args.model, cls=NeoXForCausalLM, device=device)
-        generator = None
-        if args.seed is not None:
-            device = next(model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(args.seed)
-        ids = model.generate(
-            prompt=list(args.prompts), max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-            temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
-            top_p=args.top_p, generator=generator,
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Without --model, the shipped model (FileNotFoundError says so if its package data is missing).
+    model = load_or_default(args.model, cls=NeoXForCausalLM, device=device)
+    generator = None
+    if args.seed is not None:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    ids = model.generate(
+        prompt=list(args.prompts), max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+        temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
+        top_p=args.top_p, generator=generator,
+    )
     width = max(len(model.tokenizer.encode(p)) for p in args.prompts)  # the left-padded prompt block
     completions = model.tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)
     for prompt, completion in zip(args.prompts, completions, strict=True):

@@ -138,10 +138,15 @@ class NeoXModel(NeoXPreTrained):
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        for label, arg in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                           ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if arg is not None and not isinstance(arg, torch.Tensor):
+                raise TypeError(f"{label} must be a torch.Tensor, got {type(arg).__name__}; wrap it, e.g. "
+                                f"torch.tensor([[...]]) for [batch pos] (model.to_tokens turns text into ids)")
         if input_ids is not None:
-            if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-                raise ValueError(f"input_ids must be an integer tensor [batch pos], got {input_ids.dtype} "
-                                 f"{tuple(input_ids.shape)}")
+            if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"input_ids must be an integer tensor [batch pos] (int64 or int32), got "
+                                 f"{input_ids.dtype} {tuple(input_ids.shape)}; convert with input_ids.long()")
             if input_ids.numel():
                 lo, hi = int(input_ids.min()), int(input_ids.max())
                 if lo < 0 or hi >= self.cfg.vocab_size:
@@ -152,15 +157,40 @@ class NeoXModel(NeoXPreTrained):
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
                 raise ValueError(f"inputs_embeds must be [batch pos {self.cfg.hidden_size}], "
                                  f"got {tuple(inputs_embeds.shape)}")
+            weight = self.embed.weight
+            if inputs_embeds.dtype != weight.dtype:
+                raise ValueError(f"inputs_embeds is {inputs_embeds.dtype} but the model's weights are "
+                                 f"{weight.dtype}; cast with inputs_embeds.to({weight.dtype})")
             batch, q_len = inputs_embeds.shape[:2]
         if q_len == 0:
             raise ValueError("empty input: at least one position is needed")
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_len + q_len):
             raise ValueError(f"attention_mask must be [batch, past + pos] = {(batch, past_len + q_len)}, "
                              f"got {tuple(attention_mask.shape)}")
+        # Positions are the mask's running sum, so a 2 or a 0.5 would silently move every later token.
+        if attention_mask is not None and attention_mask.dtype != torch.bool and not bool(
+                ((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token), got values "
+                             f"{attention_mask.unique()[:8].tolist()}")
         if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[-1] != q_len):
             raise ValueError(f"position_ids must be [batch pos] with pos={q_len}, got {tuple(position_ids.shape)}")
         return batch, q_len
+
+    def _check_cache(self, cache, batch: int | None = None) -> None:
+        """`past_key_values` must be a KVCache for every layer and, once filled, for this batch."""
+        if cache is None:
+            return
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be a neox_lab KVCache (returned by a call with use_cache=True, "
+                            f"or KVCache(n_layers)), got {type(cache).__name__}; transformers' tuples and "
+                            "Cache objects hold keys in another layout and are not accepted")
+        if cache.n_layers != self.cfg.num_hidden_layers:
+            raise ValueError(f"past_key_values is a KVCache for {cache.n_layers} layers; this model has "
+                             f"{self.cfg.num_hidden_layers} (make it with KVCache(model.cfg.num_hidden_layers))")
+        held = next((k.shape[0] for k in cache.keys if k is not None), None)
+        if batch is not None and cache.length and held not in (None, batch):
+            raise ValueError(f"past_key_values holds {held} rows but this call's batch is {batch}; a KVCache "
+                             "belongs to the batch that filled it (KVCache.select(rows) picks rows)")
 
     def _head_masks(self, head_mask):
         if head_mask is None:
@@ -182,10 +212,12 @@ class NeoXModel(NeoXPreTrained):
         """Run the blocks. When `attention_mask` is given without `position_ids`, positions count only
         unmasked tokens (cumsum - 1), so a left-padded row computes what the unpadded row computes."""
         cache = past_key_values
+        self._check_cache(cache)
         if use_cache and cache is None:
             cache = KVCache(self.cfg.num_hidden_layers)
         past_len = cache.length if cache is not None else 0
         batch, q_len = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
+        self._check_cache(cache, batch)
         head_masks = self._head_masks(head_mask)
         device = self.embed.weight.device
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds

@@ -8,10 +8,14 @@ import torch
 class KVCache:
     """Per-layer keys and values (after rotary) in [batch key_pos n_heads d_head].
 
-    With `max_length`, storage is preallocated on first use and written in place (no reallocation per
-    decoding step); otherwise each step concatenates. Preallocated slots not yet written hold zeros, not
-    garbage: a kernel that reads the whole buffer under a mask multiplies them by 0, and 0 * NaN is NaN.
+    With `max_length`, storage is written in place and grown in chunks up to `max_length` (capacity
+    doubles, from at least `MIN_CAPACITY` positions), so a decoding step rarely reallocates and a
+    generous `max_length` costs nothing until it is used; otherwise each step concatenates. Slots not
+    yet written hold zeros, not garbage: a kernel that reads the whole buffer under a mask multiplies
+    them by 0, and 0 * NaN is NaN. `preallocated` allocates the full length at once (fixed addresses).
     """
+
+    MIN_CAPACITY = 256
 
     def __init__(self, n_layers: int, max_length: int | None = None):
         self.n_layers = n_layers
@@ -40,10 +44,15 @@ class KVCache:
             return k, v
         if start + new > self.max_length:
             raise ValueError(f"KVCache: {start + new} positions exceed max_length={self.max_length}")
-        if self.keys[layer] is None:
-            shape = (k.shape[0], self.max_length, *k.shape[2:])
-            self.keys[layer] = k.new_zeros(shape)
-            self.values[layer] = v.new_zeros(shape)
+        held = self.keys[layer]
+        if held is None or start + new > held.shape[1]:
+            size = 0 if held is None else held.shape[1]
+            capacity = min(self.max_length, max(start + new, 2 * size, self.MIN_CAPACITY))
+            shape = (k.shape[0], capacity, *k.shape[2:])
+            keys, values = k.new_zeros(shape), v.new_zeros(shape)
+            if held is not None:  # new tensors, so a snapshot's references keep the old contents
+                keys[:, :start], values[:, :start] = held[:, :start], self.values[layer][:, :start]
+            self.keys[layer], self.values[layer] = keys, values
         self.keys[layer][:, start : start + new] = k
         self.values[layer][:, start : start + new] = v
         self.lengths[layer] = start + new

@@ -1,8 +1,12 @@
 """Loading transformers GPTNeoX checkpoints into neox_lab models, and saving them back.
 
-Weights are read with safetensors, or `torch.load(weights_only=True)` for .bin files: nothing is
-unpickled. The model is built on the meta device and the read tensors are assigned, so the weights are
-held once, already in the requested dtype and on the requested device.
+Weights are read with safetensors, or `torch.load(weights_only=True)` for .bin files (zip and legacy
+formats): nothing is unpickled. The model is built on the meta device and the read tensors are assigned,
+so the weights are held once, already in the requested dtype and on the requested device.
+
+A checkpoint is refused, naming the file or tensor, when its JSON is broken, an index points outside the
+directory, a file is truncated, its floating tensors mix dtypes (without `dtype=` to cast them), or a
+weight holds inf/NaN (a corrupt file; checked on every load, a read of memory already being copied).
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import NeoXConfig
+from ..config import NeoXConfig, read_json_object
+from ..dtypes import DTYPES, nonfinite_count
 from ..tokenizer import NeoXTokenizer
 from .shipped import DEFAULT_MODEL_ID, attach_default_tokenizer, default_model_dir, package_model_dir
 
@@ -73,7 +79,29 @@ def neox_to_hf_key(key: str) -> str:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped tensor."""
+    """A checkpoint does not fit the model or is damaged: names the file and the tensors at fault."""
+
+
+def capped(items: list[str], limit: int = 8) -> str:
+    """`items` joined by commas, the first `limit` of them and "and N more" (a 2000-layer config against
+    a 2-layer checkpoint would otherwise print a megabyte)."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit:,} more"
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """A floating torch dtype from a dtype or its name ("float16", "bfloat16", "float32", "float64")."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype ({', '.join(sorted(DTYPES))}) or its name, got "
+                         f"{dtype!r}; a model's weights cannot be held as integers")
+    return dtype
 
 
 # ---------------------------------------------------------------------------------------- locating
@@ -120,8 +148,12 @@ def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
 def checkpoint_architecture(directory: Path) -> str:
     """The transformers class a checkpoint's config.json names in `architectures`; GPTNeoXForCausalLM
     when it names none (configs written by hand often leave it out)."""
-    config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
-    return (config.get("architectures") or ["GPTNeoXForCausalLM"])[0]
+    config = read_json_object(Path(directory) / "config.json", "config")
+    architectures = config.get("architectures") or ["GPTNeoXForCausalLM"]
+    if not isinstance(architectures, list) or not isinstance(architectures[0], str):
+        raise ValueError(f"config {Path(directory) / 'config.json'}: 'architectures' must be a list of class "
+                         f"names, got {architectures!r}")
+    return architectures[0]
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -129,10 +161,33 @@ def _weight_files(directory: Path) -> list[Path]:
         path = directory / name
         if path.exists():
             if name.endswith(".index.json"):
-                index = json.loads(path.read_text())
-                return sorted({directory / f for f in index["weight_map"].values()})
+                return _index_files(directory, path)
             return [path]
     raise FileNotFoundError(f"{directory} holds none of {', '.join(WEIGHT_FILES)}")
+
+
+def _index_files(directory: Path, index_path: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, each confined to the checkpoint directory."""
+    try:
+        index = read_json_object(index_path, "checkpoint index")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"checkpoint index {index_path} has no 'weight_map' object mapping tensor names "
+                              "to shard files; re-save the checkpoint")
+    files = set()
+    for key, name in weight_map.items():
+        parts = Path(name).parts if isinstance(name, str) else ()
+        if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(f"checkpoint index {index_path}: tensor {key!r} maps to {name!r}, which is "
+                                  "not a file inside the checkpoint directory (absolute paths and '..' are refused)")
+        files.add(directory / name)
+    missing = sorted(str(f) for f in files if not f.is_file())
+    if missing:
+        raise CheckpointError(f"checkpoint index {index_path} names shard files that do not exist: "
+                              f"{capped(missing)}")
+    return sorted(files)
 
 
 def read_tensors(files: list[Path], dtype=None, device=None):
@@ -146,12 +201,21 @@ def read_tensors(files: list[Path], dtype=None, device=None):
             except SafetensorError as err:
                 raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:  # noqa: BLE001
-                raise CheckpointError(f"{path} could not be read as weights-only torch data: {err}") from err
+            state = _torch_load(path)
             for key in list(state):
                 yield key, _convert(state.pop(key), dtype, device)
+
+
+def _torch_load(path: Path) -> dict:
+    """A .bin state dict with `torch.load(weights_only=True)`: memory-mapped when it is a zip file, read
+    whole when it is the legacy (pre-1.6) format, which cannot be mapped."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # noqa: BLE001 - unpickling refusals, truncation and format errors alike
+        raise CheckpointError(f"{path} could not be read as weights-only torch data: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
+    return state
 
 
 def _convert(t: torch.Tensor, dtype, device) -> torch.Tensor:
@@ -162,6 +226,7 @@ def _convert(t: torch.Tensor, dtype, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- loading
 def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backend="auto", revision=None):
+    dtype = resolve_dtype(dtype)
     directory = resolve_checkpoint(path_or_repo_id, revision)
     cfg = NeoXConfig.from_hf(directory)
     with torch.device("meta"):
@@ -187,13 +252,15 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
             shaped_wrong.add(key)
         else:
             loaded[key] = tensor
+            _check_finite(hf_key, tensor, directory)
+    _check_one_dtype(loaded, directory)
     heads = tuple(getattr(cls, "head_modules", ()))
     absent = [k for k in expected if k not in loaded and k not in shaped_wrong]
     fresh = [k for k in absent if heads and k.startswith(heads)]
     # Named as the checkpoint would name them, since that is what the user can go and look at.
     missing = [neox_to_hf_key(k) for k in absent if k not in fresh]
     if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
+        parts = [f"{label} ({len(keys):,}): {capped(keys)}" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
         raise CheckpointError(f"checkpoint {directory} does not fit {cls.__name__}: " + "; ".join(parts))
     if fresh:
@@ -213,6 +280,29 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
     model.eval()
     _attach_tokenizer(model, directory)
     return model
+
+
+def _check_finite(key: str, t: torch.Tensor, directory: Path) -> None:
+    """inf/NaN in a weight is a damaged file (a flipped exponent bit): every logit would come out NaN."""
+    bad = nonfinite_count(t)
+    if bad:
+        raise CheckpointError(f"checkpoint {directory}: tensor {key!r} holds {bad:,} non-finite value(s) "
+                              "(inf/NaN); the file is damaged or was saved from a diverged run")
+
+
+def _check_one_dtype(loaded: dict, directory: Path) -> None:
+    """Floating weights in more than one dtype would fail (or silently promote) in the first matmul."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, t in loaded.items():
+        if t.is_floating_point():
+            by_dtype.setdefault(t.dtype, []).append(neox_to_hf_key(key))
+    if len(by_dtype) > 1:
+        common = max(by_dtype, key=lambda d: len(by_dtype[d]))
+        odd = [f"{k} ({str(d).removeprefix('torch.')})" for d, keys in by_dtype.items() if d != common
+               for k in keys]
+        raise CheckpointError(f"checkpoint {directory} mixes dtypes: most tensors are "
+                              f"{str(common).removeprefix('torch.')} but {capped(odd)}; pass dtype= "
+                              "(e.g. dtype=torch.float32) to cast every tensor at load")
 
 
 def _attach_tokenizer(model, directory: Path) -> None:

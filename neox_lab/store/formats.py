@@ -54,29 +54,37 @@ def open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8")
 
 
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """The lines of a (possibly compressed) text file; a non-UTF-8 file raises `ValueError` naming it."""
+    with open_text(path) as fh:
+        try:
+            yield from fh
+        except UnicodeDecodeError as err:
+            raise ValueError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start} of a block); "
+                             "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def iter_lines(path: Path, start: int = 0) -> Iterator[tuple[int, str]]:
     """Non-blank lines of a text file, numbered from 0 (blank lines are not documents)."""
     index = 0
-    with open_text(path) as fh:
-        for line in fh:
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if index >= start:
-                yield index, line
-            index += 1
+    for line in _utf8_lines(path):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if index >= start:
+            yield index, line
+        index += 1
 
 
 def iter_jsonl(path: Path, text_field: str, start: int = 0) -> Iterator[tuple[int, str]]:
     """The `text_field` of each record of a JSON-lines file (blank lines skipped), numbered from 0."""
     index = 0
-    with open_text(path) as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            if index >= start:
-                yield index, json_text(line, text_field, path, number)
-            index += 1
+    for number, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        if index >= start:
+            yield index, json_text(line, text_field, path, number)
+        index += 1
 
 
 def json_text(line: str, text_field: str, path: Path, number: int) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from .manifest import (
     MANIFEST,
+    CacheBusyError,
     CacheMismatchError,
     CacheWriteError,
     atomic_write_json,
@@ -59,7 +60,7 @@ class _Lock:
             os.close(self.fd)
             self.fd = None
             msg = f"another process is writing the cache in {directory} (it holds {self.path})"
-            raise RuntimeError(msg) from None
+            raise CacheBusyError(msg) from None
 
     def release(self) -> None:
         if self.fd is None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..axes import POSITIONS, find_axis
-from ..dtypes import DTYPES, dtype_name
+from ..dtypes import DTYPES, dtype_name, nonfinite_count
 from .manifest import (
     FORMAT,
     VERSION,
@@ -371,9 +371,10 @@ def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int | None, *
             if batch.windows:
                 tensors = _forward(model, batch, names, shapes, spec, pos_slice, dtype, stop, device)
                 for name in names:
-                    if name not in warned and not torch.isfinite(tensors[name]).all():
+                    bad = 0 if name in warned else nonfinite_count(tensors[name])
+                    if bad:
                         warned.add(name)
-                        warnings.warn(_non_finite_message(name, tensors[name], dtype), stacklevel=3)
+                        warnings.warn(_non_finite_message(name, bad, dtype), stacklevel=3)
             else:  # only skipped documents: a shard of no tokens still records that they were read
                 tensors = _no_tokens(model, names, shapes, spec.context_size, dtype, stop)
             sink.put(tensors, batch.n_docs, batch.end[1])
@@ -419,8 +420,7 @@ def _no_tokens(model, names, shapes, max_length, dtype, stop) -> dict:
     return tensors
 
 
-def _non_finite_message(name: str, t: torch.Tensor, dtype: torch.dtype) -> str:
-    bad = int((~torch.isfinite(t)).sum())
+def _non_finite_message(name: str, bad: int, dtype: torch.dtype) -> str:
     hint = (" float16 overflows past 65504: cache with dtype=torch.bfloat16 or torch.float32"
             if dtype == torch.float16 else "")
     return f"hook {name!r}: {bad} non-finite value(s) (inf/nan) written to the store as {dtype_name(dtype)};{hint}"

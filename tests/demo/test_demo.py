@@ -163,5 +163,5 @@ def test_python_dash_m_demo_help():
 
 def test_demo_command_missing_checkpoint(tmp_path, capsys):
     argv = ["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]
-    assert _demo_command(argv) == 1
+    assert _demo_command(argv) == 2  # a user error (issue 15: exit 1 means a failed run)
     assert "nope" in capsys.readouterr().err
