@@ -176,3 +176,26 @@ def test_one_shot_iterator_caches_once_and_refuses_a_rerun(model, tmp_path):
     assert store.tokens().tolist() == ref.tokens().tolist() and store.n_documents == 7
     with pytest.raises(CacheMismatchError, match="one-shot iterator source cannot be checked"):
         cache_dataset(model, iter(docs), ["hook_embed"], tmp_path, context_size=8, progress=False)
+
+
+def test_cli_caches_a_packed_compressed_corpus_and_names_a_missing_extra(tmp_path, monkeypatch, capsys):
+    import gzip
+    import sys
+
+    from neox_lab.cli import main
+
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt") as fh:
+        for i in range(6):
+            fh.write(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n")
+    args = ["cache", "--data", str(tmp_path / "docs.jsonl.gz"), "--hooks", "hook_embed", "--out",
+            str(tmp_path / "out"), "--context-size", "16", "--packing", "--prepend-bos", "--no-progress"]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["settings"]["windows"]["packing"] and manifest["settings"]["max_length"] == 16
+    assert manifest["source"]["kind"] == "jsonl.gz" and manifest["n_documents"] == 6
+    (tmp_path / "docs.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if the corpus extra were not installed
+    args[2], args[6] = str(tmp_path / "docs.jsonl.zst"), str(tmp_path / "out2")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "needs the 'zstandard' package" in err and "neox-lab[corpus]" in err
