@@ -4,8 +4,8 @@
     python experiments/train_probe.py --files 8 --chunks 30 --epochs 1   # the smoke-test size
 
 1. Corpus: the Python standard library's own .py files (every install has them), cut into chunks of
-   --lines lines, written as a .jsonl.zst when zstandard is installed (else .jsonl) and streamed from
-   there by `cache_dataset`, like any corpus on disk.
+   at least --lines lines, each starting outside any string literal, written as a .jsonl.zst when
+   zstandard is installed (else .jsonl) and streamed from there by `cache_dataset`, like any corpus.
 2. Labels: Python's `tokenize` marks each file's string literals (quotes included); a model token is
    "in a string" when its first character is. Character offsets come from the tokenizer itself.
 3. Cache: `hook_embed` and the residual stream after --layer of the shipped model (`load_default`),
@@ -83,15 +83,20 @@ def corpus(n_files: int, lines: int, max_chunks: int) -> list[tuple[str, np.ndar
         flag = np.zeros(len(source), dtype=bool)
         for a, b in spans:
             flag[a:b] = True
-        file_lines = source.splitlines(keepends=True)
-        offset = 0
-        for i in range(0, len(file_lines), lines):
-            text = "".join(file_lines[i : i + lines])
-            if text.strip():
-                chunks.append((text, flag[offset : offset + len(text)]))
-            offset += len(text)
-            if len(chunks) >= max_chunks:
-                return chunks
+        # A chunk starts only at a line outside any string, so whether a token is in a string is always
+        # decidable from the chunk itself (a chunk starting inside a docstring would make labels guesses).
+        starts = np.cumsum([0] + [len(line) for line in source.splitlines(keepends=True)])
+        a = 0
+        for i in range(len(starts) - 1):
+            b = int(starts[i + 1])
+            at_line_end = i + 1 == len(starts) - 1 or not flag[min(b, len(flag) - 1)]
+            if starts[i + 1] - starts[a] and (i + 1 - a >= lines and at_line_end or i + 1 == len(starts) - 1):
+                text = source[int(starts[a]) : b]
+                if text.strip():
+                    chunks.append((text, flag[int(starts[a]) : b]))
+                a = i + 1
+                if len(chunks) >= max_chunks:
+                    return chunks
     return chunks
 
 

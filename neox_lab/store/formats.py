@@ -143,7 +143,9 @@ def iter_parquet(files: list[Path], text_field: str, start: int = 0) -> Iterator
     pq = optional_import("pyarrow.parquet", "reading Parquet")
     index = 0
     for path in files:
-        pf = pq.ParquetFile(path)
+        # pre_buffer=False: the default reads ahead and keeps whole column chunks, which grew RSS by
+        # hundreds of MB over a 1 GB corpus (experiments/bench_corpus_memory.py); this reads as it goes.
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         if text_field not in pf.schema_arrow.names:
             raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); "
                              "choose it with text_field= / --text-field")
