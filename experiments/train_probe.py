@@ -1,4 +1,4 @@
-"""A linear probe for "this token is inside a string literal", trained from an activation store's stream.
+"""Linear probes for "this token is inside a string literal / a comment", trained from a store's stream.
 
     python experiments/train_probe.py                   # the shipped model, ~400 stdlib chunks (a minute)
     python experiments/train_probe.py --files 8 --chunks 30 --epochs 1   # the smoke-test size
@@ -6,8 +6,9 @@
 1. Corpus: the Python standard library's own .py files (every install has them), cut into chunks of
    at least --lines lines, each starting outside any string literal, written as a .jsonl.zst when
    zstandard is installed (else .jsonl) and streamed from there by `cache_dataset`, like any corpus.
-2. Labels: Python's `tokenize` marks each file's string literals (quotes included); a model token is
-   "in a string" when its first character is. Character offsets come from the tokenizer itself.
+2. Labels: Python's `tokenize` marks each file's string literals (quotes included) and comments; a model
+   token is "in a string" / "in a comment" when its first character is. Character offsets come from
+   the tokenizer itself.
 3. Cache: `hook_embed` and the residual stream after --layer of the shipped model (`load_default`),
    every chunk cut to --context tokens, into a store in a temporary folder (or --store).
 4. Probe: logistic regression on each hook, trained with Adam from `store.stream(...)` (shuffled,
@@ -15,7 +16,7 @@
    The embedding probe sees only the token itself, so the gap to the residual-stream probe is what the
    model's context adds (a quote token is often, but not always, a string's first or last character).
 
-Prints held-out accuracy of both probes and of always answering the majority class.
+Prints held-out accuracy of each probe and of always answering the majority class.
 """
 
 from __future__ import annotations
@@ -55,41 +56,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def string_spans(source: str) -> list[tuple[int, int]]:
-    """Character ranges of the string literals of a Python file (empty if it does not tokenize)."""
+#: Character classes; a probe is trained for each but CODE.
+CODE, STRING, COMMENT = 0, 1, 2
+TASKS = {"inside a string literal": STRING, "inside a comment": COMMENT}
+
+
+def char_classes(source: str) -> np.ndarray | None:
+    """CODE / STRING (quotes included) / COMMENT for each character of a Python file (None if it does
+    not tokenize)."""
     starts = np.cumsum([0] + [len(line) for line in source.splitlines(keepends=True)])
-    spans = []
+    classes = np.full(len(source), CODE, dtype=np.uint8)
     try:
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type in STRING_TOKENS:
+            kind = STRING if tok.type in STRING_TOKENS else COMMENT if tok.type == tokenize.COMMENT else None
+            if kind is not None:
                 a = starts[tok.start[0] - 1] + tok.start[1]
                 b = starts[tok.end[0] - 1] + tok.end[1]
-                spans.append((int(a), int(b)))
+                classes[int(a) : int(b)] = kind
     except (tokenize.TokenError, SyntaxError, IndentationError):
-        return []
-    return spans
+        return None
+    return classes
 
 
 def corpus(n_files: int, lines: int, max_chunks: int) -> list[tuple[str, np.ndarray]]:
-    """(text, in-string flag per character) of chunks of the standard library's .py files."""
+    """(text, class of each character) of chunks of the standard library's .py files."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "site-packages"} & set(p.parts))
     chunks = []
     for path in files[:n_files]:
         source = path.read_text(encoding="utf-8", errors="replace")
-        spans = string_spans(source)
-        if not spans:
+        flag = char_classes(source)
+        if flag is None or not flag.any():
             continue
-        flag = np.zeros(len(source), dtype=bool)
-        for a, b in spans:
-            flag[a:b] = True
         # A chunk starts only at a line outside any string, so whether a token is in a string is always
         # decidable from the chunk itself (a chunk starting inside a docstring would make labels guesses).
         starts = np.cumsum([0] + [len(line) for line in source.splitlines(keepends=True)])
         a = 0
         for i in range(len(starts) - 1):
             b = int(starts[i + 1])
-            at_line_end = i + 1 == len(starts) - 1 or not flag[min(b, len(flag) - 1)]
+            at_line_end = i + 1 == len(starts) - 1 or flag[min(b, len(flag) - 1)] != STRING
             if starts[i + 1] - starts[a] and (i + 1 - a >= lines and at_line_end or i + 1 == len(starts) - 1):
                 text = source[int(starts[a]) : b]
                 if text.strip():
@@ -114,11 +119,11 @@ def write_jsonl(chunks, folder: Path) -> Path:
 
 
 def token_labels(chunks, tokenizer, context: int) -> list[np.ndarray]:
-    """Per document: the in-string flag of each of its first `context` tokens."""
+    """Per document: the class of each of its first `context` tokens (that of its first character)."""
     labels = []
     for text, flag in chunks:
         offsets = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets[:context]
-        labels.append(np.array([flag[min(a, len(flag) - 1)] for a, _ in offsets], dtype=bool))
+        labels.append(np.array([flag[min(a, len(flag) - 1)] for a, _ in offsets], dtype=np.uint8))
     return labels
 
 
@@ -167,24 +172,30 @@ def main(argv=None) -> int:
         out = Path(args.store) if args.store else Path(tmp) / "store"
         store = cache_dataset(model, data, hooks, out, context_size=args.context, batch_size=16,
                               dtype=torch.float32, progress=False)
-        table = np.zeros((len(chunks), args.context), dtype=bool)
-        for d, flags in enumerate(labels):
-            table[d, : len(flags)] = flags
+        table = np.zeros((len(chunks), args.context), dtype=np.uint8)
+        for d, classes in enumerate(labels):
+            table[d, : len(classes)] = classes
         # The store's token ids must be the ones the labels were computed on.
         for d in (0, len(chunks) - 1):
             span = store.document(d)
             ids = model.tokenizer.backend_tokenizer.encode(chunks[d][0], add_special_tokens=False).ids
             assert store.tokens(span.start, span.stop).tolist() == ids[: args.context], "tokens differ"
-        label_of = lambda batch: torch.from_numpy(table[batch["doc_ids"].numpy(), batch["positions"].numpy()])
-        print(f"corpus: {len(chunks)} chunks of {args.lines} lines from {args.files} stdlib files ({data.name}); "
-              f"store: {len(store):,} tokens, {len(store.shards)} shards, in-string share "
-              f"{table.sum() / sum(map(len, labels)):.2f}")
-        results = {hook: train_probe(store, hook, label_of, args) for hook in hooks}
+        n_labelled = sum(map(len, labels))
+        shares = ", ".join(f"{task} {(table == c).sum() / n_labelled:.2f}" for task, c in TASKS.items())
+        print(f"corpus: {len(chunks)} chunks of >= {args.lines} lines from {args.files} stdlib files ({data.name}); "
+              f"store: {len(store):,} tokens, {len(store.shards)} shards; token shares: {shares}")
+        results = {}
+        for task, cls in TASKS.items():
+            label_of = lambda batch, cls=cls: torch.from_numpy(
+                table[batch["doc_ids"].numpy(), batch["positions"].numpy()] == cls)
+            results[task] = {hook: train_probe(store, hook, label_of, args) for hook in hooks}
         store.close()
-    majority = next(iter(results.values()))[1]
-    print(f"held-out accuracy, inside a string literal (majority class: {majority:.3f}):")
-    for hook, (acc, _) in results.items():
-        print(f"  {hook:28s} {acc:.3f}")
+    print("held-out accuracy of linear probes (documents split 4:1 by index):")
+    print(f"| probe on | {' | '.join(TASKS)} |")
+    print("|---|" + "---|" * len(TASKS))
+    print("| majority class | " + " | ".join(f"{next(iter(r.values()))[1]:.3f}" for r in results.values()) + " |")
+    for hook in hooks:
+        print(f"| {hook} | " + " | ".join(f"{r[hook][0]:.3f}" for r in results.values()) + " |")
     return 0
 
 

@@ -98,7 +98,7 @@ def test_equivalence_sweep_reports_fp64_at_machine_precision():
 
 def test_train_probe_tiny():
     out = run_script("train_probe", "--files", "8", "--chunks", "30", "--epochs", "1", "--context", "48")
-    assert "held-out accuracy, inside a string literal" in out
+    assert "held-out accuracy of linear probes" in out and "inside a comment" in out
     assert "hook_embed" in out and "hook_resid_post" in out
 
 
