@@ -25,6 +25,7 @@ With several DataLoader workers, resuming needs ``drop_last`` (equal counts keep
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -61,7 +62,11 @@ def normalization_stats(store: Any, hook: str, *, chunk_tokens: int = 8192) -> d
         centred += float((block - mean.reshape(1, -1)).norm(dim=1).sum())
     stats = {"mean": mean.tolist(), "norm": norm / n, "centered_norm": centred / n, "n_tokens": n}
     store.manifest.setdefault("stats", {})[hook] = stats
-    atomic_write_json(store.dir / "manifest.json", store.manifest)
+    try:
+        atomic_write_json(store.dir / "manifest.json", store.manifest)
+    except OSError as err:  # a read-only store: keep them for this process only
+        warnings.warn(f"normalisation statistics of {hook!r} could not be saved in {store.dir} ({err}); "
+                      "they will be computed again next time", stacklevel=2)
     return stats
 
 

@@ -151,3 +151,17 @@ def test_bad_stream_arguments_are_named(store):
         store.stream(HOOKS, buffer_tokens=5, chunk_tokens=10)
     with pytest.raises(ValueError, match="normalize must be one of"):
         store.stream(HOOKS, normalize="zscore")
+
+
+def test_statistics_of_a_read_only_store_are_kept_in_memory(store, monkeypatch):
+    import neox_lab.store.stream as stream_module
+
+    def read_only(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(stream_module, "atomic_write_json", read_only)
+    fresh = ActivationStore(store.dir)
+    fresh.manifest.pop("stats", None)
+    with pytest.warns(UserWarning, match="could not be saved"):
+        stats = fresh.normalization_stats("hook_embed")
+    assert stats["n_tokens"] == len(store) and fresh.manifest["stats"]["hook_embed"] == stats
