@@ -70,6 +70,20 @@ def normalization_stats(store: Any, hook: str, *, chunk_tokens: int = 8192) -> d
     return stats
 
 
+def _take(parts: list[dict[str, torch.Tensor]], n: int, names: list[str]):
+    """The first `n` rows of a queue of blocks (copied into one batch), and the queue after them."""
+    out, rest, need = {name: [] for name in names}, list(parts), n
+    while need:
+        block = rest[0]
+        size = len(block[names[0]])
+        take = min(size, need)
+        for name in names:
+            out[name].append(block[name][:take])
+        rest = rest[1:] if take == size else [{name: t[take:] for name, t in block.items()}, *rest[1:]]
+        need -= take
+    return {name: torch.cat(pieces) for name, pieces in out.items()}, rest
+
+
 def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -201,6 +215,9 @@ class ActivationStream(IterableDataset):
             raise ValueError("resuming with several DataLoader workers needs drop_last=True (equal batch counts "
                              "keep the workers' turns fixed)")
         names = self.hooks + (list(META_NAMES) if self.meta else [])
+        if not self.shuffle:
+            yield from self._in_order(consumer, n_consumers, names, skip, n_batches)
+            return
         emitted, skip_tokens = skip, skip * self.batch_size
         # The buffer: fixed slots, refilled where emitted tokens left, so each token is copied twice (into
         # its slot, out to its batch). slot_token[i] is the token index in slot i (-1: free).
@@ -255,6 +272,30 @@ class ActivationStream(IterableDataset):
             carry = {name: t[n_full * self.batch_size :].clone() for name, t in joined.items()}
         if carry is not None and len(carry[names[0]]) and emitted < n_batches:
             yield self._finish(carry)
+
+    def _in_order(self, consumer: int, n_consumers: int, names: list[str], skip: int,
+                  n_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Without shuffling the buffer would hand tokens on in chunk order: copy them straight from the
+        memory-mapped shards into each batch instead (one copy per token, the same batches)."""
+        emitted, skip_tokens = skip, skip * self.batch_size
+        parts: list[dict[str, torch.Tensor]] = []
+        pending = 0
+        for a, b in self._my_chunks(consumer, n_consumers):
+            if emitted >= n_batches:
+                return
+            if skip_tokens >= b - a:
+                skip_tokens -= b - a
+                continue
+            a, skip_tokens = a + skip_tokens, 0
+            parts.append({name: self.store[name][a:b] for name in names})
+            pending += b - a
+            while pending >= self.batch_size and emitted < n_batches:
+                batch, parts = _take(parts, self.batch_size, names)
+                pending -= self.batch_size
+                emitted += 1
+                yield self._finish(batch)
+        if pending and emitted < n_batches:
+            yield self._finish(_take(parts, pending, names)[0])
 
     def _empty(self, name: str, n: int) -> torch.Tensor:
         view = self.store[name]

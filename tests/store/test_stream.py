@@ -47,17 +47,18 @@ def check_rows(store, batch):
 
 
 settings = dict(batch_size=st.integers(1, 40), buffer_tokens=st.integers(8, 200), chunk=st.integers(1, 8),
-                consumers=st.integers(1, 4), seed=st.integers(0, 3), epoch=st.integers(0, 2))
+                consumers=st.integers(1, 4), seed=st.integers(0, 3), epoch=st.integers(0, 2),
+                shuffle=st.booleans())
 
 
 @given(**settings)
 def test_consumers_together_yield_every_token_exactly_once(store, batch_size, buffer_tokens, chunk, consumers,
-                                                           seed, epoch):
+                                                           seed, epoch, shuffle):
     got = []
     for rank in range(consumers):
         stream = store.stream(HOOKS, batch_size=batch_size, buffer_tokens=buffer_tokens,
                               chunk_tokens=min(chunk * 5, buffer_tokens), seed=seed, epoch=epoch, meta=True,
-                              drop_last=False, rank=rank, world_size=consumers)
+                              drop_last=False, rank=rank, world_size=consumers, shuffle=shuffle)
         batches = list(stream)
         assert all(len(b["token_ids"]) == batch_size for b in batches[:-1])
         assert len(batches) == stream.num_batches()
@@ -69,12 +70,12 @@ def test_consumers_together_yield_every_token_exactly_once(store, batch_size, bu
 
 @given(**settings)
 def test_drop_last_gives_every_rank_the_same_full_batches(store, batch_size, buffer_tokens, chunk, consumers,
-                                                          seed, epoch):
+                                                          seed, epoch, shuffle):
     counts, got = set(), []
     for rank in range(consumers):
         batches = list(store.stream(HOOKS, batch_size=batch_size, buffer_tokens=buffer_tokens,
                                     chunk_tokens=min(chunk * 5, buffer_tokens), seed=seed, epoch=epoch,
-                                    meta=True, rank=rank, world_size=consumers))
+                                    meta=True, rank=rank, world_size=consumers, shuffle=shuffle))
         counts.add(len(batches))
         assert all(len(b["token_ids"]) == batch_size for b in batches)
         got += [k for b in batches for k in keys(b)]
@@ -83,9 +84,9 @@ def test_drop_last_gives_every_rank_the_same_full_batches(store, batch_size, buf
 
 @given(**settings, data=st.data())
 def test_shuffles_are_reproducible_and_resume_mid_epoch(store, batch_size, buffer_tokens, chunk, consumers, seed,
-                                                        epoch, data):
+                                                        epoch, shuffle, data):
     kw = dict(batch_size=batch_size, buffer_tokens=buffer_tokens, chunk_tokens=min(chunk * 5, buffer_tokens),
-              seed=seed, epoch=epoch, meta=True, rank=consumers - 1, world_size=consumers)
+              seed=seed, epoch=epoch, meta=True, rank=consumers - 1, world_size=consumers, shuffle=shuffle)
     first = [keys(b) for b in store.stream(HOOKS, **kw)]
     assert [keys(b) for b in store.stream(HOOKS, **kw)] == first
     start = data.draw(st.integers(0, len(first)))
@@ -93,6 +94,10 @@ def test_shuffles_are_reproducible_and_resume_mid_epoch(store, batch_size, buffe
     assert [keys(b) for b in resumed] == first[start:]
     for b in resumed:
         check_rows(store, b)
+    if not shuffle:  # in order: the consumer's chunks, read straight through
+        chunks = store.stream(HOOKS, **kw)._my_chunks(consumers - 1, consumers)
+        want = [k for a, b in chunks for k in all_keys(store)[a:b]]
+        assert [k for b in first for k in b] == want[: len([k for b in first for k in b])]
 
 
 def test_epochs_and_seeds_reorder_and_the_buffer_mixes_shards(store):
