@@ -24,7 +24,7 @@ BOS, EOS = 95, 96
 CFG = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, rotary_pct=0.5, max_position_embeddings=64)
 
-specs = st.builds(WindowSpec, context_size=st.integers(2, 7), packing=st.booleans(), prepend_bos=st.booleans(),
+specs = st.builds(WindowSpec, context_size=st.integers(3, 7), packing=st.booleans(), prepend_bos=st.booleans(),
                   min_tokens=st.sampled_from([None, 1, 2]), every_k_documents=st.integers(1, 3))
 id_docs = st.lists(st.lists(st.integers(0, 90), max_size=12), max_size=10)
 
