@@ -3,6 +3,7 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -140,3 +141,29 @@ def test_bad_records_name_file_row_and_field(tmp_path):
         load_documents(tmp_path / "empty")
     with pytest.raises(ValueError, match="no column 'body'"):
         load_documents(datasets.Dataset.from_dict({"text": ["a"]}), text_field="body")
+
+
+def test_every_kind_caches_the_same_store_as_a_list(tmp_path):
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from neox_lab import NeoXConfig, NeoXForCausalLM
+    from neox_lab.store.writer import cache_dataset
+    from neox_lab.tokenizer import NeoXTokenizer
+
+    torch.manual_seed(0)
+    model = NeoXForCausalLM(NeoXConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=32)).eval()
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(30)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.tokenizer = NeoXTokenizer(backend, unk_token="[UNK]")
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{i}" for i in rng.integers(0, 30, rng.integers(1, 20))) for _ in range(11)]
+    kw = dict(context_size=12, batch_size=3, shard_tokens=25, progress=False, packing=True)
+    ref = cache_dataset(model, texts, ["blocks.0.hook_resid_post"], tmp_path / "ref", **kw)
+    for kind, source in sources(tmp_path, texts).items():
+        store = cache_dataset(model, source, ["blocks.0.hook_resid_post"], tmp_path / kind.replace(" ", "_"), **kw)
+        for name in ("token_ids", "doc_ids", "positions", "blocks.0.hook_resid_post"):
+            assert torch.equal(store[name][:], ref[name][:]), (kind, name)
+        assert store.manifest["source"]["documents_sha256"] == ref.manifest["source"]["documents_sha256"]
