@@ -24,7 +24,9 @@ With several DataLoader workers, resuming needs ``drop_last`` (equal counts keep
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -68,6 +70,55 @@ def normalization_stats(store: Any, hook: str, *, chunk_tokens: int = 8192) -> d
         warnings.warn(f"normalisation statistics of {hook!r} could not be saved in {store.dir} ({err}); "
                       "they will be computed again next time", stacklevel=2)
     return stats
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32}
+
+
+class _ShardRows:
+    """Rows of a store's tensors read with `os.preadv` straight into the caller's memory: one copy, no page
+    faults of a mapping. Each shard is first touched through the store (`store[name][a:a + 1]`), so the
+    store's own integrity check (its hash on first read) runs before any of its bytes are served."""
+
+    def __init__(self, store: Any):
+        self.store, self._files, self._checked = store, {}, set()
+
+    def _layout(self, i: int) -> tuple[int, dict]:
+        if i not in self._files:
+            path = self.store.dir / self.store.shards[i]["file"]
+            fd = os.open(path, os.O_RDONLY)
+            n = int.from_bytes(os.pread(fd, 8, 0), "little")
+            header = json.loads(os.pread(fd, n, 8))
+            self._files[i] = (fd, 8 + n, header)
+        return self._files[i]
+
+    def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Tokens [start, stop) of one stream (within one shard) into `out` [stop - start ...]."""
+        i = int(np.searchsorted([s["first_token"] for s in self.store.shards], start, side="right") - 1)
+        first = self.store.shards[i]["first_token"]
+        if (i, name) not in self._checked:
+            self.store[name][start : start + 1]  # noqa: B018 -- the store checks the shard on first read
+            self._checked.add((i, name))
+        fd, base, header = self._layout(i)
+        entry = header[name]
+        if _SAFETENSORS_DTYPES.get(entry["dtype"]) != out.dtype or list(out.shape[1:]) != entry["shape"][1:]:
+            raise ValueError(f"shard {self.store.shards[i]['file']}: {name!r} is {entry['dtype']} "
+                             f"{entry['shape']}, expected {out.dtype} [token {list(out.shape[1:])}]")
+        row = out[0].numel() * out.element_size() if len(out) else 0
+        offset = base + entry["data_offsets"][0] + (start - first) * row
+        view = memoryview(out.numpy() if out.dtype != torch.bfloat16 else out.view(torch.int16).numpy()).cast("B")
+        done = 0
+        while done < len(view):  # preadv may return short counts
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"shard {self.store.shards[i]['file']} ended early while reading {name!r}")
+            done += got
+
+    def close(self) -> None:
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
 
 def _take(parts: list[dict[str, torch.Tensor]], n: int, names: list[str]):
@@ -215,9 +266,18 @@ class ActivationStream(IterableDataset):
             raise ValueError("resuming with several DataLoader workers needs drop_last=True (equal batch counts "
                              "keep the workers' turns fixed)")
         names = self.hooks + (list(META_NAMES) if self.meta else [])
-        if not self.shuffle:
-            yield from self._in_order(consumer, n_consumers, names, skip, n_batches)
-            return
+        reader = _ShardRows(self.store)
+        try:
+            if self.shuffle:
+                yield from self._shuffled(reader, consumer, n_consumers, names, skip, n_batches)
+            else:
+                yield from self._in_order(reader, consumer, n_consumers, names, skip, n_batches)
+        finally:
+            reader.close()
+
+    def _shuffled(self, reader: _ShardRows, consumer: int, n_consumers: int, names: list[str], skip: int,
+                  n_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Tokens through the bounded shuffle buffer (see the module docstring)."""
         emitted, skip_tokens = skip, skip * self.batch_size
         # The buffer: fixed slots, refilled where emitted tokens left, so each token is copied twice (into
         # its slot, out to its batch). slot_token[i] is the token index in slot i (-1: free).
@@ -250,7 +310,7 @@ class ActivationStream(IterableDataset):
                 slot_token[where] = np.arange(a, b)
                 rows = torch.from_numpy(where)
                 for name in names:
-                    slots[name].index_copy_(0, rows, self.store[name][a:b])
+                    slots[name].index_copy_(0, rows, self._rows(reader, name, a, b))
                 used += b - a
             order = np.argsort(slot_token, kind="stable")
             rows_out = order[np.searchsorted(slot_token, out, sorter=order)]
@@ -273,7 +333,7 @@ class ActivationStream(IterableDataset):
         if carry is not None and len(carry[names[0]]) and emitted < n_batches:
             yield self._finish(carry)
 
-    def _in_order(self, consumer: int, n_consumers: int, names: list[str], skip: int,
+    def _in_order(self, reader: _ShardRows, consumer: int, n_consumers: int, names: list[str], skip: int,
                   n_batches: int) -> Iterator[dict[str, torch.Tensor]]:
         """Without shuffling the buffer would hand tokens on in chunk order: copy them straight from the
         memory-mapped shards into each batch instead (one copy per token, the same batches)."""
@@ -287,7 +347,7 @@ class ActivationStream(IterableDataset):
                 skip_tokens -= b - a
                 continue
             a, skip_tokens = a + skip_tokens, 0
-            parts.append({name: self.store[name][a:b] for name in names})
+            parts.append({name: self._rows(reader, name, a, b) for name in names})
             pending += b - a
             while pending >= self.batch_size and emitted < n_batches:
                 batch, parts = _take(parts, self.batch_size, names)
@@ -296,6 +356,12 @@ class ActivationStream(IterableDataset):
                 yield self._finish(batch)
         if pending and emitted < n_batches:
             yield self._finish(_take(parts, pending, names)[0])
+
+    def _rows(self, reader: _ShardRows, name: str, a: int, b: int) -> torch.Tensor:
+        """Tokens [a, b) of one stream (a chunk never crosses a shard), read with one copy."""
+        out = self._empty(name, b - a)
+        reader.read(name, a, b, out)
+        return out
 
     def _empty(self, name: str, n: int) -> torch.Tensor:
         view = self.store[name]
