@@ -170,3 +170,20 @@ def test_statistics_of_a_read_only_store_are_kept_in_memory(store, monkeypatch):
     with pytest.warns(UserWarning, match="could not be saved"):
         stats = fresh.normalization_stats("hook_embed")
     assert stats["n_tokens"] == len(store) and fresh.manifest["stats"]["hook_embed"] == stats
+
+
+def test_a_damaged_shard_is_refused_by_the_stream(store, tmp_path):
+    import shutil
+
+    from neox_lab.store.manifest import CacheIntegrityError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store.dir, copy)
+    shard = copy / store.shards[2]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # a flipped bit in the last token's data
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheIntegrityError, match=store.shards[2]["file"]):
+        list(ActivationStore(copy).stream(HOOKS, batch_size=7, buffer_tokens=40, chunk_tokens=10, shuffle=False))
+    with pytest.raises(CacheIntegrityError, match=store.shards[2]["file"]):
+        list(ActivationStore(copy).stream(HOOKS, batch_size=7, buffer_tokens=40, chunk_tokens=10))
