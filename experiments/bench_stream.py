@@ -9,7 +9,7 @@ the files in the page cache (a warm-up pass reads them once; this machine cannot
 
   raw files          every shard file read start to end into memory (`f.readinto`), the floor
   safetensors load   every shard loaded whole with `safetensors.torch.load_file`
-  stream, ordered    `store.stream(hook, shuffle=False)`: chunked slices of the memory-mapped shards
+  stream, ordered    `store.stream(hook, shuffle=False)`: chunks read (preadv) straight into batches
   stream, shuffled   `store.stream(hook)`: the same plus the bounded shuffle buffer (default 65536 tokens)
 
 GB/s counts the hook's bytes (what a training loop consumes); tokens/s its rows. The store is opened

@@ -6,7 +6,8 @@ token ids, document ids and positions with ``meta=True``), ready for ``DataLoade
 How an epoch is cut:
 
   chunks    the store's tokens in contiguous runs of `chunk_tokens` (never across a shard), each read
-            with one slice of a memory-mapped shard
+            with one `preadv` from a shard file into the stream's own memory (the page cache serves
+            it; faulting pages of a mapping in instead ran at half the speed of a plain read)
   order     the chunks shuffled by a generator seeded with (seed, epoch), the same in every process
   sharding  consumer c of C (C = ranks x DataLoader workers, c = rank * workers + worker) takes chunks
             c, c + C, c + 2C, ... of that order: every token goes to exactly one consumer
@@ -336,7 +337,7 @@ class ActivationStream(IterableDataset):
     def _in_order(self, reader: _ShardRows, consumer: int, n_consumers: int, names: list[str], skip: int,
                   n_batches: int) -> Iterator[dict[str, torch.Tensor]]:
         """Without shuffling the buffer would hand tokens on in chunk order: copy them straight from the
-        memory-mapped shards into each batch instead (one copy per token, the same batches)."""
+        shard files into each batch instead (one copy per token, the same batches)."""
         emitted, skip_tokens = skip, skip * self.batch_size
         parts: list[dict[str, torch.Tensor]] = []
         pending = 0
