@@ -98,6 +98,9 @@ class _ShardRows:
         """Tokens [start, stop) of one stream (within one shard) into `out` [stop - start ...]."""
         i = int(np.searchsorted([s["first_token"] for s in self.store.shards], start, side="right") - 1)
         first = self.store.shards[i]["first_token"]
+        if not hasattr(os, "preadv"):  # Windows: through the store's mapping
+            out.copy_(self.store[name][start:stop])
+            return
         if (i, name) not in self._checked:
             self.store[name][start : start + 1]  # noqa: B018 -- the store checks the shard on first read
             self._checked.add((i, name))
