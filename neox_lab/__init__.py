@@ -24,6 +24,7 @@ from .version import __version__  # noqa: F401 - the package's version, as neox_
 _EXPORTS = {
     "ActivationCache": "hooks.activation_cache",
     "ActivationStore": "store.reader",
+    "ActivationStream": "store.stream",
     "CachedActivations": "store.reader",
     "CheckpointError": "model.loading",
     "FactoredMatrix": "model.factored_matrix",

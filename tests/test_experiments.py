@@ -96,6 +96,12 @@ def test_equivalence_sweep_reports_fp64_at_machine_precision():
     assert fp64[0] == "fp64" and float(fp64[1]) < 1e-12, out
 
 
+def test_train_probe_tiny():
+    out = run_script("train_probe", "--files", "8", "--chunks", "30", "--epochs", "1", "--context", "48")
+    assert "held-out accuracy of linear probes" in out and "inside a comment" in out
+    assert "hook_embed" in out and "hook_resid_post" in out
+
+
 def test_bench_store_integrity_quick():
     out = run_script("bench_store_integrity", "--quick")
     assert "weights fingerprint" in out and "check='lazy'" in out and "check='open'" in out

@@ -26,14 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR",
                         help="checkpoint directory, loaded as the class its config.json names (default: the "
                              "shipped model, neox_lab.load_default())")
-    parser.add_argument("--data", required=True, metavar="FILE",
-                        help=".txt (a document per line), .jsonl (a text field) or .npy (token ids "
-                             "[document pos])")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help=".txt (a document per line), .jsonl (a text field), either one .gz or .zst "
+                             "compressed, .parquet or a folder of them, a folder saved by `datasets`, or .npy "
+                             "(token ids [document pos])")
     parser.add_argument("--hooks", required=True, nargs="+", metavar="NAME",
                         help="hook names or globs, e.g. 'blocks.*.hook_resid_post'")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (reruns resume it)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128, help="tokens kept per document")
+    parser.add_argument("--max-length", "--context-size", type=int, default=128, dest="max_length",
+                        help="tokens per window (a document's first ones, or a packed window)")
+    parser.add_argument("--packing", action="store_true",
+                        help="join documents with EOS and cut them into consecutive context-size windows")
+    parser.add_argument("--prepend-bos", action="store_true", help="put the BOS token first in every window")
+    parser.add_argument("--min-tokens", type=int, help="skip documents with fewer tokens")
+    parser.add_argument("--every-k-documents", type=int, default=1, help="read only every k-th document")
+    parser.add_argument("--sample-tokens", type=int,
+                        help="keep a random sample of this many positions of each window")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample-tokens")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="dtype on disk")
     parser.add_argument("--positions", default="all",
                         help="'all' real tokens, the 'last' of each document, or a slice 'start:stop[:step]'")
@@ -62,12 +72,12 @@ def _device(arg: str | None, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-@user_errors("cache")
+@user_errors("cache", also=(ImportError,))  # a corpus format whose optional extra is missing
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
     data = Path(args.data)
-    if not data.is_file():
-        raise FileNotFoundError(f"--data {data} is not a file" if data.exists() else f"--data {data} does not exist")
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(args.device, local_rank)
@@ -87,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
                               max_length=args.max_length, dtype=args.dtype, positions=args.positions,
                               tokenizer=tokenizer, text_field=args.text_field,
                               shard_tokens=args.shard_tokens, progress=not args.no_progress,
-                              allow_backend_change=args.allow_backend_change)
+                              allow_backend_change=args.allow_backend_change, packing=args.packing,
+                              prepend_bos=args.prepend_bos, min_tokens=args.min_tokens,
+                              every_k_documents=args.every_k_documents, sample_tokens=args.sample_tokens,
+                              seed=args.seed)
     finally:
         if group:
             dist.destroy_process_group()

@@ -21,7 +21,7 @@ from .kv_cache import KVCache
 from .layernorm import LayerNorm
 from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
-from .placement import load_placed
+from .placement import load_placed, stored_state_dict
 from .processing import PROCESSING_ARGS, TL_DEFAULTS, process_weights
 from .rotary import Rotary
 from .text import TextMixin
@@ -185,6 +185,11 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
         process_weights(self, **steps)
         self.weights_processed |= {name for name, on in steps.items() if on}
         return self
+
+    def stored_state_dict(self) -> dict[str, torch.Tensor]:
+        """`state_dict()` with real values also for the offloaded parts of a model placed with
+        `device_map` (whose module tensors are meta placeholders between forwards)."""
+        return stored_state_dict(self)
 
     @property
     def input_device(self) -> torch.device:

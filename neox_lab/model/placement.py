@@ -386,16 +386,14 @@ def _to_device(source: _Stored | torch.Tensor, device: str, dtype: torch.dtype, 
     return _read(source).to(device=device).to(dtype)
 
 
-def stored_parameters(model) -> dict[str, torch.Tensor]:
-    """Every parameter by name (tied ones under each name) with its values, also for the parts of a
-    placed model that accelerate keeps offloaded between forwards (their module parameters are then
-    meta placeholders; the values come from the offload hook's weight map, read on demand).
+def stored_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state_dict with values everywhere (tied tensors under each name), also for the parts
+    of a placed model that accelerate keeps offloaded between forwards: their module tensors are meta
+    placeholders there, and the values come from the offload hook's weight map, read on demand.
 
-    For code that reads weights outside a forward, e.g. a weight-by-weight comparison."""
-    out = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        out[name] = p.detach() if p.device.type != "meta" else _offloaded_value(model, name)
-    return out
+    For code that reads weights outside a forward: a weight-by-weight comparison, a fingerprint."""
+    return {name: t.detach() if t.device.type != "meta" else _offloaded_value(model, name)
+            for name, t in model.state_dict(keep_vars=True).items()}
 
 
 def _offloaded_value(model, name: str) -> torch.Tensor:

@@ -11,13 +11,19 @@ all shards). The manifest is JSON with sorted keys and no timestamps, so equal r
                          functions attached while caching, by qualified name; {} unless allowed)
   runtime                attn_backend (the model's setting) and device type of the run that started the store
   settings               hook_names (forward order), dtype on disk, positions ("all" | "last" |
-                         "start:stop:step"), max_length, batch_size, shard_tokens
-  source                 kind (txt | jsonl | npy | token_ids | texts), path, text_field, n_documents,
-                         documents_sha256 (of the parsed documents), tokenizer_sha256 (texts only)
+                         "start:stop:step"), max_length (the context size), batch_size, shard_tokens,
+                         windows (packing, prepend_bos, min_tokens, every_k_documents, sample_tokens,
+                         seed: see store/windows.py)
+  source                 kind (txt | jsonl | npy | token_ids | texts | txt.gz | txt.zst | jsonl.gz |
+                         jsonl.zst | parquet | dataset | iterable_dataset | iterator), path, text_field,
+                         n_documents, documents_sha256 (of the parsed documents; both None for a
+                         one-shot iterator), tokenizer_sha256 (texts only)
   hooks                  per hook: axes (["token", ...]) and the per-token shape
   world_size, doc_range  processes that wrote the store; documents [first, end) it covers (a rank's
                          manifest also has "rank")
-  n_tokens, n_documents  cached so far
+  n_tokens, n_documents  cached so far (documents read, skipped ones included)
+  next_offset            tokens of document doc_range[0] + n_documents already stored (packing only)
+  stats                  optional, per hook: mean and mean norm (`ActivationStore.normalization_stats`)
   shards                 in document order: file (relative path), first_token, n_tokens, first_doc,
                          n_docs, bytes, sha256, backend ("attn_backend@device" of the run that wrote it)
   completed              false until every document is on disk
@@ -50,7 +56,7 @@ IDENTITY = (
     ("model", "config_sha256"), ("model", "weights_fingerprint"), ("model", "weights_sha256"),
     ("model", "param_dtype"), ("model", "hooks"),
     ("settings", "hook_names"), ("settings", "dtype"), ("settings", "positions"), ("settings", "max_length"),
-    ("settings", "batch_size"), ("settings", "shard_tokens"),
+    ("settings", "batch_size"), ("settings", "shard_tokens"), ("settings", "windows"),
     ("source", "kind"), ("source", "text_field"), ("source", "n_documents"), ("source", "documents_sha256"),
     ("source", "tokenizer_sha256"),
 )
@@ -123,7 +129,9 @@ def weights_sha256(model: torch.nn.Module) -> str:
     are hashed in parallel threads (hashlib releases the GIL); sha256 reads 0.5-1.5 GiB/s per core, so
     pythia-1.4b in fp16 takes a few seconds once per run (experiments/bench_store_integrity.py).
     """
-    items = list(model.state_dict().items())
+    # A model placed with device_map holds offloaded weights as meta placeholders: hash the stored values.
+    state = model.stored_state_dict() if hasattr(model, "stored_state_dict") else model.state_dict()
+    items = list(state.items())
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda item: _tensor_digest(item[1]), items))
     h = hashlib.sha256()

@@ -31,6 +31,7 @@ from .manifest import (
     read_manifest,
     shard_path,
 )
+from .stream import ActivationStream, normalization_stats
 
 #: Per-token tensors every shard holds next to the hook activations.
 META = ("token_ids", "doc_ids", "positions")
@@ -176,7 +177,10 @@ class ActivationStore:
 
     def document(self, doc: int) -> slice:
         """The token range of document `doc` (empty when none of its positions was cached)."""
-        total = self.manifest["source"]["n_documents"]
+        if (self.manifest["settings"].get("windows") or {}).get("packing"):
+            raise ValueError("a packed store has no per-document token ranges (a window holds several "
+                             "documents, a document spans windows); select tokens by store.doc_ids() instead")
+        total = self.manifest["source"]["n_documents"] or self.n_documents
         if not 0 <= doc < total:
             raise IndexError(f"document {doc} is out of range for {total} documents")
         for i, s in enumerate(self.shards):
@@ -205,6 +209,21 @@ class ActivationStore:
         stop = len(self) if stop is None else min(stop, len(self))
         for a in range(start, stop, batch_size):
             yield view[a : min(a + batch_size, stop)]
+
+    def stream(self, hooks: str | Sequence[str], **kwargs: Any) -> ActivationStream:
+        """A shuffled, sharded `torch.utils.data.IterableDataset` of batches of `hooks` (see
+        `ActivationStream` for batch_size, buffer_tokens, seed, epoch, normalize, meta, start_batch ...)."""
+        return ActivationStream(self, hooks, **kwargs)
+
+    def normalization_stats(self, hook: str) -> dict:
+        """Mean and mean norm of `hook` over the store (computed once, then read from the manifest)."""
+        return normalization_stats(self, hook)
+
+    def __getstate__(self) -> dict:
+        # Open shard handles cannot be pickled (DataLoader workers); each process reopens its own.
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
 
     # ------------------------------------------------------------------ integrity
     def verify(self) -> None:

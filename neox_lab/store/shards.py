@@ -85,6 +85,7 @@ class ShardWriter:
             raise
         self.pending: dict[str, list[torch.Tensor]] = {}
         self.pending_tokens = self.pending_docs = 0
+        self.pending_offset = self.manifest["next_offset"]
 
     # ------------------------------------------------------------------ start / resume
     def _open(self, extra_identity: tuple) -> None:
@@ -94,7 +95,7 @@ class ShardWriter:
                 raise CacheMismatchError(f"{self.dir} holds shard files but no {MANIFEST}; refusing to "
                                          "overwrite them (use another output directory)")
             self.manifest = {**self.header, "hooks": {}, "shards": [], "n_tokens": 0, "n_documents": 0,
-                             "completed": False}
+                             "next_offset": 0, "completed": False}
             self._clean(ours=False)
             atomic_write_json(self.dir / MANIFEST, self.manifest)
             return
@@ -108,7 +109,8 @@ class ShardWriter:
                 "or pass allow_backend_change=True (--allow-backend-change) to accept it (each shard "
                 "records its backend)")
         progress = ("hooks", "shards", "n_tokens", "n_documents", "completed")
-        self.manifest = {**self.header, **{k: existing[k] for k in progress}}
+        self.manifest = {**self.header, **{k: existing[k] for k in progress},
+                         "next_offset": existing.get("next_offset", 0)}
         # Hash what a resumed store builds on: reading it back costs about a second per 1.5 GB, and a
         # flipped byte or a swapped shard found now is cheaper than a store that fails when read.
         for shard in self.manifest["shards"]:
@@ -135,17 +137,25 @@ class ShardWriter:
         """The first document not yet safely on disk."""
         return self.header["doc_range"][0] + self.manifest["n_documents"]
 
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """Where writing resumes: the next document, and how many of its tokens are already on disk
+        (nonzero only when packed windows split a document across shards)."""
+        return self.next_doc, int(self.manifest["next_offset"])
+
     # ------------------------------------------------------------------ writing
-    def add(self, tensors: dict[str, torch.Tensor], n_docs: int) -> None:
-        """Queue one batch: per-token tensors [n_tokens ...] under each name, covering `n_docs` documents."""
+    def add(self, tensors: dict[str, torch.Tensor], n_docs: int, offset: int = 0) -> None:
+        """Queue one batch: per-token tensors [n_tokens ...] under each name, finishing `n_docs` documents
+        and ending `offset` tokens into the next one."""
         for name, t in tensors.items():
             self.pending.setdefault(name, []).append(t)
         self.pending_tokens += int(tensors["token_ids"].shape[0])
         self.pending_docs += n_docs
+        self.pending_offset = offset
 
     def flush(self, axes: dict[str, list[str]]) -> None:
         """Write the queued batches as the next shard (a no-op when nothing is queued)."""
-        if not self.pending_docs:
+        if not self.pending:
             return
         tensors = {name: torch.cat(parts).contiguous() for name, parts in self.pending.items()}
         index = len(self.manifest["shards"])
@@ -167,18 +177,24 @@ class ShardWriter:
         m = self.manifest
         if not m["hooks"]:
             m["hooks"] = {name: {"axes": axes[name], "shape": list(tensors[name].shape[1:])} for name in axes}
-        m["shards"].append({"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
-                            "first_doc": self.next_doc, "n_docs": self.pending_docs, "bytes": size,
-                            "sha256": digest, "backend": self.backend})
+        self._commit({"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
+                      "first_doc": self.next_doc, "n_docs": self.pending_docs, "bytes": size, "sha256": digest,
+                      "backend": self.backend})
+
+    def _commit(self, shard: dict) -> None:
+        """Record the queued shard and progress in the manifest."""
+        m, saved = self.manifest, (self.manifest["n_tokens"], self.manifest["n_documents"],
+                                   self.manifest["next_offset"])
+        m["shards"].append(shard)
         m["n_tokens"] += self.pending_tokens
         m["n_documents"] += self.pending_docs
+        m["next_offset"] = self.pending_offset
         try:
             atomic_write_json(self.dir / MANIFEST, m)
         except CacheWriteError:
-            # The shard is on disk but unlisted: a resumed run deletes and rewrites it.
+            # A shard is on disk but unlisted: a resumed run deletes and rewrites it.
             m["shards"].pop()
-            m["n_tokens"] -= self.pending_tokens
-            m["n_documents"] -= self.pending_docs
+            m["n_tokens"], m["n_documents"], m["next_offset"] = saved
             raise
         self.pending, self.pending_tokens, self.pending_docs = {}, 0, 0
 

@@ -1,15 +1,19 @@
-"""The documents `cache_dataset` reads: text lines, jsonl records or token ids, fingerprinted and batched.
+"""The documents `cache_dataset` reads, fingerprinted and numbered: files, datasets, lists and iterators.
 
-A source is read whole into memory (texts or id rows; tokenization happens per batch), so every rank of a
-distributed run sees the same numbered list of documents and can take its own contiguous block of it.
+Two shapes of source, one interface (`iter_docs`, `describe`, `n_documents`, `is_text`):
+
+  Documents       in memory: a list of strings, token-id rows, or a .npy file (memory-mapped)
+  DocumentStream  streamed, one document at a time: .txt / .jsonl (also .gz / .zst compressed), Parquet
+                  files and folders, `datasets.Dataset` / `IterableDataset` / a saved dataset folder, and
+                  plain iterators of strings. A re-readable stream is read once up front to count and
+                  fingerprint its documents; memory stays flat in the corpus size.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 
-SUFFIXES = (".txt", ".jsonl", ".npy")
+from .formats import (
+    corpus_files,
+    is_dataset_dir,
+    is_hf_dataset,
+    iter_files,
+    iter_hf_dataset,
+    iter_jsonl,
+    iter_lines,
+    iter_parquet,
+    load_dataset_dir,
+    text_suffix,
+)
+
+SUFFIXES = (".txt", ".jsonl", ".npy", ".parquet", ".txt.gz", ".txt.zst", ".jsonl.gz", ".jsonl.zst")
 
 
 @dataclass
@@ -36,14 +53,19 @@ class Documents:
     def __len__(self) -> int:
         return len(self.docs)
 
+    @property
+    def n_documents(self) -> int:
+        return len(self.docs)
+
+    def iter_docs(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
+        """``(index, document)`` for documents [start, stop)."""
+        stop = len(self.docs) if stop is None else min(stop, len(self.docs))
+        for i in range(start, stop):
+            yield i, self.docs[i]
+
     def sha256(self) -> str:
         """A digest of the documents themselves (not the file), so a resumed run can tell the data changed."""
-        h = hashlib.sha256(b"text" if self.is_text else b"ids")
-        for doc in self.docs:
-            raw = doc.encode("utf-8") if self.is_text else np.asarray(doc, dtype=np.int64).tobytes()
-            h.update(len(raw).to_bytes(8, "little"))
-            h.update(raw)
-        return h.hexdigest()
+        return fingerprint(self.docs, self.is_text)[1]
 
     def describe(self) -> dict:
         """The source entry of a manifest."""
@@ -61,32 +83,112 @@ class Documents:
         return rows
 
 
-def _read_lines(path: Path) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return [line.rstrip("\r\n") for line in fh]
-    except UnicodeDecodeError as err:
-        raise ValueError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it, "
-                         "e.g. iconv -f latin1 -t utf-8") from None
+def fingerprint(docs: Iterable, is_text: bool) -> tuple[int, str]:
+    """``(count, sha256)`` of documents (their parsed content, not the file's bytes), in one pass."""
+    h = hashlib.sha256(b"text" if is_text else b"ids")
+    count = 0
+    for doc in docs:
+        raw = doc.encode("utf-8") if is_text else np.asarray(doc, dtype=np.int64).tobytes()
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+        count += 1
+    return count, h.hexdigest()
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise ValueError(f"{path}, line {number}: no {text_field!r} field "
-                             "(choose the field with text_field= / --text-field)")
-        if not isinstance(record[text_field], str):
-            kind = type(record[text_field]).__name__
-            raise ValueError(f"{path}, line {number}: field {text_field!r} is {kind}, not a string")
-        texts.append(record[text_field])
-    return texts
+class DocumentStream:
+    """Text documents read one at a time from `reader(start)`, which yields ``(index, text)`` from `start`.
+
+    A re-readable source (a file, a folder, a dataset) is read once here to count and fingerprint its
+    documents, so a resumed or distributed run can check it sees the same data. A one-shot iterator can
+    be read only once: it has no count and no fingerprint, and cannot resume or be split across ranks.
+    """
+
+    is_text = True
+
+    def __init__(self, kind: str, reader: Callable[[int], Iterator[tuple[int, str]]], *, path: str | None = None,
+                 text_field: str | None = None, reiterable: bool = True):
+        self.kind, self.path, self.text_field, self.reiterable = kind, path, text_field, reiterable
+        self._reader, self._used = reader, False
+        self._read, self._hash = 0, hashlib.sha256(b"text")
+        self.n_documents: int | None = None
+        self.digest: str | None = None
+        if reiterable:
+            self.n_documents, self.digest = fingerprint((text for _, text in reader(0)), True)
+
+    def __len__(self) -> int:
+        if self.n_documents is None:
+            raise TypeError(f"a {self.kind} source has no length (it can be read only once)")
+        return self.n_documents
+
+    def sha256(self) -> str | None:
+        return self.digest
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "text_field": self.text_field,
+                "n_documents": self.n_documents, "documents_sha256": self.digest}
+
+    def iter_docs(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, str]]:
+        """``(index, text)`` for documents [start, stop) (stop None: to the end)."""
+        if not self.reiterable:
+            if self._used or start:
+                raise ValueError(f"a {self.kind} source can be read only once, from its start; pass a file, "
+                                 "a folder or a dataset to resume or to split the work")
+            self._used = True
+        for index, text in self._reader(start):
+            if stop is not None and index >= stop:
+                return
+            if not self.reiterable:
+                raw = text.encode("utf-8")
+                self._hash.update(len(raw).to_bytes(8, "little"))
+                self._hash.update(raw)
+                self._read = index + 1
+            yield index, text
+
+    def consumed(self) -> tuple[int, str]:
+        """Documents read so far from a one-shot iterator, and their digest (as `sha256` of a list)."""
+        return self._read, self._hash.hexdigest()
+
+
+def _iterator_reader(iterator: Iterator) -> Callable[[int], Iterator[tuple[int, str]]]:
+    def read(start: int) -> Iterator[tuple[int, str]]:
+        for index, text in enumerate(iterator):
+            if not isinstance(text, str):
+                raise ValueError(f"item {index} of the iterator is {type(text).__name__}, not a string")
+            yield index, text
+    return read
+
+
+def _path_source(path: Path, source: Any, text_field: str) -> Documents | DocumentStream:
+    if path.is_dir():
+        if is_dataset_dir(path):
+            ds = load_dataset_dir(path)
+            return DocumentStream("dataset", lambda s: iter_hf_dataset(ds, text_field, s), path=str(source),
+                                  text_field=text_field)
+        kind, files = corpus_files(path)
+        if kind == "parquet":
+            reader = lambda s: iter_parquet(files, text_field, s)
+        elif kind.startswith("jsonl"):
+            reader = lambda s: iter_files(files, lambda f: iter_jsonl(f, text_field), s)
+        else:
+            reader = lambda s: iter_files(files, iter_lines, s)
+        return DocumentStream(kind, reader, path=str(source), text_field=text_field if kind != "txt" else None)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    suffix = text_suffix(path)
+    if suffix in (".txt", ".txt.gz", ".txt.zst"):
+        return DocumentStream(suffix[1:], lambda s: iter_lines(path, s), path=str(source))
+    if suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
+        return DocumentStream(suffix[1:], lambda s: iter_jsonl(path, text_field, s), path=str(source),
+                              text_field=text_field)
+    if suffix == ".parquet":
+        return DocumentStream("parquet", lambda s: iter_parquet([path], text_field, s), path=str(source),
+                              text_field=text_field)
+    if suffix == ".npy":
+        # allow_pickle=False: an .npy of objects could run code on load.
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        return Documents("npy", _id_matrix(array, f"{path}"), str(source))
+    raise ValueError(f"data file {path}: unknown suffix {suffix!r}; expected one of {SUFFIXES}, "
+                     "a folder of .parquet files or a saved `datasets` folder")
 
 
 def _id_matrix(array: np.ndarray, what: str) -> np.ndarray:
@@ -96,25 +198,21 @@ def _id_matrix(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def load_documents(source: Any, text_field: str = "text") -> Documents:
-    """Read `source`: a .txt path (a document per line, blank lines skipped), a .jsonl path (the
-    `text_field` of each record), a .npy path (a 2-d integer array, a document per row), a list of
-    strings, or token ids (a list of id lists, or a 2-d integer tensor / array, a document per row).
+def load_documents(source: Any, text_field: str = "text") -> Documents | DocumentStream:
+    """Open `source` for caching.
+
+    Paths: .txt (a document per non-blank line), .jsonl (the `text_field` of each record), either one
+    compressed as .gz or .zst; .parquet (column `text_field`); a folder of files of one of these kinds
+    (read in sorted path order, numbered across files); a folder saved by `datasets` (`save_to_disk`);
+    .npy (a 2-d integer array, a document per row). Objects: a `datasets.Dataset` or `IterableDataset`
+    (column `text_field`), a list of strings, token ids (a list of id lists, or a 2-d integer tensor /
+    array, a document per row), or an iterator of strings.
     """
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            return Documents("txt", [t for t in _read_lines(path) if t.strip()], str(source))
-        if suffix == ".jsonl":
-            return Documents("jsonl", _read_jsonl(path, text_field), str(source), text_field)
-        if suffix == ".npy":
-            # allow_pickle=False: an .npy of objects could run code on load.
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-            return Documents("npy", _id_matrix(array, f"{path}"), str(source))
-        raise ValueError(f"data file {path}: unknown suffix {path.suffix!r}; expected one of {SUFFIXES}")
+        return _path_source(Path(source), source, text_field)
+    if is_hf_dataset(source):
+        kind = "dataset" if type(source).__name__ == "Dataset" else "iterable_dataset"
+        return DocumentStream(kind, lambda s: iter_hf_dataset(source, text_field, s), text_field=text_field)
     if isinstance(source, torch.Tensor):
         return Documents("token_ids", _id_matrix(source.detach().cpu().numpy(), "a token-id tensor"))
     if isinstance(source, np.ndarray):
@@ -130,7 +228,10 @@ def load_documents(source: Any, text_field: str = "text") -> Documents:
                                  f"got {row.dtype} {row.shape}")
             rows.append(row.astype(np.int64))
         return Documents("token_ids", rows)
-    raise TypeError(f"source must be a path, a list of strings or token ids, got {type(source).__name__}")
+    if isinstance(source, Iterator):
+        return DocumentStream("iterator", _iterator_reader(source), reiterable=False)
+    raise TypeError(f"source must be a path, a dataset, a list of strings or token ids, or an iterator of "
+                    f"strings; got {type(source).__name__}")
 
 
 def pad_right(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

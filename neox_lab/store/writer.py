@@ -1,21 +1,29 @@
 """`cache_dataset`: run a model over a dataset and keep chosen hook activations on disk, as an activation
 store of safetensors shards.
 
-Documents are cut into fixed batches (batch k = documents [k*batch_size, (k+1)*batch_size)) and a shard is
-closed after the first batch that brings it to `shard_tokens` tokens. Both depend only on the data and the
-settings, so a run that was killed and resumed computes the very same batches and writes the same bytes.
-A distributed run gives each rank a contiguous block of whole batches; see `rank_doc_range`.
+Documents become windows (`windows.py`: truncation or packing), windows are cut into batches of
+`batch_size`, and a shard is closed after the first batch that brings it to `shard_tokens` tokens. All of
+it depends only on the data and the settings, so a run that was killed and resumed at its cursor computes
+the very same batches and writes the same bytes. A distributed run gives each rank a contiguous block of
+documents; see `rank_doc_range`.
+
+Three threads share the work: one reads and tokenizes documents ahead of the model (`Prefetcher`), the
+caller's runs the model, and one writes shards (`_ShardSink`), so neither the tokenizer nor the disk
+makes the model wait.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,7 +46,8 @@ from .manifest import (
 )
 from .reader import ActivationStore
 from .shards import ShardWriter
-from .sources import Documents, load_documents, pad_right, tokenizer_fingerprint
+from .sources import Documents, DocumentStream, load_documents, pad_right, tokenizer_fingerprint
+from .windows import Batch, Prefetcher, WindowSpec, count_docs, iter_batches, iter_windows, sample_positions
 
 DEFAULT_SHARD_TOKENS = 16384
 _PART_IDENTITY = (("world_size",), ("doc_range",))
@@ -133,12 +142,12 @@ def attached_hooks(model) -> dict[str, list[str]]:
 
 
 def _runtime(model) -> dict:
-    return {"attn_backend": getattr(model, "attn_backend", None), "device": next(model.parameters()).device.type}
+    return {"attn_backend": getattr(model, "attn_backend", None), "device": model.input_device.type}
 
 
-def _header(model, docs: Documents, tokenizer, names, dtype, positions, max_length, batch_size, shard_tokens,
-            hooks: dict):
-    param = next(model.parameters())
+def _header(model, docs: Documents | DocumentStream, tokenizer, names, dtype, positions, max_length, batch_size,
+            shard_tokens, spec: WindowSpec, hooks: dict):
+    param = next(model.parameters())  # dtype only: a meta placeholder of a placed model has it too
     return {
         "format": FORMAT, "version": VERSION,
         "model": {"class": type(model).__name__, "config": model.cfg.to_hf(),
@@ -147,7 +156,7 @@ def _header(model, docs: Documents, tokenizer, names, dtype, positions, max_leng
                   "param_dtype": str(param.dtype).removeprefix("torch.")},
         "runtime": _runtime(model),
         "settings": {"hook_names": names, "dtype": dtype, "positions": positions, "max_length": max_length,
-                     "batch_size": batch_size, "shard_tokens": shard_tokens},
+                     "batch_size": batch_size, "shard_tokens": shard_tokens, "windows": spec.describe()},
         "source": {**docs.describe(),
                    "tokenizer_sha256": tokenizer_fingerprint(tokenizer) if docs.is_text else None},
     }
@@ -157,12 +166,25 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
                   dtype: torch.dtype | str = torch.float16, positions: str | slice = "all", tokenizer=None,
                   text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
                   rank: int | None = None, world_size: int | None = None, allow_hooks: bool = False,
-                  allow_backend_change: bool = False) -> ActivationStore | None:
+                  allow_backend_change: bool = False, context_size: int | None = None, packing: bool = False,
+                  prepend_bos: bool = False, min_tokens: int | None = None, every_k_documents: int = 1,
+                  sample_tokens: int | None = None, seed: int = 0) -> ActivationStore | None:
     """Run `model` over every document of `source` and store the activations of hooks `names` in `out_dir`.
 
-    source: a .txt file (a document per non-blank line), a .jsonl file (field `text_field`), a .npy file
-    or tensor/array of token ids [document pos], a list of id lists, or a list of strings. Texts are
-    tokenized with `tokenizer` (default `model.tokenizer`) and every document is cut to `max_length` tokens.
+    source: a .txt file (a document per non-blank line), a .jsonl file (field `text_field`), either one
+    compressed (.gz, .zst), a .parquet file or a folder of them (column `text_field`), a `datasets.Dataset`
+    / `IterableDataset` or a folder saved by `datasets`, an iterator of strings, a .npy file or
+    tensor/array of token ids [document pos], a list of id lists, or a list of strings (see
+    `load_documents`). Files and datasets are streamed: memory does not grow with the corpus. Texts are
+    tokenized with `tokenizer` (default `model.tokenizer`) in a background thread.
+
+    Windows (recorded in the manifest, part of the store's identity): every document is cut to its first
+    `context_size` tokens (alias `max_length`), or with ``packing=True`` documents are joined with the EOS
+    token and cut into consecutive `context_size` windows. ``prepend_bos`` puts the BOS token first in
+    every window; documents with fewer than `min_tokens` tokens are skipped (empty ones always are);
+    only documents whose index is a multiple of `every_k_documents` are read; ``sample_tokens=n`` keeps a
+    uniform random sample of n positions of each window (seeded by `seed` and the window's place in the
+    corpus). "doc_ids" is each token's source document, "positions" its position in its window.
     names: hook names, fnmatch globs ("blocks.*.hook_resid_post") or a predicate; unknown names raise
     `KeyError` before any work. positions: "all" real tokens, the "last" one of each document, or a
     slice of each document's positions. Activations are stored as `dtype` [token ...], plus "token_ids",
@@ -185,6 +207,11 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     Returns an `ActivationStore` over the finished store (None on a rank that cannot merge yet, which
     happens only with explicit ranks and no process group).
     """
+    if context_size is not None:
+        if max_length not in (128, context_size):
+            raise ValueError(f"context_size={context_size} and max_length={max_length} disagree; they name the "
+                             "same window length, pass one of them")
+        max_length = context_size
     sizes = (("batch_size", batch_size), ("max_length", max_length), ("shard_tokens", shard_tokens))
     for label, value in sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -196,25 +223,35 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     for hp in points:
         _pos_axes(hp.shape, hp.name)
     dtype_str, pos_spec = dtype_name(dtype), positions_spec(positions)
+    spec = WindowSpec(max_length, packing=packing, prepend_bos=prepend_bos, min_tokens=min_tokens,
+                      every_k_documents=every_k_documents, sample_tokens=sample_tokens, seed=seed)
     hooks = attached_hooks(model)
     if hooks and not allow_hooks:
         listed = "; ".join(f"{where}: {', '.join(fns)}" for where, fns in hooks.items())
         raise ValueError(f"the model has hook functions attached ({listed}); they would change the stored "
                          "activations. Remove them (model.reset_hooks(including_permanent=True)) or pass "
                          "allow_hooks=True to cache with them and record them in the manifest")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    specials = _special_ids(tokenizer, spec)
+    rank, world, group = _world(rank, world_size)
     docs = load_documents(source, text_field)
-    if len(docs) == 0:
+    if docs.n_documents == 0:
         raise ValueError(f"the source {source if isinstance(source, (str, Path)) else 'given'} holds no "
                          "documents; nothing to cache")
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if docs.is_text and tokenizer is None:
         raise ValueError("text documents need a tokenizer: pass tokenizer= or set model.tokenizer")
-    rank, world, group = _world(rank, world_size)
+    if docs.n_documents is None and world > 1:
+        raise ValueError(f"a {docs.kind} source can be read only once, so it cannot be split across {world} "
+                         "processes; pass a file, a folder or a dataset")
     header = _header(model, docs, tokenizer, hook_list, dtype_str, pos_spec, max_length, batch_size,
-                     shard_tokens, hooks)
+                     shard_tokens, spec, hooks)
     out = Path(out_dir)
 
     top = read_manifest(out)
+    if top is not None and docs.n_documents is None:
+        raise CacheMismatchError(f"{out} already holds a cache, and a one-shot {docs.kind} source cannot be "
+                                 "checked against it or resumed; use another output directory, or pass a "
+                                 "file, a folder or a dataset")
     if top is not None:
         check_compatible(top, header, out)
         if top["completed"]:
@@ -229,7 +266,10 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
         if others:
             raise CacheMismatchError(f"{out} holds an unfinished distributed cache made by another number of "
                                      f"processes ({others[0]}); resume it with that many processes")
-    first, end = rank_doc_range(len(docs), batch_size, rank, world)
+    if docs.n_documents is None:
+        first, end = 0, None
+    else:
+        first, end = rank_doc_range(docs.n_documents, batch_size, rank, world)
     part_header = {**header, "world_size": world, "doc_range": [first, end]}
     if world > 1:
         part_header["rank"] = rank
@@ -240,78 +280,138 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     try:
         if not writer.completed:
             desc = "caching" if world == 1 else f"caching (rank 0 of {world})"
-            _run(model, docs, tokenizer, points, writer, end, batch_size=batch_size, max_length=max_length,
-                 dtype=DTYPES[dtype_str], pos_slice=parse_positions(pos_spec), shard_tokens=shard_tokens,
-                 progress=progress and rank == 0, desc=desc)
+            _run(model, docs, tokenizer, points, writer, end, spec=spec, specials=specials,
+                 batch_size=batch_size, dtype=DTYPES[dtype_str], pos_slice=parse_positions(pos_spec),
+                 shard_tokens=shard_tokens, progress=progress and rank == 0, desc=desc)
+            if docs.n_documents is None:  # a one-shot iterator: its count and digest are known only now
+                read, digest = docs.consumed()
+                writer.manifest["doc_range"] = [0, read]
+                writer.manifest["source"] = {**writer.manifest["source"], "n_documents": read,
+                                             "documents_sha256": digest}
             writer.finish()
     finally:
         writer.close()
     if world == 1:
         return ActivationStore(out)
-    return _merge(out, header, len(docs), world, rank, group)
+    return _merge(out, header, docs.n_documents, world, rank, group)
 
 
-def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int, *, batch_size, max_length, dtype,
-         pos_slice, shard_tokens, progress, desc) -> None:
+def _special_ids(tokenizer, spec: WindowSpec) -> dict[str, int | None]:
+    ids = {"bos_id": getattr(tokenizer, "bos_token_id", None), "eos_id": getattr(tokenizer, "eos_token_id", None)}
+    if spec.prepend_bos and ids["bos_id"] is None:
+        raise ValueError("prepend_bos needs a tokenizer with a bos_token (pass tokenizer= or set model.tokenizer)")
+    if spec.packing and ids["eos_id"] is None:
+        raise ValueError("packing needs a tokenizer with an eos_token to separate documents (pass tokenizer= or "
+                         "set model.tokenizer)")
+    return ids
+
+
+class _ShardSink:
+    """Hands batches to a `ShardWriter` in a background thread, so writing a shard (safetensors, sha256,
+    fsync) overlaps the next forward. The first error is raised in the caller at its next `put`/`close`."""
+
+    def __init__(self, writer: ShardWriter, axes: dict, shard_tokens: int, depth: int = 2):
+        self.writer, self.axes, self.shard_tokens = writer, axes, shard_tokens
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True, name="neox-lab-write")
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None or self._error is not None:
+                if item is None:
+                    return
+                continue
+            try:
+                tensors, n_docs, offset = item
+                self.writer.add(tensors, n_docs, offset)
+                if self.writer.pending_tokens >= self.shard_tokens:
+                    self.writer.flush(self.axes)
+            except BaseException as err:  # raised in the caller
+                self._error = err
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, tensors: dict | None, n_docs: int, offset: int) -> None:
+        self._check()
+        self._queue.put((tensors, n_docs, offset))
+
+    def close(self, flush: bool) -> None:
+        """Wait for the queued batches; with `flush`, write what is left as the last shard."""
+        self._queue.put(None)
+        self._thread.join()
+        if flush:  # not while another error is on its way up: that one is the cause
+            self._check()
+            self.writer.flush(self.axes)
+
+
+def _run(model, docs, tokenizer, points, writer: ShardWriter, end: int | None, *, spec: WindowSpec, specials,
+         batch_size, dtype, pos_slice, shard_tokens, progress, desc) -> None:
     names = [hp.name for hp in points]
     shapes = {hp.name: hp.shape for hp in points}
     axes = {hp.name: _pos_axes(hp.shape, hp.name)[1] for hp in points}
     stop, device = _stop_layer(points), model.input_device
-    first, start = writer.header["doc_range"][0], writer.next_doc
-    bar = tqdm(total=end - first, initial=start - first, unit="doc", desc=desc, disable=not progress)
-    seen, t0, was_training = 0, time.perf_counter(), model.training
-    empty, warned = 0, set()
+    first, cursor = writer.header["doc_range"][0], writer.cursor
+    total = None if end is None else end - first
+    bar = tqdm(total=total, initial=cursor[0] - first, unit="doc", desc=desc, disable=not progress)
+    seen, t0, was_training, warned = 0, time.perf_counter(), model.training, set()
+    skipped = {"empty": 0, "short": 0}
+    windows = iter_windows(docs, spec, tokenizer, cursor, end, counts=skipped, **specials)
+    stop_at = end if end is not None else (lambda: docs.consumed()[0])
+    batches = Prefetcher(count_docs(iter_batches(windows, batch_size, cursor, stop_at), cursor))
+    sink = _ShardSink(writer, axes, shard_tokens)
     model.eval()  # dropout would make the store differ from run to run
+    done = False
     try:
-        for b0 in range(start, end, batch_size):
-            b1 = min(b0 + batch_size, end)
-            rows = docs.token_rows(b0, b1, tokenizer, max_length)
-            # Empty documents keep their number but never reach the model (a row of padding only).
-            doc_of = [b0 + i for i, row in enumerate(rows) if row]
-            rows = [row for row in rows if row]
-            empty += (b1 - b0) - len(rows)
-            if rows:
-                tensors = _batch(model, rows, doc_of, names, shapes, pos_slice, max_length, dtype, stop, device)
+        for batch in batches:
+            if batch.windows:
+                tensors = _forward(model, batch, names, shapes, spec, pos_slice, dtype, stop, device)
                 for name in names:
                     bad = 0 if name in warned else nonfinite_count(tensors[name])
                     if bad:
                         warned.add(name)
                         warnings.warn(_non_finite_message(name, bad, dtype), stacklevel=3)
-            else:
-                tensors = _no_tokens(model, names, shapes, max_length, dtype, stop)
-            writer.add(tensors, b1 - b0)
-            if writer.pending_tokens >= shard_tokens:
-                writer.flush(axes)
-            seen += sum(map(len, rows))
-            bar.update(b1 - b0)
+            else:  # only skipped documents: a shard of no tokens still records that they were read
+                tensors = _no_tokens(model, names, shapes, spec.context_size, dtype, stop)
+            sink.put(tensors, batch.n_docs, batch.end[1])
+            seen += sum(len(w.tokens) for w in batch.windows)
+            bar.update(batch.n_docs)
             bar.set_postfix_str(f"{seen / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
-        writer.flush(axes)
+        done = True
     finally:
+        batches.close()
         bar.close()
         model.train(was_training)
-    if empty:
-        warnings.warn(f"{empty} document(s) had no tokens; they keep their numbers and store nothing",
+        sink.close(flush=done)
+    if skipped["empty"]:
+        warnings.warn(f"{skipped['empty']} document(s) had no tokens; they keep their numbers and store nothing",
                       stacklevel=3)
 
 
-def _batch(model, rows, doc_of, names, shapes, pos_slice, max_length, dtype, stop, device) -> dict:
-    """The per-token tensors of one batch of non-empty documents (`doc_of`: each row's document)."""
+def _forward(model, batch: Batch, names, shapes, spec: WindowSpec, pos_slice, dtype, stop, device) -> dict:
+    """The per-token tensors of one batch of windows."""
+    rows = [w.tokens for w in batch.windows]
     ids, mask = pad_right(rows)
     keep = torch.zeros(ids.shape, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        keep[i, torch.arange(len(row))[pos_slice]] = True
+    doc_ids = torch.zeros(ids.shape, dtype=torch.long)
+    for i, w in enumerate(batch.windows):
+        allowed = np.arange(len(w.tokens))[pos_slice]
+        keep[i, torch.from_numpy(sample_positions(allowed, spec, w.start))] = True
+        doc_ids[i, : len(w.tokens)] = torch.tensor(w.doc_ids, dtype=torch.long)
     _, acts = model.run_with_cache(ids.to(device), attention_mask=mask.to(device), names_filter=names,
                                    device="cpu", dtype=dtype, stop_at_layer=stop)
-    tensors = {name: _flatten(acts[name], shapes[name], keep, max_length) for name in names}
+    tensors = {name: _flatten(acts[name], shapes[name], keep, spec.context_size) for name in names}
     tensors["token_ids"] = ids[keep]
-    tensors["doc_ids"] = torch.tensor(doc_of)[:, None].expand(ids.shape)[keep]
+    tensors["doc_ids"] = doc_ids[keep]
     tensors["positions"] = torch.arange(ids.shape[1])[None].expand(ids.shape)[keep]
     return tensors
-
-
 def _no_tokens(model, names, shapes, max_length, dtype, stop) -> dict:
     """Zero-token tensors for a batch whose documents are all empty (the per-token shape from the model)."""
-    _, acts = model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device),
+    _, acts = model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=model.input_device),
                                    names_filter=names, device="cpu", dtype=dtype, stop_at_layer=stop)
     keep = torch.zeros(1, 1, dtype=torch.bool)
     tensors = {name: _flatten(acts[name], shapes[name], keep, max_length) for name in names}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.loading import hf_to_neox_key
-from ..model.placement import stored_parameters
+from ..model.placement import stored_state_dict
 from .tolerance import SUBNORMAL_SPACING, UNIT_ROUNDOFF
 
 PARTS = ("query", "key", "value")
@@ -83,7 +83,7 @@ def named_weights(model) -> dict[str, torch.Tensor]:
     under each of their names)."""
     hf = not hasattr(model, "hook_dict")
     out = {}
-    for key, p in stored_parameters(model).items():  # offloaded parts of a placed model included
+    for key, p in stored_state_dict(model).items():  # offloaded parts of a placed model included
         name = hf_to_neox_key(key, bare=True) if hf else key.removeprefix("model.")
         out[name] = p
     return out

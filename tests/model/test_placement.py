@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from neox_lab import CheckpointError, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
 from neox_lab.analysis.patching import activation_patch, attribution_patch
 from neox_lab.model.placement import placement_units
+from neox_lab.store.manifest import weights_sha256
+from neox_lab.store.writer import cache_dataset
 from neox_lab.testing.pairs import tiny_config
 from neox_lab.testing.strategies import neox_configs, token_batches
 
@@ -233,3 +235,18 @@ def test_eager_fallback_on_an_offloaded_layer(tmp_path):
     with pytest.warns(UserWarning):
         ref_logits, ref_cache = ref.run_with_cache(ids, names_filter=name)
     assert torch.equal(logits, ref_logits) and torch.equal(cache[name], ref_cache[name])
+
+
+def test_cache_dataset_runs_on_a_placed_model_and_fingerprints_its_offloaded_weights(tmp_path):
+    """The store hashes every weight: on a placed model the offloaded ones are meta placeholders, so the
+    fingerprint must read the stored values (and equal the whole model's), and caching must work."""
+    cfg = tiny_config(num_hidden_layers=2)
+    path = save_random(cfg, tmp_path / "ckpt")
+    whole = NeoXForCausalLM.from_pretrained(path, attn_backend="eager")
+    placed = NeoXForCausalLM.from_pretrained(path, attn_backend="eager",
+                                             device_map={"": "cpu", "model.blocks.1": "disk"})
+    assert weights_sha256(placed) == weights_sha256(whole)
+    docs = [[1, 2, 3, 4], [5, 6, 7]]
+    got = cache_dataset(placed, docs, ["blocks.1.hook_resid_post"], tmp_path / "placed", progress=False)
+    want = cache_dataset(whole, docs, ["blocks.1.hook_resid_post"], tmp_path / "whole", progress=False)
+    assert torch.equal(got["blocks.1.hook_resid_post"][:], want["blocks.1.hook_resid_post"][:])
