@@ -47,7 +47,7 @@ from transformer_lens.pretrained.weight_conversions.neox import convert_neox_wei
 
 from neox_lab import NeoXForCausalLM  # noqa: E402
 from neox_lab.analysis import patching  # noqa: E402
-from neox_lab.testing.pairs import randomize_parameters  # noqa: E402
+from neox_lab.testing.pairs import make_trained_like  # noqa: E402
 from neox_lab.testing.strategies import neox_configs  # noqa: E402
 
 REL = 1e-11
@@ -104,7 +104,7 @@ def build(cfg, seed, *, processed: bool):
     # scales the vocabulary axis by ln_final's weight and changes the model's log-probs by O(1)
     # (measured: 3.9 on a d_model = d_vocab = 32 model; neox_lab's processing: 5e-15). Not comparable there.
     assume(not processed or cfg.vocab_size != cfg.hidden_size)
-    nx = randomize_parameters(NeoXForCausalLM(cfg, attn_backend="eager").double(), seed)
+    nx = make_trained_like(NeoXForCausalLM(cfg, attn_backend="eager").double(), seed, std=0.3, bias_std=0.3).eval()
     with tempfile.TemporaryDirectory() as path:
         nx.save_pretrained(path)
         hf = transformers.GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.float64).eval()

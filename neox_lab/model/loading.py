@@ -268,15 +268,8 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
         tied = False
         loaded["unembed.weight"] = head_in_file
         cfg = _untie(model, cfg)
-    heads = tuple(getattr(cls, "head_modules", ()))
     absent = [k for k in expected if k not in loaded and k not in shaped_wrong]
-    fresh = [k for k in absent if heads and k.startswith(heads)]
-    # Named as the checkpoint would name them, since that is what the user can go and look at.
-    missing = [neox_to_hf_key(k) for k in absent if k not in fresh]
-    if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(keys):,}): {capped(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise CheckpointError(f"checkpoint {directory} does not fit {cls.__name__}: " + "; ".join(parts))
+    fresh = fresh_head_keys(cls, directory, absent, unexpected, misshaped)
     if fresh:
         param_dtype = dtype or next(iter(loaded.values())).dtype
         for key in fresh:
@@ -294,6 +287,20 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
     model.eval()
     _attach_tokenizer(model, directory)
     return model
+
+
+def fresh_head_keys(cls, directory: Path, absent: list[str], unexpected: list[str], misshaped: list[str]) -> list[str]:
+    """The absent keys a task head may initialise fresh (a classifier over a causal-LM checkpoint, as
+    transformers does); any other absent, unexpected or mis-shaped tensor is a CheckpointError."""
+    heads = tuple(getattr(cls, "head_modules", ()))
+    fresh = [k for k in absent if heads and k.startswith(heads)]
+    # Named as the checkpoint would name them, since that is what the user can go and look at.
+    missing = [neox_to_hf_key(k) for k in absent if k not in fresh]
+    if missing or unexpected or misshaped:
+        parts = [f"{label} ({len(keys):,}): {capped(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+        raise CheckpointError(f"checkpoint {directory} does not fit {cls.__name__}: " + "; ".join(parts))
+    return fresh
 
 
 def _check_finite(key: str, t: torch.Tensor, directory: Path) -> None:

@@ -29,9 +29,9 @@ from ..config import NeoXConfig
 from .loading import (
     CheckpointError,
     attach_tokenizer,
+    fresh_head_keys,
     hf_to_neox_key,
     is_legacy_key,
-    neox_to_hf_key,
     read_tensors,
     resolve_checkpoint,
     weight_files,
@@ -324,13 +324,7 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
             continue
         loaded[key] = _to_device(source, device, want, mapped)
     absent = [k for k in expected if k not in loaded and k not in index and k not in shaped_wrong]
-    heads = tuple(getattr(cls, "head_modules", ()))
-    fresh = [k for k in absent if heads and k.startswith(heads)]
-    missing = [neox_to_hf_key(k) for k in absent if k not in fresh]
-    if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise CheckpointError(f"checkpoint {directory} does not fit {cls.__name__}: " + "; ".join(parts))
+    fresh = fresh_head_keys(cls, directory, absent, unexpected, misshaped)
     for key in fresh:
         device = placed[unit_of(key)]
         t = torch.zeros(expected[key].shape, dtype=dtype or file_dtype or torch.float32,

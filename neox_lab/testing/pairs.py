@@ -61,26 +61,13 @@ def build_pair(cfg: NeoXConfig, seed: int = 0, task: str = "causal_lm", *, direc
     return hf_model.to(dtype), neox_model.to(dtype).eval()
 
 
-def randomize_parameters(model, seed: int = 0, std: float = 0.3):
-    """Overwrite every parameter with random values, in place; returns the model in eval mode.
-
-    LayerNorm weights become 1 + N(0, std^2), everything else (weights, biases, LayerNorm biases)
-    N(0, std^2). transformers' initialisation leaves biases 0 and LayerNorms at identity, which hides a
-    misplaced affine or bias; std 0.3 on a tiny model also makes attention sharp (near one-hot rows)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-            is_ln_weight = name.rsplit(".", 2)[-2].startswith("ln") and name.endswith("weight")
-            p.copy_(1.0 + std * noise if is_ln_weight else std * noise)
-    return model.eval()
-
-
-def make_trained_like(model, seed: int = 0, std: float = 0.2):
+def make_trained_like(model, seed: int = 0, std: float = 0.2, *, bias_std: float = 0.1):
     """Give a random model (neox_lab or transformers) the statistics of a trained one, in place: weight
     matrices ~N(0, std) (std 0.2 gives attention-score rms ~3-10, like trained heads), random biases,
-    LayerNorm weights ~1 + N(0, 0.1) and biases ~N(0, 0.1). Fresh-init models have zero biases and
-    unit LayerNorms, so a dropped bias or a LayerNorm mix-up would change nothing. Returns `model`."""
+    LayerNorm weights ~1 + N(0, bias_std) and biases ~N(0, bias_std). Fresh-init models have zero biases
+    and unit LayerNorms, so a dropped bias or a LayerNorm mix-up would change nothing. Returns `model`.
+    (std = bias_std = 0.3 on a tiny model makes attention near one-hot: the TransformerLens cross-check
+    and the weight-processing tests use that.)"""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -88,9 +75,9 @@ def make_trained_like(model, seed: int = 0, std: float = 0.2):
             if p.dim() >= 2:
                 value = std * noise
             elif "norm" in name or ".ln" in name or name.startswith("ln"):
-                value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * noise
+                value = (1.0 if name.endswith("weight") else 0.0) + bias_std * noise
             else:
-                value = 0.1 * noise
+                value = bias_std * noise
             p.copy_(value.to(p.dtype))
     return model
 
