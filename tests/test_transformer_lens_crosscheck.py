@@ -247,12 +247,17 @@ def test_patching_grids_match(cfg, seed):
 
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
-    pairs = [("resid_pre", tl_patching.get_act_patch_resid_pre), ("attn_out", tl_patching.get_act_patch_attn_out),
-             ("mlp_out", tl_patching.get_act_patch_mlp_out),
-             ("z", tl_patching.get_act_patch_attn_head_out_all_pos)]
+    # (our target, the name TransformerLens and neox_lab's patching module both give the grid)
+    pairs = [("resid_pre", "get_act_patch_resid_pre"), ("attn_out", "get_act_patch_attn_out"),
+             ("mlp_out", "get_act_patch_mlp_out"), ("z", "get_act_patch_attn_head_out_all_pos"),
+             ("z_pos", "get_act_patch_attn_head_out_by_pos")]  # [layer pos head] on both sides
     if not cfg.use_parallel_residual:
-        pairs.append(("resid_mid", tl_patching.get_act_patch_resid_mid))
-    for target, tl_fn in pairs:
+        pairs.append(("resid_mid", "get_act_patch_resid_mid"))
+    with torch.no_grad():
+        _, our_clean_cache = nx.run_with_cache(clean)
+    for target, name in pairs:
         ours = patching.activation_patch(nx, clean, corrupted, metric, target=target).values
-        theirs = tl_fn(model, corrupted, clean_cache, metric)
+        theirs = getattr(tl_patching, name)(model, corrupted, clean_cache, metric)
         assert_close(ours, theirs, f"patching {target}")
+        # The same grid through neox_lab's function of TransformerLens' name and signature.
+        assert_close(getattr(patching, name)(nx, corrupted, our_clean_cache, metric), theirs, f"patching.{name}")
