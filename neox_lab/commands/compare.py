@@ -9,6 +9,7 @@ transformers. B is the reference. Example (CI): neox-lab compare ./converted hf:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the noise floor by this (prefer --mode lossy for a quantisation)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device-map", metavar="MAP",
+                        help="place each neox_lab side over several devices with accelerate (neox-lab[big]): "
+                             "auto, balanced, balanced_low_0, sequential, or a JSON object of module -> device, "
+                             "e.g. '{\"\": \"cpu\", \"model.blocks.5\": \"disk\"}' (README, Bigger than one GPU)")
+    parser.add_argument("--offload-folder", metavar="DIR",
+                        help="with --device-map: where .bin checkpoints put their 'disk' parts")
     parser.add_argument("--only-failures", action="store_true", help="print only failing hooks")
 
 
@@ -81,6 +88,25 @@ def _validate(args) -> None:
         raise ValueError("--fold-ids only applies to --prompts")
     if args.tokenizer is not None and args.prompts is None:
         raise ValueError("--tokenizer only applies to --prompts")
+    if args.device_map is not None:
+        if args.device is not None:
+            raise ValueError("pass either --device (one device) or --device-map (several), not both")
+        if any(getattr(args, key).startswith("hf:") for key in ("a", "b")):
+            raise ValueError("--device-map places neox_lab sides; an hf: side runs on one device (drop "
+                             "--device-map, or compare two neox_lab checkpoints)")
+    elif args.offload_folder is not None:
+        raise ValueError("--offload-folder only applies with --device-map")
+
+
+def _device_map(text: str | None) -> str | dict | None:
+    """--device-map: a plan name, or a JSON object of module name -> device."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--device-map {text!r} is not a JSON object ({err.msg}); e.g. "
+                         '\'{"": "cpu", "model.blocks.1": "disk"}\'') from err
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
@@ -89,9 +115,12 @@ def _dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _load(spec: str, dtype: torch.dtype, backend: str, device: str):
-    """(model, checkpoint directory) for `DIR` (neox_lab) or `hf:DIR` (transformers)."""
+def _load(spec: str, dtype: torch.dtype, backend: str, device: str, placement: dict):
+    """(model, checkpoint directory) for `DIR` (neox_lab) or `hf:DIR` (transformers). `placement`:
+    device_map / offload_folder for a neox_lab side placed with accelerate (then `device` is unused)."""
     if not spec.startswith("hf:"):
+        if placement["device_map"] is not None:
+            return load_or_default(spec, dtype=dtype, attn_backend=backend, **placement), resolve_checkpoint(spec)
         model = load_or_default(spec, dtype=dtype, device=device, attn_backend=backend)
         return model, resolve_checkpoint(spec)
     directory = resolve_checkpoint(spec[3:])
@@ -160,18 +189,20 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sides, dirs, provenance = {}, [], {}
     _validate(args)
+    placement = {"device_map": _device_map(args.device_map), "offload_folder": args.offload_folder}
     if args.json:  # refused before minutes of comparing, not after
         check_output_file(args.json, "--json")
     for key in ("a", "b"):
         dtype = _dtype(getattr(args, f"dtype_{key}") or args.dtype, device)
         backend = getattr(args, f"backend_{key}") or args.backend
         spec = getattr(args, key)
-        model, directory = _load(spec, dtype, backend, device)
+        model, directory = _load(spec, dtype, backend, device, placement)
         sides[key] = model
         dirs.append(directory)
         provenance[f"checkpoint_{key}"] = {"argument": spec, "path": str(Path(directory).resolve()),
                                            "runner": "transformers" if spec.startswith("hf:") else "neox_lab",
-                                           "dtype": str(dtype).removeprefix("torch."), "backend": backend}
+                                           "dtype": str(dtype).removeprefix("torch."), "backend": backend,
+                                           "device_map": getattr(model, "device_map", None)}
     model_a, model_b = sides["a"], sides["b"]
     inputs, provenance["inputs"] = _inputs(args, dirs, min(model_a.config.vocab_size, model_b.config.vocab_size))
     tolerance = None

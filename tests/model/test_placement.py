@@ -9,6 +9,7 @@ a hook that fired on a stale tensor.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -250,3 +251,26 @@ def test_cache_dataset_runs_on_a_placed_model_and_fingerprints_its_offloaded_wei
     got = cache_dataset(placed, docs, ["blocks.1.hook_resid_post"], tmp_path / "placed", progress=False)
     want = cache_dataset(whole, docs, ["blocks.1.hook_resid_post"], tmp_path / "whole", progress=False)
     assert torch.equal(got["blocks.1.hook_resid_post"][:], want["blocks.1.hook_resid_post"][:])
+
+
+def test_compare_cli_places_neox_lab_sides_with_device_map(tmp_path, capsys):
+    from neox_lab.cli import main
+
+    path = str(save_random(tiny_config(num_hidden_layers=2), tmp_path / "ckpt"))
+    out = tmp_path / "report.json"
+    placed = '{"": "cpu", "model.blocks.1": "disk"}'
+    assert main(["compare", path, path, "--seq-len", "6", "--batch", "2", "--device-map", placed,
+                 "--json", str(out)]) == 0
+    sides = json.loads(out.read_text())["provenance"]
+    assert sides["checkpoint_a"]["device_map"]["model.blocks.1"] == "disk"
+    capsys.readouterr()
+    usage_errors = [
+        (["--device-map", placed, "--device", "cpu"], "either --device"),
+        (["--offload-folder", "x"], "only applies with --device-map"),
+        (["--device-map", "{nope"], "not a JSON object"),
+    ]
+    for extra, says in usage_errors:
+        assert main(["compare", path, path, *extra]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["compare", path, f"hf:{path}", "--device-map", "auto"]) == 2
+    assert "an hf: side runs on one device" in capsys.readouterr().err
