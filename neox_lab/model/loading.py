@@ -244,7 +244,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
             continue
         key = hf_to_neox_key(hf_key, bare)
         if key == "unembed.weight" and tied:
-            _check_finite(hf_key, tensor, directory)
+            check_finite_weight(hf_key, tensor, directory)
             head_in_file = tensor  # kept only if it differs from the embedding (see below)
             continue
         if key == "unembed.weight" and not has_unembed:
@@ -256,8 +256,8 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
             shaped_wrong.add(key)
         else:
             loaded[key] = tensor
-            _check_finite(hf_key, tensor, directory)
-    _check_one_dtype(loaded, directory)
+            check_finite_weight(hf_key, tensor, directory)
+    check_one_dtype(loaded, directory)
     if head_in_file is not None and not _same(head_in_file, loaded.get(hf_to_neox_key("embed_in.weight", bare))):
         # What transformers 5 does with such a checkpoint: keep the stored head, untied, and warn. Tying
         # silently would compute another function than the checkpoint's own library does.
@@ -303,7 +303,7 @@ def fresh_head_keys(cls, directory: Path, absent: list[str], unexpected: list[st
     return fresh
 
 
-def _check_finite(key: str, t: torch.Tensor, directory: Path) -> None:
+def check_finite_weight(key: str, t: torch.Tensor, directory: Path) -> None:
     """inf/NaN in a weight is a damaged file (a flipped exponent bit): every logit would come out NaN."""
     bad = nonfinite_count(t)
     if bad:
@@ -311,7 +311,7 @@ def _check_finite(key: str, t: torch.Tensor, directory: Path) -> None:
                               "(inf/NaN); the file is damaged or was saved from a diverged run")
 
 
-def _check_one_dtype(loaded: dict, directory: Path) -> None:
+def check_one_dtype(loaded: dict, directory: Path) -> None:
     """Floating weights in more than one dtype would fail (or silently promote) in the first matmul."""
     by_dtype: dict[torch.dtype, list[str]] = {}
     for key, t in loaded.items():

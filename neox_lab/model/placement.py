@@ -29,6 +29,8 @@ from ..config import NeoXConfig
 from .loading import (
     CheckpointError,
     attach_tokenizer,
+    check_finite_weight,
+    check_one_dtype,
     fresh_head_keys,
     hf_to_neox_key,
     is_legacy_key,
@@ -323,6 +325,9 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
             loaded[key] = torch.empty(shape, dtype=want, device="meta")
             continue
         loaded[key] = _to_device(source, device, want, mapped)
+        # Tensors kept on "disk" are not read at load (that is the point of offloading): only these are checked.
+        check_finite_weight(hf_key, loaded[key], directory)
+    check_one_dtype(loaded, directory)  # meta placeholders carry their dtype too
     absent = [k for k in expected if k not in loaded and k not in index and k not in shaped_wrong]
     fresh = fresh_head_keys(cls, directory, absent, unexpected, misshaped)
     for key in fresh:

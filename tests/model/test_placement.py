@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from neox_lab import CheckpointError, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
 from neox_lab.analysis.patching import activation_patch, attribution_patch
@@ -274,3 +274,24 @@ def test_compare_cli_places_neox_lab_sides_with_device_map(tmp_path, capsys):
         assert says in capsys.readouterr().err
     assert main(["compare", path, f"hf:{path}", "--device-map", "auto"]) == 2
     assert "an hf: side runs on one device" in capsys.readouterr().err
+
+
+def test_placed_loading_refuses_non_finite_and_mixed_dtype_weights_it_reads(tmp_path):
+    """Issue 15's load checks on the placed path: tensors read to a device are checked (a "disk" tensor
+    is not read at load, which is what offloading is for), and dtypes are one unless dtype= casts."""
+    path = save_random(tiny_config(num_hidden_layers=2), tmp_path / "ckpt")
+    weights = load_file(path / "model.safetensors")
+    weights["gpt_neox.layers.0.attention.dense.weight"][3, 5] = float("nan")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    on_cpu = {"": "cpu", "model.blocks.1": "disk"}
+    with pytest.raises(CheckpointError, match=r"'gpt_neox\.layers\.0\.attention\.dense\.weight' holds 1 non-finite"):
+        NeoXForCausalLM.from_pretrained(path, device_map=on_cpu)
+
+    path = save_random(tiny_config(num_hidden_layers=2), tmp_path / "mixed")
+    weights = load_file(path / "model.safetensors")
+    weights["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"] = weights["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"].half()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"mixes dtypes: .*gpt_neox\.layers\.1\.mlp\.dense_h_to_4h\.weight"):
+        NeoXForCausalLM.from_pretrained(path, device_map=on_cpu)  # the fp16 tensor is on "disk": still refused
+    cast = NeoXForCausalLM.from_pretrained(path, device_map=on_cpu, dtype=torch.float32)
+    cast(torch.tensor([[1, 2, 3]]))
