@@ -369,7 +369,7 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 def _from_cache(model, corrupted_tokens, clean_cache, metric: Metric, target: str, batch_size: int = 64):
     """TransformerLens' patching call: clean activations from `clean_cache` (a `run_with_cache` of the
     clean input, with its batch axis and every position), corrupted run on `corrupted_tokens`."""
-    device = next(model.parameters()).device
+    device = model.input_device  # a placed model's first parameter may be an offloaded (meta) placeholder
     corrupted = _as_batch(corrupted_tokens, "corrupted_tokens").to(device)
     plan = _plan(model, target, corrupted.shape[1], None, None, None)
     for name in plan.names:

@@ -182,6 +182,10 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
         steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
                      fold_value_biases=fold_value_biases,
                      refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        if any(p.device.type == "meta" for p in self.parameters()):
+            # Refused before any step: a half-processed model would compute neither function.
+            raise ValueError("process_weights_ edits weights in memory, and this model (placed with device_map) "
+                             "holds offloaded weights as placeholders; load it without device_map to process it")
         process_weights(self, **steps)
         self.weights_processed |= {name for name, on in steps.items() if on}
         return self
@@ -207,8 +211,9 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
             model._main_device = torch.device(main_device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors that transformers loads with identical logits."""
-        save_pretrained(self, directory)
+        """Write config.json + model.safetensors that transformers loads with identical logits (a model
+        placed with `device_map` writes its offloaded weights too)."""
+        save_pretrained(self, directory, self.stored_state_dict())
 
     def _reset_buffers(self, device=None) -> None:
         for module in self.modules():
@@ -342,7 +347,7 @@ class NeoXModel(NeoXPreTrained):
         self._check_cache(cache, batch)
         head_masks = self._head_masks(head_mask)
         if self._checks_padding:
-            self.warn_if_left_padded(input_ids, attention_mask)
+            self.warn_if_left_padded(input_ids, attention_mask, past_key_values)
         device = self.input_device
         if start_at_layer is not None:
             if inputs_embeds is None:

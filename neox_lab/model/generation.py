@@ -93,29 +93,40 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, *, prompt:
         input_ids = input
     text_in = isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and len(input_ids) > 0
                                              and all(isinstance(t, str) for t in input_ids))
+    one_text = isinstance(input_ids, str) or isinstance(prompt, str)
+    prompt_mask = None
     if text_in:
         if attention_mask is not None or prompt is not None:
             raise ValueError("text input makes its own attention_mask; pass neither attention_mask nor prompt=")
         input_ids, attention_mask = model.to_tokens_and_mask(input_ids, prepend_bos, padding_side)
+        prompt_mask = attention_mask
     if not stop_at_eos:
         eos_token_id = None
     want_text = return_type == "str" or (return_type == "input" and text_in)
-    one_text = isinstance(input if input is not None else None, str)
     ids = _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_tokens, do_sample,
                         temperature, top_k, top_p, eos_token_id, pad_token_id, generator, use_cache,
                         return_cache, names_filter, compile, verbose)
     if not want_text:
         return ids
     out_ids, cache = (ids if return_cache else (ids, None))
-    texts = model.to_string(out_ids)
-    if isinstance(texts, str):
-        texts = [texts]
-    result = texts[0] if (len(texts) == 1 and (one_text or _single_text(input_ids, prompt, text_in))) else texts
+    texts = _decode(model, out_ids, prompt_mask, drop_bos=text_in and prepend_bos)
+    # A str in gives a str out; a list (of one prompt too) or tokens give a list, as TransformerLens does.
+    result = texts[0] if one_text else texts
     return (result, cache) if return_cache else result
 
 
-def _single_text(input_ids, prompt, text_in) -> bool:
-    return isinstance(prompt, str) or (text_in and input_ids.shape[0] == 1)
+def _decode(model, ids: torch.Tensor, prompt_mask: torch.Tensor | None, drop_bos: bool) -> list[str]:
+    """Each row as text: without the padding of a prompt made from text, and without the bos that
+    `prepend_bos` added (TransformerLens returns what was asked for plus its continuation)."""
+    if prompt_mask is None:
+        texts = model.to_string(ids)
+        return [texts] if isinstance(texts, str) else list(texts)
+    width = prompt_mask.shape[1]
+    rows = []
+    for row, real in zip(ids, prompt_mask.bool()):
+        prompt = row[:width][real.to(row.device)]
+        rows.append(torch.cat((prompt[1:] if drop_bos else prompt, row[width:])))
+    return [model.to_string(r) for r in rows]
 
 
 def _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_tokens, do_sample, temperature,

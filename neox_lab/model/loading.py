@@ -345,10 +345,11 @@ def _attach_tokenizer(model, directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- saving
-def save_pretrained(model, directory) -> None:
+def save_pretrained(model, directory, state: dict[str, torch.Tensor] | None = None) -> None:
+    """`state`: the tensors to write (default `model.state_dict()`; a placed model passes its stored values)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state = dict(model.state_dict() if state is None else state)
     if model.cfg.tie_word_embeddings:
         state.pop("unembed.weight", None)
     with torch.device("meta"):

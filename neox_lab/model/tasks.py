@@ -66,7 +66,7 @@ class _Head(NeoXPreTrained):
         unknown = set(kwargs) - set(_BODY_ARGS)
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward got unexpected arguments {sorted(unknown)}")
-        self.warn_if_left_padded(input_ids, kwargs.get("attention_mask"))
+        self.warn_if_left_padded(input_ids, kwargs.get("attention_mask"), kwargs.get("past_key_values"))
         if kwargs.get("start_at_layer") is not None:
             # TransformerLens passes the residual stream entering that layer as the input.
             if input_ids is not None and input_ids.is_floating_point():
@@ -152,7 +152,7 @@ class NeoXForCausalLM(_Head):
         out.logits = self.hook_logits(self.unembed(hidden))
         if labels is not None:
             logits = widen(out.logits[:, :-1])
-            target = labels[:, 1:].to(logits.device)
+            target = labels[:, 1:].to(logits.device, torch.long)  # int32 ids are accepted as input; CE needs int64
             out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         return out
 
@@ -263,7 +263,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: 
     `labels=` loss (flattened rows, at least fp32): the mean over positions whose token and next token
     are real (`attention_mask`), or [batch pos-1] per token (0 where not counted) with `per_token`."""
     logits = widen(logits[:, :-1])
-    target = tokens[:, 1:].to(logits.device)
+    target = tokens[:, 1:].to(logits.device, torch.long)  # int32 ids are accepted as input; CE needs int64
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     ce = ce.view(target.shape)
     counted = torch.ones_like(ce)

@@ -100,19 +100,21 @@ class TextMixin:
                 return [self.to_str_tokens(row) for row in ids]
         return [tok.decode([i]) for i in ids]
 
-    def warn_if_left_padded(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+    def warn_if_left_padded(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                            past_key_values=None) -> None:
         """Warn when a batch looks left-padded and no attention mask says so: its rows begin with
         different numbers of pad tokens (a bos equal to the pad token counts once in every row, so
-        it does not trigger this). The padding would be read as text and shift every later position."""
+        it does not trigger this). The padding would be read as text and shift every later position.
+        A step after a KV cache is not a prompt: a row that just emitted eos (often the pad id) is fine."""
         # Anything but an integer id tensor is left to forward's input checks, which name the problem.
         if attention_mask is not None or not torch.is_tensor(input_ids) or input_ids.is_floating_point():
             return
-        if input_ids.dim() != 2 or input_ids.shape[0] < 2:
+        if input_ids.dim() != 2 or input_ids.shape[0] < 2 or input_ids.shape[1] < 2 or past_key_values is not None:
             return
         pads = {getattr(self.tokenizer, "pad_token_id", None), getattr(self.cfg, "pad_token_id", None)}  # type: ignore[attr-defined]
         for pad in pads - {None}:
             leading = (input_ids == pad).long().cumprod(-1).sum(-1)
-            if int(leading.min()) != int(leading.max()):
+            if bool((leading != leading[:1]).any()):  # one host sync
                 warnings.warn(f"input_ids look left-padded (rows start with different numbers of the pad token "
                               f"{pad}) but no attention_mask was given, so the padding is attended to as text "
                               "and shifts every later position of those rows; pass attention_mask (e.g. from "

@@ -295,3 +295,28 @@ def test_placed_loading_refuses_non_finite_and_mixed_dtype_weights_it_reads(tmp_
         NeoXForCausalLM.from_pretrained(path, device_map=on_cpu)  # the fp16 tensor is on "disk": still refused
     cast = NeoXForCausalLM.from_pretrained(path, device_map=on_cpu, dtype=torch.float32)
     cast(torch.tensor([[1, 2, 3]]))
+
+
+def test_placed_model_saves_refuses_processing_and_runs_tl_patching(tmp_path):
+    """Reading weights outside a forward on a placed model: save_pretrained writes the offloaded ones too,
+    process_weights_ refuses before changing anything, and TransformerLens-style patching (whose inputs go
+    to the model's input device, not its first parameter's meta device) equals the whole model's."""
+    from neox_lab.analysis import patching
+
+    path = save_random(tiny_config(num_hidden_layers=2), tmp_path / "ckpt")
+    whole = NeoXForCausalLM.from_pretrained(path, attn_backend="eager")
+    placed = NeoXForCausalLM.from_pretrained(path, attn_backend="eager",
+                                             device_map={"model.embed": "disk", "": "cpu", "model.blocks.1": "disk"})
+    placed.save_pretrained(tmp_path / "resaved")
+    again = load_file(tmp_path / "resaved" / "model.safetensors")
+    assert all(torch.equal(t, load_file(path / "model.safetensors")[k]) for k, t in again.items())
+
+    before = weights_sha256(placed)
+    with pytest.raises(ValueError, match="load it without device_map"):
+        placed.process_weights_()
+    assert weights_sha256(placed) == before and not placed.weights_processed
+
+    clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[4, 3, 2, 1]])
+    _, clean_cache = whole.run_with_cache(clean)
+    got = patching.get_act_patch_resid_pre(placed, corrupted, clean_cache, metric)
+    assert torch.equal(got, patching.get_act_patch_resid_pre(whole, corrupted, clean_cache, metric))

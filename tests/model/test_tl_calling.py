@@ -128,13 +128,18 @@ def test_perma_hooks(model):
 
 def test_generate_return_types(model):
     text = model.generate("Hello", max_new_tokens=3, return_type="str", verbose=False)
-    assert isinstance(text, str) and text.startswith("<|endoftext|>Hello")
+    # As TransformerLens: the bos that prepend_bos added is not part of the text returned.
+    assert isinstance(text, str) and text.startswith("Hello") and "<|endoftext|>" not in text[:13]
     ids = model.generate("Hello", max_new_tokens=3, verbose=False)           # "input": str in, str out
     assert ids == text
     toks = model.generate("Hello", max_new_tokens=3, return_type="tokens", verbose=False)
-    assert toks.shape == (1, 5) and model.to_string(toks[0]) == text
+    assert toks.shape == (1, 5) and model.to_string(toks[0, 1:]) == text
     both = model.generate(["Hello", "A b c"], max_new_tokens=2, return_type="str", verbose=False)
     assert isinstance(both, list) and len(both) == 2
+    # The short prompt was left-padded to decode: its text carries neither the padding nor the bos.
+    assert both[0].startswith("Hello") and both[1].startswith("A b c") and "<|padding|>" not in both[0]
+    one = model.generate(["Hello"], max_new_tokens=2, verbose=False)          # a list in, a list out
+    assert isinstance(one, list) and len(one) == 1
     assert torch.equal(model.generate(toks, max_new_tokens=1, verbose=False)[:, :5], toks)
 
 
@@ -144,3 +149,24 @@ def test_loss_per_token_matches_cross_entropy(model):
         logits = model(ids).logits
         want = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
         torch.testing.assert_close(model(ids, return_type="loss", loss_per_token=True)[0], want, **FP64)
+
+
+def test_int32_ids_give_the_same_loss_as_int64(model):
+    """int32 ids are accepted as input; the losses must accept them too (cross-entropy wants int64)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    with torch.no_grad():
+        want = model(ids, return_type="loss")
+        assert torch.equal(model(ids.int(), return_type="loss"), want)
+        assert torch.equal(model(ids.int(), labels=ids.int()).loss, model(ids, labels=ids).loss)
+
+
+def test_a_cached_decoding_step_is_not_taken_for_left_padding(model, recwarn):
+    """After a KV cache, a row whose next token is the pad id (a finished row, or eos == pad) is not a
+    left-padded prompt: no warning."""
+    pad = model.tokenizer.pad_token_id
+    with torch.no_grad():
+        out = model(torch.tensor([[5, 6, 7], [8, 9, 10]]), use_cache=True)
+        model(torch.tensor([[pad], [7]]), past_key_values=out.past_key_values)
+    assert not [w for w in recwarn if "left-padded" in str(w.message)]
+    with pytest.warns(UserWarning, match="left-padded"):  # a prompt batch still warns
+        model(torch.tensor([[pad, 5, 6], [7, 8, 9]]))
