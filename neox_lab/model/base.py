@@ -270,11 +270,6 @@ class NeoXModel(NeoXPreTrained):
             if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"input_ids must be an integer tensor [batch pos] (int64 or int32), got "
                                  f"{input_ids.dtype} {tuple(input_ids.shape)}; convert with input_ids.long()")
-            if input_ids.numel():
-                lo, hi = int(input_ids.min()), int(input_ids.max())
-                if lo < 0 or hi >= self.cfg.vocab_size:
-                    raise ValueError(f"input_ids hold token ids in [{lo}, {hi}], outside the vocabulary "
-                                     f"[0, {self.cfg.vocab_size})")
             batch, q_len = input_ids.shape
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
@@ -290,11 +285,7 @@ class NeoXModel(NeoXPreTrained):
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_len + q_len):
             raise ValueError(f"attention_mask must be [batch, past + pos] = {(batch, past_len + q_len)}, "
                              f"got {tuple(attention_mask.shape)}")
-        # Positions are the mask's running sum, so a 2 or a 0.5 would silently move every later token.
-        if attention_mask is not None and attention_mask.dtype != torch.bool and not bool(
-                ((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token), got values "
-                             f"{attention_mask.unique()[:8].tolist()}")
+        self._check_values(input_ids, attention_mask)
         if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[-1] != q_len):
             raise ValueError(f"position_ids must be [batch pos] with pos={q_len}, got {tuple(position_ids.shape)}")
         return batch, q_len
@@ -314,6 +305,28 @@ class NeoXModel(NeoXPreTrained):
         if batch is not None and cache.length and held not in (None, batch):
             raise ValueError(f"past_key_values holds {held} rows but this call's batch is {batch}; a KVCache "
                              "belongs to the batch that filled it (KVCache.select(rows) picks rows)")
+
+    def _check_values(self, input_ids, attention_mask) -> None:
+        """Token ids inside the vocabulary and a 0/1 mask, read back in one host sync: a decoding step
+        runs this once per token, and each sync stalls the launch queue."""
+        checks = []
+        if input_ids is not None and input_ids.numel():
+            checks += [input_ids.min(), input_ids.max()]
+        # Positions are the mask's running sum, so a 2 or a 0.5 would silently move every later token.
+        check_mask = attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.numel()
+        if check_mask:
+            checks.append(((attention_mask == 0) | (attention_mask == 1)).all())
+        if not checks:
+            return
+        values = torch.stack([c.to(checks[0].device, torch.int64) for c in checks]).tolist()
+        if input_ids is not None and input_ids.numel():
+            lo, hi = values[0], values[1]
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"input_ids hold token ids in [{lo}, {hi}], outside the vocabulary "
+                                 f"[0, {self.cfg.vocab_size})")
+        if check_mask and not values[-1]:
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token), got values "
+                             f"{attention_mask.unique()[:8].tolist()}")
 
     def _head_masks(self, head_mask):
         if head_mask is None:
