@@ -16,6 +16,7 @@ from ..hooks.hooked import HookedMixin
 from ..hooks.points import HookPoint
 from .attention import Attention
 from .block import Block
+from .checkpoints import resolve_checkpoint_choice
 from .kernels import BACKENDS, AttnMask, StaticDecodeMask, resolve_backend
 from .kv_cache import KVCache
 from .layernorm import LayerNorm
@@ -23,6 +24,7 @@ from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
 from .placement import load_placed, stored_state_dict
 from .processing import PROCESSING_ARGS, TL_DEFAULTS, process_weights
+from .reload import load_in_place
 from .rotary import Rotary
 from .text import TextMixin
 from .token_lookup import TokenLookup
@@ -113,7 +115,8 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
                         max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
                         fold_ln: bool = False, center_writing_weights: bool = False,
                         center_unembed: bool = False, fold_value_biases: bool = False,
-                        refactor_factored_attn_matrices: bool = False) -> ModelT:
+                        refactor_factored_attn_matrices: bool = False, checkpoint_index: int | None = None,
+                        checkpoint_value: int | None = None) -> ModelT:
         """Load a transformers GPTNeoX checkpoint (local directory or hub id), in eval mode.
 
         `dtype` None keeps the checkpoint's own; the tokenizer is the checkpoint's tokenizer.json when
@@ -133,7 +136,14 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
         needed only when a .bin checkpoint has blocks on "disk" (safetensors files are read in place).
         The result's `device_map` shows the placement (accelerate also sets `hf_device_map`, the same
         dict); README "Bigger than one GPU".
+
+        `checkpoint_index` / `checkpoint_value` pick a training checkpoint as TransformerLens does: of a
+        Pythia hub id (revision "step{value}"), of "neox-lab/default" (the shipped model's training
+        history) or of a local folder of step directories; the value must be one of
+        `get_checkpoint_labels(path_or_repo_id)`, the index indexes that list (model/checkpoints.py).
         """
+        path_or_repo_id, revision = resolve_checkpoint_choice(path_or_repo_id, revision, checkpoint_index,
+                                                              checkpoint_value)
         steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
                      fold_value_biases=fold_value_biases,
                      refactor_factored_attn_matrices=refactor_factored_attn_matrices)
@@ -188,6 +198,22 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
                              "holds offloaded weights as placeholders; load it without device_map to process it")
         process_weights(self, **steps)
         self.weights_processed |= {name for name, on in steps.items() if on}
+        return self
+
+    def load_checkpoint_(self: ModelT, path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                         checkpoint_index: int | None = None, checkpoint_value: int | None = None) -> ModelT:
+        """Load another checkpoint of this model into it **in place** (the same tensors, new values);
+        returns the model.
+
+        For sweeps over training checkpoints: hooks, a `device_map` placement, the attention backend and
+        weight processing stay, and no parameter is reallocated. Checked as `from_pretrained` checks: the
+        config must match this model's (shapes and everything that changes the computation), every
+        tensor must be there with its shape, finite, nothing left over; a refused checkpoint raises
+        CheckpointError and leaves the model untouched. `revision`, `checkpoint_index` and
+        `checkpoint_value` pick the checkpoint as in `from_pretrained` (model/reload.py)."""
+        path_or_repo_id, revision = resolve_checkpoint_choice(path_or_repo_id, revision, checkpoint_index,
+                                                              checkpoint_value)
+        load_in_place(self, path_or_repo_id, revision=revision)
         return self
 
     def stored_state_dict(self) -> dict[str, torch.Tensor]:
