@@ -97,10 +97,16 @@ def quantisation_error(t: torch.Tensor, bits: int, group: int) -> float:
 
 # ------------------------------------------------------------------------------------------ files
 def save_compact(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, bits: int = 8,
-                 group: int | None = None, min_size: int = 4096) -> dict[str, dict]:
+                 group: int | None = None, min_size: int = 4096,
+                 overrides: dict[str, dict] | None = None) -> dict[str, dict]:
     """Write `tensors` (a transformers-keyed state dict) to the safetensors file `path`, 2-D floating tensors
-    of at least `min_size` values encoded (`group` values per scale; None: one scale per row), the rest
-    as float32. Returns the encoding of each encoded tensor (what the header records)."""
+    of at least `min_size` values encoded (`bits`, `group` values per scale; None: one scale per row),
+    the rest as float32. `overrides` gives some tensors their own ``{"bits", "group"}`` (e.g. the
+    embedding at 4 bits, most of a small model's values, while the matrices of the circuits keep 8).
+    Returns the encoding of each encoded tensor (what the header records)."""
+    unknown = sorted(set(overrides or {}) - set(tensors))
+    if unknown:
+        raise ValueError(f"overrides name tensors that are not there: {', '.join(unknown)}")
     out: dict[str, torch.Tensor] = {}
     encoded: dict[str, dict] = {}
     for key, t in tensors.items():
@@ -110,9 +116,10 @@ def save_compact(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, b
         if not t.is_floating_point():
             raise ValueError(f"{key}: only floating tensors are stored in a compact checkpoint, got {t.dtype}")
         if t.dim() == 2 and t.numel() >= min_size:
-            g = t.shape[1] if group is None else group
-            out[key + _Q], out[key + _S] = encode(t, bits, g, key)
-            encoded[key] = {"bits": bits, "group": g, "shape": list(t.shape)}
+            own = {"bits": bits, "group": group, **(overrides or {}).get(key, {})}
+            g = t.shape[1] if own["group"] is None else own["group"]
+            out[key + _Q], out[key + _S] = encode(t, own["bits"], g, key)
+            encoded[key] = {"bits": own["bits"], "group": g, "shape": list(t.shape)}
         else:
             out[key] = t.to(torch.float32).contiguous()
     header = {"version": FORMAT_VERSION, "tensors": encoded}

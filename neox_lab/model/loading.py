@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from ..config import NeoXConfig, read_json_object
 from ..dtypes import DTYPES, nonfinite_count
 from ..tokenizer import NeoXTokenizer
-from .compact import is_compact, read_compact
+from .compact import is_compact, read_compact, save_compact
 from .shipped import DEFAULT_MODEL_ID, attach_default_tokenizer, default_model_dir, package_model_dir
 
 # (transformers prefix, neox_lab prefix) inside the body; "{L}" is the layer index. The body sits at
@@ -362,13 +362,16 @@ def _untie(model, cfg: NeoXConfig) -> NeoXConfig:
 def _attach_tokenizer(model, directory: Path) -> None:
     if (directory / "tokenizer.json").exists():
         model.tokenizer = NeoXTokenizer.from_pretrained(directory)
-    elif directory.resolve() == package_model_dir().resolve():
-        attach_default_tokenizer(model)  # the shipped model reuses the package's tokenizer file
+    elif package_model_dir().resolve() in (directory.resolve(), *directory.resolve().parents):
+        attach_default_tokenizer(model)  # the shipped model (and its kept checkpoints) use the package's file
 
 
 # ---------------------------------------------------------------------------------------- saving
-def save_pretrained(model, directory, state: dict[str, torch.Tensor] | None = None) -> None:
-    """`state`: the tensors to write (default `model.state_dict()`; a placed model passes its stored values)."""
+def save_pretrained(model, directory, state: dict[str, torch.Tensor] | None = None, *,
+                    compact: dict | None = None) -> None:
+    """`state`: the tensors to write (default `model.state_dict()`; a placed model passes its stored values).
+    `compact`: write a compact checkpoint (compact.py) with these `save_compact` arguments, e.g.
+    ``{"bits": 8}``: neox_lab reads it, transformers does not."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = dict(model.state_dict() if state is None else state)
@@ -388,11 +391,14 @@ def save_pretrained(model, directory, state: dict[str, torch.Tensor] | None = No
     # transformers' bare GPTNeoXModel names its tensors without the `gpt_neox.` prefix.
     tensors = {(neox_to_hf_key(k).removeprefix("gpt_neox.") if bare else neox_to_hf_key(k)):
                v.detach().contiguous().cpu() for k, v in state.items()}
-    dtype = next(iter(tensors.values())).dtype
+    dtype = torch.float32 if compact is not None else next(iter(tensors.values())).dtype
     config = model.cfg.to_hf()
     config.update(architectures=[model.hf_architecture], torch_dtype=str(dtype).removeprefix("torch."))
     tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
+    if compact is not None:
+        save_compact(tensors, tmp, **compact)
+    else:
+        save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "tokenizer", None) is not None and hasattr(model.tokenizer, "save_pretrained"):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from neox_lab import CheckpointError, NeoXForCausalLM
 from neox_lab.model.compact import METADATA_KEY, compact_header, decode, encode, is_compact, save_compact
+from neox_lab.model.loading import save_pretrained
 from neox_lab.testing.pairs import make_trained_like, tiny_config
 
 
@@ -141,3 +142,27 @@ def test_placed_loading_decodes_compact_files(ckpt):
     placed = NeoXForCausalLM.from_pretrained(path, attn_backend="eager", offload_folder=root / "offload",
                                              device_map={"": "cpu", "model.blocks.1": "disk"})
     assert torch.equal(placed(ids).logits, whole(ids).logits)
+
+
+def test_save_pretrained_writes_a_compact_checkpoint(ckpt, tmp_path):
+    model, _ = ckpt
+    save_pretrained(model, tmp_path / "c", compact={"bits": 4, "group": 16, "min_size": 64})
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["torch_dtype"] == "float32"
+    header = compact_header(tmp_path / "c" / "model.safetensors")
+    assert header["tensors"]["gpt_neox.embed_in.weight"] == {"bits": 4, "group": 16, "shape": [97, 32]}
+    assert "embed_out.weight" not in load_file(tmp_path / "c" / "model.safetensors")  # tied: stored once
+    loaded = NeoXForCausalLM.from_pretrained(tmp_path / "c")
+    q, scale = encode(model.W_E, 4, 16)
+    assert torch.equal(loaded.W_E, decode(q, scale, 4))
+
+
+def test_overrides_give_one_tensor_its_own_encoding(ckpt, tmp_path):
+    model, root = ckpt
+    tensors = load_file(root / "full" / "model.safetensors")
+    embed = "gpt_neox.embed_in.weight"
+    encoded = save_compact(tensors, tmp_path / "m.safetensors", bits=8, min_size=64,
+                           overrides={embed: {"bits": 4, "group": 8}})
+    assert encoded[embed] == {"bits": 4, "group": 8, "shape": [97, 32]}
+    assert encoded["gpt_neox.layers.0.attention.dense.weight"]["bits"] == 8
+    with pytest.raises(ValueError, match="overrides name tensors that are not there: nope"):
+        save_compact(tensors, tmp_path / "n.safetensors", overrides={"nope": {"bits": 4}})
