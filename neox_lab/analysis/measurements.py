@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..dtypes import widen
 from ..hooks.registry import block_hook
@@ -194,27 +195,48 @@ class InContextLearningScore:
     minus that of early tokens in `tokens` [batch pos] (text). Negative when context helps.
 
     `early` / `late`: a token index (Olsson et al. use the 50th and 500th tokens) or a [start, stop)
-    range of them, averaged. Returns ``{"icl_score": late - early, "loss_early": ..., "loss_late": ...,
-    "loss_per_token": [pos-1]}`` (mean over the batch of the loss of tokens 1..pos-1). `chunk` rows run
-    per forward, bounding the [rows pos d_vocab] logits held at once.
+    range of them, averaged. Returns ``{"icl_score": late - early, "loss_early": ..., "loss_late": ...}``;
+    with `per_token=True` also ``"loss_per_token": [pos-1]`` (mean over the batch of the loss of tokens
+    1..pos-1), which costs the unembedding of every position: without it only the positions scored
+    are unembedded (`logits_to_keep`; causal attention makes a prefix's logits those of the whole).
+    `chunk` rows run per forward, bounding the [rows pos d_vocab] logits held at once.
     """
 
-    def __init__(self, tokens: torch.Tensor, early=50, late=500, *, chunk: int | None = None):
+    def __init__(self, tokens: torch.Tensor, early=50, late=500, *, per_token: bool = False,
+                 chunk: int | None = None):
         self.tokens = _as_tokens(tokens, "InContextLearningScore")
         length = self.tokens.shape[1]
         self.early, self.late = _span(early, length, "early"), _span(late, length, "late")
         if self.early[1] > self.late[0]:
             raise ValueError(f"InContextLearningScore: early={early!r} must come before late={late!r}")
-        self.chunk = chunk
+        self.per_token, self.chunk = per_token, chunk
 
     @property
     def spec(self) -> dict:
         return {"measure": "icl_score", "tokens": token_digest(self.tokens), "early": list(self.early),
-                "late": list(self.late)}
+                "late": list(self.late), "per_token": self.per_token}
+
+    def _rows(self, model, positions: int) -> int:
+        return self.chunk or max(1, 2 ** 25 // (positions * model.cfg.vocab_size))
+
+    def _span_loss(self, model, span: tuple[int, int]) -> torch.Tensor:
+        """[batch stop-start] loss of tokens start..stop-1: logits at positions start-1..stop-2 only."""
+        start, stop = span
+        prefix, target = self.tokens[:, :stop - 1], self.tokens[:, start:stop]
+        rows, out = self._rows(model, stop - start), []
+        for i in range(0, prefix.shape[0], rows):
+            logits = model(prefix[i:i + rows].to(model.input_device), logits_to_keep=stop - start).logits
+            logits = widen(logits).cpu()
+            out.append(F.cross_entropy(logits.flatten(0, 1), target[i:i + rows].flatten(), reduction="none")
+                       .view(logits.shape[:2]))
+        return torch.cat(out)
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
-        rows = self.chunk or max(1, 2 ** 25 // (self.tokens.shape[1] * model.cfg.vocab_size))
+        if not self.per_token:
+            early, late = (float(self._span_loss(model, span).mean()) for span in (self.early, self.late))
+            return {"icl_score": late - early, "loss_early": early, "loss_late": late}
+        rows = self._rows(model, self.tokens.shape[1])
         device = model.input_device
         losses = [widen(model(self.tokens[i:i + rows].to(device), return_type="loss", loss_per_token=True)).cpu()
                   for i in range(0, self.tokens.shape[0], rows)]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 
 __all__ = [
     "format_token", "attention_pattern", "attention_patterns", "patching_heatmap", "logit_lens",
-    "induction_scores", "over_training",
+    "induction_scores", "over_training", "save_png",
 ]  # fmt: skip
 
 _DPI = 120
@@ -67,6 +68,12 @@ def _require_ndim(arr: np.ndarray, ndim: int, name: str) -> None:
 def _require_len(labels: Sequence[Any], expected: int, name: str, shape: tuple[int, ...]) -> None:
     if len(labels) != expected:
         raise ValueError(f"{name} has length {len(labels)} but data of shape {shape} needs {expected}")
+
+
+def save_png(fig: Figure, path: str | os.PathLike) -> None:
+    """Write `fig` as a PNG at the resolution every figure here uses, creating the folder (for figures
+    composed from several of these functions' panels)."""
+    _save(fig, path)
 
 
 def _save(fig: Figure, save: str | os.PathLike | None) -> None:
@@ -348,26 +355,35 @@ def over_training(
     # A line per head is coloured by its layer; other lines each get their own colour.
     groups, per_group = (raw.shape[1], raw.shape[2]) if raw.ndim == 3 else (arr.shape[1], 1)
     cmap = matplotlib.colormaps["viridis"]
+    handles, legend = [], []
     for i, name in enumerate(names):
         group = i // per_group
         colour = cmap(group / max(1, groups - 1) * 0.9)
-        ax.plot(steps_arr[order], arr[order, i], marker="o", markersize=3, linewidth=1.2, color=colour,
-                label=name or None, alpha=0.85)
+        (line,) = ax.plot(steps_arr[order], arr[order, i], marker="o", markersize=3, linewidth=1.2, color=colour,
+                          label=name or None, alpha=0.85)
+        # A line per head: the legend names layers (their colours), not every head.
+        if name and (per_group == 1 or i % per_group == 0):
+            handles.append(line)
+            legend.append(name if per_group == 1 else f"layer {group} ({per_group} heads)")
     positive = steps_arr[steps_arr > 0]
     if positive.size:
         if (steps_arr == 0).any():
             ax.set_xscale("symlog", linthresh=float(positive.min()), linscale=0.5)
         else:
             ax.set_xscale("log")
+    if len(set(steps_arr)) <= 12:  # few checkpoints: name each one on the axis
+        ax.set_xticks(sorted(set(steps_arr)), [f"{s:g}" for s in sorted(set(steps_arr))])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     if mark_step is not None:
-        ax.axvline(mark_step, color="crimson", linestyle="--", linewidth=1.2,
-                   label=mark_label if mark_label is not None else f"step {mark_step}")
+        handles.append(ax.axvline(mark_step, color="crimson", linestyle="--", linewidth=1.2,
+                                  label=mark_label if mark_label is not None else f"step {mark_step}"))
+        legend.append(handles[-1].get_label())
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     if title is not None:
         ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if any(names) or mark_step is not None:
-        ax.legend(fontsize=7, ncols=2 if len(names) > 8 else 1, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+    if handles:
+        ax.legend(handles, legend, fontsize=7, loc="best")
     _save(fig, save)
     return fig

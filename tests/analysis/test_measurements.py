@@ -91,7 +91,7 @@ def test_previous_token_score_reads_the_first_subdiagonal(model):
 
 def test_in_context_learning_score(model):
     tokens = torch.randint(0, CFG.vocab_size, (5, 30), generator=torch.Generator().manual_seed(2))
-    fn = InContextLearningScore(tokens, early=(3, 8), late=25, chunk=2)
+    fn = InContextLearningScore(tokens, early=(3, 8), late=25, per_token=True, chunk=2)
     out = fn(model)
     with torch.no_grad():
         per_token = next_token_loss(model(tokens).logits, tokens, per_token=True).mean(0)
@@ -101,6 +101,12 @@ def test_in_context_learning_score(model):
     assert out["loss_early"] == pytest.approx(float(per_token[2:7].mean()), rel=1e-12)
     assert out["loss_late"] == pytest.approx(float(per_token[24]), rel=1e-12)
     assert out["icl_score"] == out["loss_late"] - out["loss_early"]
+    # Without the per-token curve only the scored positions are unembedded, on the prefixes they need:
+    # causal attention makes those logits the full sequence's (fp64, other shapes: ~1e-15 apart).
+    quick = InContextLearningScore(tokens, early=(3, 8), late=25, chunk=3)(model)
+    assert "loss_per_token" not in quick
+    for key in ("icl_score", "loss_early", "loss_late"):
+        assert quick[key] == pytest.approx(out[key], rel=1e-12, abs=1e-12)
     with pytest.raises(ValueError, match="early=50 must name tokens inside 1..29"):
         InContextLearningScore(tokens)
     with pytest.raises(ValueError, match="must come before"):
