@@ -12,6 +12,9 @@
    position) by `neox_lab.analysis.patching.activation_patch`, reported as the fraction of the
    clean-corrupted gap restored.
 3. The logit lens on the clean prompt.
+4. Training dynamics (the shipped model): its kept training checkpoints swept in one model
+   (`neox_lab.sweep_checkpoints`), induction and in-context-learning scores against step, and the step
+   where the induction heads appear (`dynamics.py`).
 Figures go through `neox_lab.plotting`; `summary.txt` says what was found.
 """
 
@@ -29,7 +32,9 @@ from ..analysis.induction import InductionResult, measure_induction, repeated_to
 from ..analysis.logit_lens import LogitLens, logit_lens
 from ..analysis.patching import activation_patch, logit_diff
 from ..default_model import load_or_default
+from ..model.shipped import DEFAULT_MODEL_ID
 from ..model.tasks import NeoXForCausalLM
+from .dynamics import DynamicsResult, run_dynamics
 from .summary import summarize, token_strs
 
 __all__ = ["DemoResult", "PatchingPrompts", "make_patching_prompts", "run_demo"]
@@ -61,6 +66,7 @@ class DemoResult:
     resid_patch: torch.Tensor  # [n_layers pos] fraction of the logit difference restored
     head_patch: torch.Tensor  # [n_layers n_heads]
     lens: LogitLens
+    dynamics: DynamicsResult | None = None  # the training-history sweep (shipped model only)
     tokens: dict = field(default_factory=dict)  # labels used in the figures
     figures: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
@@ -89,13 +95,19 @@ def _load(model) -> tuple:
 
 
 def run_demo(model=None, out_dir: str | Path = "neox_lab_demo", *, progress: bool = True, seed: int = 0,
-             batch: int = 8) -> DemoResult:
+             batch: int = 8, history="auto") -> DemoResult:
     """Run the study on `model` (None: the shipped model; a path: a checkpoint directory; or a loaded
-    `NeoXForCausalLM` with `.tokenizer`), write PNG figures and summary.txt into `out_dir`."""
+    `NeoXForCausalLM` with `.tokenizer`), write PNG figures and summary.txt into `out_dir`.
+
+    `history`: the training checkpoints section 4 sweeps ("auto": the shipped model's, when `model` is
+    the shipped model, else none; or anything `sweep_checkpoints` takes; None skips the section)."""
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stages = tqdm(total=6, desc="neox-lab demo", disable=not progress, unit="stage")
+    shipped = model is None or (isinstance(model, str) and model == DEFAULT_MODEL_ID)
+    if history == "auto":
+        history = DEFAULT_MODEL_ID if shipped else None
+    stages = tqdm(total=7, desc="neox-lab demo", disable=not progress, unit="stage")
 
     stages.set_postfix_str("loading model")
     model, model_name = _load(model)
@@ -131,10 +143,21 @@ def run_demo(model=None, out_dir: str | Path = "neox_lab_demo", *, progress: boo
     lens = logit_lens(model, prompts.clean[:1])
     stages.update()
 
+    stages.set_postfix_str("training dynamics")
+    # The shipped history ends with the shipped model, so sweeping it through the shipped model we loaded
+    # leaves that model as it was; any other model is not touched (the sweep makes its own).
+    reuse = model if shipped and history == DEFAULT_MODEL_ID else None
+    dynamics = None if history is None else run_dynamics(history, tok, model=reuse, out_dir=out_dir,
+                                                         progress=False)
+    stages.update()
+
     stages.set_postfix_str("figures")
     result = DemoResult(out_dir, model_name, model.cfg, induction, prompts, clean_diff, corrupted_diff,
-                        resid_patch, head_patch, lens)
+                        resid_patch, head_patch, lens, dynamics)
     _figures(result, tok)
+    if dynamics is not None:
+        result.figures["training_dynamics"] = dynamics.figure
+        result.files.update(dynamics.files)
     stages.update()
 
     stages.set_postfix_str("summary")

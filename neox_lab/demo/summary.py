@@ -75,10 +75,40 @@ def summarize(res, tok) -> str:
             f"{label} {_nanmean(lens.target_probs[d, 0, 1 + pr.span:]):.2f}"
             for d, label in enumerate(lens.labels)),
         "",
+    ]
+    if getattr(res, "dynamics", None) is not None:
+        lines += dynamics_lines(res.dynamics) + [""]
+    lines += [
         f"Wall time: {res.wall_s:.1f} s. Figures: "
         + ", ".join(p.name for k, p in res.files.items() if k != "summary"),
     ]
     return "\n".join(lines) + "\n"
+
+
+def dynamics_lines(dyn) -> list[str]:
+    """Section 4 of the summary: the training-history sweep, the phase change, the sweep's cost."""
+    best = dyn.induction.flatten(1).amax(-1)
+    steps = ", ".join(str(s) for s in dyn.steps)
+    if dyn.appear_step is None:
+        appear = f"no head exceeds {INDUCTION_THRESHOLD} at any checkpoint"
+    else:
+        i = dyn.steps.index(dyn.appear_step)
+        layer, head = divmod(int(dyn.induction[i].argmax()), dyn.induction.shape[-1])
+        before = dyn.before()
+        appear = (f"induction heads appear at step {dyn.appear_step} (L{layer}H{head} {float(best[i]):.2f}"
+                  + (f"; best head {before[1]:.2f} at step {before[0]}" if before else "") + ")")
+    computed = [t for t in dyn.timings if not t["resumed"]]
+    load = sum(t["load_s"] for t in computed) / max(1, len(computed))
+    analysis = sum(t["analysis_s"] for t in computed) / max(1, len(computed))
+    return [
+        "4. Training dynamics (the shipped model's kept training checkpoints, swept in one model)",
+        f"   Checkpoints at steps {steps}; best induction head per checkpoint: "
+        + ", ".join(f"{float(b):.2f}" for b in best) + ".",
+        f"   Phase change: {appear}.",
+        "   In-context-learning score (loss of late minus early tokens, nats): "
+        + ", ".join(f"{float(v):+.2f}" for v in dyn.icl) + ".",
+        f"   Per checkpoint: load {load:.2f} s (in place), measurements {analysis:.2f} s.",
+    ]
 
 
 def _nanmean(t: torch.Tensor) -> float:
