@@ -44,8 +44,13 @@ def test_train_default_quick(tmp_path):
 
     out = run_script("train_default", "--quick", "--out", str(tmp_path))
     assert "held-out loss" in out and "induction" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "training.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "training.json", "checkpoints"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step0", "step2"]
     report = json.loads((tmp_path / "training.json").read_text())
+    kept = report["checkpoints"]
+    assert kept["steps"] == [0, 2] and kept["final_step"] == 3
+    assert [r["step"] for r in kept["records"]] == [0, 2, 3]
+    assert 0 < kept["records"][0]["max_relative_error"] < 0.02  # int8 per row: ~0.7% of each tensor's norm
     assert report["command"].startswith("python experiments/train_default.py --quick")
     assert report["hyperparameters"]["steps"] == 3 and len(report["loss_curve"]) == 2
     for key in ("heldout_loss", "unigram_loss"):
@@ -112,3 +117,8 @@ def test_bench_placement_quick():
     out = run_script("bench_placement", "--preset", "pythia-14m", "--tokens", "4", "--repeats", "1",
                      "--threads", "1", timeout=300)
     assert "ratio to shard" in out and "| every block on disk |" in out
+
+
+def test_bench_sweep_quick():
+    out = run_script("bench_sweep", "--quick", "--threads", "1")
+    assert "in-place load" in out and "records equal to the fresh loop's: yes" in out
