@@ -85,13 +85,14 @@ class InductionScore:
 
     The tokens are drawn once, with `seed`, from `candidates` (default: the model's tokenizer's " word"
     tokens inside its vocabulary), and reused for every model measured; or pass `tokens` directly.
+    `prefix` is put before every returned name (two probes in one `combine`).
     """
 
     def __init__(self, n: int = 15, batch: int = 16, *, seed: int = 0, candidates: torch.Tensor | None = None,
-                 tokens: torch.Tensor | None = None, bos_token_id: int | None = None):
+                 tokens: torch.Tensor | None = None, bos_token_id: int | None = None, prefix: str = ""):
         if tokens is not None:
             tokens = _as_tokens(tokens, "InductionScore")
-        self.n, self.batch, self.seed, self.bos_token_id = n, batch, seed, bos_token_id
+        self.n, self.batch, self.seed, self.bos_token_id, self.prefix = n, batch, seed, bos_token_id, prefix
         self.candidates = None if candidates is None else torch.as_tensor(candidates).long()
         self.given = tokens
         self.tokens = tokens  # drawn on the first call when not given
@@ -99,7 +100,7 @@ class InductionScore:
     @property
     def spec(self) -> dict:
         return {"measure": "induction_score", "n": self.n, "batch": self.batch, "seed": self.seed,
-                "bos_token_id": self.bos_token_id,
+                "bos_token_id": self.bos_token_id, "prefix": self.prefix,
                 "candidates": None if self.candidates is None else token_digest(self.candidates),
                 "tokens": None if self.given is None else token_digest(self.given)}
 
@@ -123,8 +124,9 @@ class InductionScore:
 
     def __call__(self, model) -> dict:
         res = measure_induction(model, self.tokens_for(model), self.n)
-        return {"induction_score": res.scores.float(), "loss_first_copy": float(res.copy_loss[0]),
-                "loss_second_copy": float(res.copy_loss[1])}
+        out = {"induction_score": res.scores.float(), "loss_first_copy": float(res.copy_loss[0]),
+               "loss_second_copy": float(res.copy_loss[1])}
+        return {self.prefix + k: v for k, v in out.items()}
 
 
 def prefix_matching_targets(tokens: torch.Tensor) -> torch.Tensor:

@@ -371,8 +371,9 @@ def over_training(
             ax.set_xscale("symlog", linthresh=float(positive.min()), linscale=0.5)
         else:
             ax.set_xscale("log")
-    if len(set(steps_arr)) <= 12:  # few checkpoints: name each one on the axis
-        ax.set_xticks(sorted(set(steps_arr)), [f"{s:g}" for s in sorted(set(steps_arr))])
+    if len(set(steps_arr)) <= 12:  # few checkpoints: name each one on the axis (slanted, so close ones fit)
+        ax.set_xticks(sorted(set(steps_arr)), [f"{s:g}" for s in sorted(set(steps_arr))], rotation=45,
+                      fontsize=8)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     if mark_step is not None:
         handles.append(ax.axvline(mark_step, color="crimson", linestyle="--", linewidth=1.2,

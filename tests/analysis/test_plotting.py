@@ -74,6 +74,8 @@ def test_public_api():
         "patching_heatmap",
         "logit_lens",
         "induction_scores",
+        "over_training",
+        "save_png",
     }
 
 
