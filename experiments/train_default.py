@@ -70,7 +70,7 @@ MODEL = dict(vocab_size=50304, hidden_size=96, num_hidden_layers=4, num_attentio
 
 
 #: The checkpoints kept during training (weights after that many optimizer steps; 0 is the initialisation).
-KEEP_STEPS = [0, 100, 200, 250, 300, 400, 500]
+KEEP_STEPS = [0, 150, 200, 250, 350, 450, 600]
 
 
 def _steps(text: str) -> list[int]:

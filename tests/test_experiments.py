@@ -50,7 +50,9 @@ def test_train_default_quick(tmp_path):
     kept = report["checkpoints"]
     assert kept["steps"] == [0, 2] and kept["final_step"] == 3
     assert [r["step"] for r in kept["records"]] == [0, 2, 3]
-    assert 0 < kept["records"][0]["max_relative_error"] < 0.02  # int8 per row: ~0.7% of each tensor's norm
+    # The largest error is the int4 embedding's (a scale per 32 values): the step is absmax / 7, about
+    # 0.36 sigma for 32 Gaussian values, and the rounding error's rms step / sqrt(12) ~ 10% of sigma.
+    assert 0.05 < kept["records"][0]["max_relative_error"] < 0.15
     assert report["command"].startswith("python experiments/train_default.py --quick")
     assert report["hyperparameters"]["steps"] == 3 and len(report["loss_curve"]) == 2
     for key in ("heldout_loss", "unigram_loss"):

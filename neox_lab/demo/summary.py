@@ -85,26 +85,29 @@ def summarize(res, tok) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _appearance(steps: list[int], scores: torch.Tensor, step: int | None) -> str:
+    """"at step S (LxHy 0.93; best head 0.12 at step P)", or that no head gets there."""
+    if step is None:
+        return f"no head exceeds {INDUCTION_THRESHOLD} at any kept checkpoint"
+    i = steps.index(step)
+    layer, head = divmod(int(scores[i].argmax()), scores.shape[-1])
+    before = f"; best head {float(scores[i - 1].max()):.2f} at step {steps[i - 1]}" if i else ""
+    return f"at step {step} (L{layer}H{head} {float(scores[i].max()):.2f}{before})"
+
+
 def dynamics_lines(dyn) -> list[str]:
     """Section 4 of the summary: the training-history sweep, the phase change, the sweep's cost."""
-    best = dyn.induction.flatten(1).amax(-1)
-    steps = ", ".join(str(s) for s in dyn.steps)
-    if dyn.appear_step is None:
-        appear = f"no head exceeds {INDUCTION_THRESHOLD} at any checkpoint"
-    else:
-        i = dyn.steps.index(dyn.appear_step)
-        layer, head = divmod(int(dyn.induction[i].argmax()), dyn.induction.shape[-1])
-        before = dyn.before()
-        appear = (f"induction heads appear at step {dyn.appear_step} (L{layer}H{head} {float(best[i]):.2f}"
-                  + (f"; best head {before[1]:.2f} at step {before[0]}" if before else "") + ")")
     computed = [t for t in dyn.timings if not t["resumed"]]
     load = sum(t["load_s"] for t in computed) / max(1, len(computed))
     analysis = sum(t["analysis_s"] for t in computed) / max(1, len(computed))
     return [
         "4. Training dynamics (the shipped model's kept training checkpoints, swept in one model)",
-        f"   Checkpoints at steps {steps}; best induction head per checkpoint: "
-        + ", ".join(f"{float(b):.2f}" for b in best) + ".",
-        f"   Phase change: {appear}.",
+        f"   Checkpoints at steps {', '.join(str(s) for s in dyn.steps)}.",
+        "   Best induction head, held-out code tokens repeated: "
+        + ", ".join(f"{float(b):.2f}" for b in dyn.best(dyn.induction)) + "; random word tokens: "
+        + ", ".join(f"{float(b):.2f}" for b in dyn.best(dyn.words)) + ".",
+        f"   Phase change: induction heads appear {_appearance(dyn.steps, dyn.induction, dyn.appear_step)} on "
+        f"code tokens; on random word tokens {_appearance(dyn.steps, dyn.words, dyn.words_step)}.",
         "   In-context-learning score (loss of late minus early tokens, nats): "
         + ", ".join(f"{float(v):+.2f}" for v in dyn.icl) + ".",
         f"   Per checkpoint: load {load:.2f} s (in place), measurements {analysis:.2f} s.",

@@ -84,14 +84,17 @@ def test_training_dynamics_section_sweeps_the_shipped_history(demo):
     assert dyn is not None and dyn.steps == get_checkpoint_labels("neox-lab/default")[0]
     assert (demo.out_dir / "training_dynamics.png").read_bytes()[:8] == PNG
     # The step named is the first kept checkpoint with a head over the threshold, after one without.
-    best = dyn.induction.flatten(1).amax(-1)
+    best = dyn.best(dyn.induction)
     i = dyn.steps.index(dyn.appear_step)
     assert float(best[i]) > INDUCTION_THRESHOLD >= float(best[:i].max()) and i > 0
     assert f"induction heads appear at step {dyn.appear_step}" in demo.summary
+    assert dyn.words_step is not None and dyn.words_step >= dyn.appear_step  # words come later (curriculum)
     left, right = demo.figures["training_dynamics"].axes[:2]
     heads = [line for line in left.get_lines() if line.get_label().startswith("L")]
     assert len(heads) == dyn.induction[0].numel()
     np.testing.assert_allclose(heads[0].get_ydata(), dyn.induction[:, 0, 0].numpy())
+    words = [line for line in left.get_lines() if line.get_label() == "best head, random word tokens"]
+    np.testing.assert_allclose(words[0].get_ydata(), dyn.best(dyn.words).numpy())
     assert left.get_xscale() == "symlog"  # step 0 on a log axis
     assert any(list(line.get_xdata()) == [dyn.appear_step] * 2 for line in left.get_lines())
     np.testing.assert_allclose(right.get_lines()[0].get_ydata(), dyn.icl.numpy())
