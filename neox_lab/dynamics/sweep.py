@@ -71,10 +71,6 @@ class SweepResult(list):
 
 
 # ------------------------------------------------------------------------------------------ what to sweep
-def _label(source: str, revision: str | None) -> str:
-    return source if revision is None else f"{source}@{revision}"
-
-
 def resolve_checkpoints(checkpoints, steps: Sequence[int] | None = None) -> list[CheckpointRef]:
     """The checkpoints a sweep runs over, in order, each with its step and a stable label.
 
