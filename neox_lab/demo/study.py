@@ -85,13 +85,15 @@ def _load(model) -> tuple:
     if model is None or isinstance(model, (str, Path)):
         name = "neox-lab/default (shipped)" if model is None else str(model)
         return load_or_default(model, cls=NeoXForCausalLM, dtype=torch.float32), name
-    return model, type(model).__name__
+    # Either convention's class: the study runs the transformers view (the same modules and weights).
+    return model.hf(), type(model).__name__
 
 
 def run_demo(model=None, out_dir: str | Path = "neox_lab_demo", *, progress: bool = True, seed: int = 0,
              batch: int = 8) -> DemoResult:
     """Run the study on `model` (None: the shipped model; a path: a checkpoint directory; or a loaded
-    `NeoXForCausalLM` with `.tokenizer`), write PNG figures and summary.txt into `out_dir`."""
+    `NeoXForCausalLM` or `HookedTransformer` with `.tokenizer`), write PNG figures and summary.txt into
+    `out_dir`."""
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ class HookedMixin:
                 layer = layer_of(name)
                 module.layer = None if layer is None else LayerIndex(layer)
                 points[name] = module
-        order = {name: i for i, name in enumerate(hook_names(self.cfg))}  # type: ignore[attr-defined]
+        order = {name: i for i, name in enumerate(hook_names(self.config))}  # type: ignore[attr-defined]
         self._hook_points = dict(sorted(points.items(), key=lambda kv: order.get(kv[0], len(order))))
 
     # ------------------------------------------------------------------ lookup
@@ -61,7 +61,7 @@ class HookedMixin:
         return list(self._hook_points)
 
     def _parallel(self) -> bool:
-        return bool(self.cfg.use_parallel_residual)  # type: ignore[attr-defined]
+        return bool(self.config.use_parallel_residual)  # type: ignore[attr-defined]
 
     def resolve_hooks(self, name_or_filter: NameOrFilter | Iterable[str] | None) -> list[HookPoint]:
         """Hook points named by a name, a list of names, a predicate on names, or None (all)."""
@@ -133,18 +133,20 @@ class HookedMixin:
                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                        pos_slice: PosSlice = None, stop_at_layer: int | None = None, incl_bwd: bool = False,
                        remove_batch_dim: bool = False, **kwargs: Any) -> tuple[Any, ActivationCache]:
-        """Forward once, caching activations; returns ``(output, ActivationCache)``.
+        """Forward once, caching activations; returns ``(output, ActivationCache)``, as TransformerLens.
 
-        The output is what `forward` returns for these arguments (logits for TransformerLens-style
-        calls, see `forward`'s `return_type`; None with `stop_at_layer`; the logits for HF-style calls).
-        `names_filter` None caches every hook except each head's write `attn.hook_result` (the
-        largest stream; as TransformerLens, it is cached when named, by a filter function, or after
-        `set_use_attn_result(True)`). Activations are stored detached (on `device`, in `dtype` when
-        given, indexed along their position axis by `pos_slice`: an int drops the axis, as in
-        TransformerLens), under `torch.no_grad()` unless `incl_bwd`, in which case the output's loss
-        (or the logits' sum when there is none) is backpropagated and gradients are cached under
-        "<name>_grad". `stop_at_layer=L` runs blocks 0..L-1 only. `remove_batch_dim=True` (batch 1)
-        drops the batch axis of every cached tensor.
+        The output is the logits (a `HookedTransformer` returns what its forward returns for these
+        arguments, see its `return_type`; a transformers-convention class the logits of its output
+        object), or, with `stop_at_layer=L`, the residual stream entering block L (L < 0 counts from
+        the end: -1 stops before the last block). `names_filter` None caches every hook except each
+        head's write `attn.hook_result` (the largest stream; as TransformerLens, it is cached when
+        named, by a filter function, or after `set_use_attn_result(True)`). Activations are stored
+        detached (on `device`, in `dtype` when given, indexed along their position axis by
+        `pos_slice`: an int keeps the axis with one position, as TransformerLens' `Slice.unwrap`
+        makes it a one-element list; the cache methods' int `pos_slice` drops it), under
+        `torch.no_grad()` unless `incl_bwd`, in which case the output's loss (or the logits' sum when
+        there is none) is backpropagated and gradients are cached under "<name>_grad".
+        `remove_batch_dim=True` (batch 1) drops the batch axis of every cached tensor.
         """
         if incl_bwd and stop_at_layer is not None:
             raise ValueError("run_with_cache: incl_bwd=True needs the whole forward (a loss or logits to "
@@ -152,6 +154,8 @@ class HookedMixin:
         points = self.resolve_hooks(names_filter)
         if names_filter is None and not self.use_attn_result:
             points = [hp for hp in points if not hp.name.endswith("attn.hook_result")]
+        if isinstance(pos_slice, int) and not isinstance(pos_slice, bool):
+            pos_slice = [pos_slice]  # TransformerLens' Slice.unwrap: the position axis stays
         store: dict[str, torch.Tensor] = {}
 
         def saver(suffix: str):
@@ -172,9 +176,15 @@ class HookedMixin:
         cache = ActivationCache(store, self)
         if remove_batch_dim:
             cache.remove_batch_dim()
-        if stop_at_layer is not None:
-            return None, cache
-        return (out.logits if hasattr(out, "logits") else out), cache
+        return _model_output(out), cache
+
+
+def _model_output(out: Any) -> Any:
+    """What run_with_cache returns for a forward's output: the logits (or, stopped early, the stream) of a
+    transformers-style output object; anything else (a TransformerLens-style return) as it is."""
+    if hasattr(out, "last_hidden_state"):
+        return out.logits if out.logits is not None else out.last_hidden_state
+    return out
 
 
 def _backprop_target(out: Any) -> torch.Tensor:
