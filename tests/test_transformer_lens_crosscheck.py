@@ -30,7 +30,10 @@ d_vocab == d_model.
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -44,13 +47,18 @@ transformers = pytest.importorskip("transformers")
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights  # noqa: E402
+from transformer_lens.utilities import get_act_name as tl_get_act_name  # noqa: E402
 
 from neox_lab import NeoXForCausalLM  # noqa: E402
 from neox_lab.analysis import patching  # noqa: E402
+from neox_lab.model.shipped import default_model_dir  # noqa: E402
 from neox_lab.testing.pairs import make_trained_like  # noqa: E402
 from neox_lab.testing.strategies import neox_configs  # noqa: E402
 
 REL = 1e-11
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "experiments" / "transformerlens_notebook.py"
+TOKENIZER_FILE = ROOT / "neox_lab" / "data" / "gpt-neox-20b-tokenizer.json"
 TL_ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu")
 #: Shared hook names whose meaning differs until issue 13 part A lands (branch issue13a): neox_lab's
 #: ln*.hook_normalized is after the LayerNorm affine, TransformerLens 3.x's before it.
@@ -261,3 +269,140 @@ def test_patching_grids_match(cfg, seed):
         assert_close(ours, theirs, f"patching {target}")
         # The same grid through neox_lab's function of TransformerLens' name and signature.
         assert_close(getattr(patching, name)(nx, corrupted, our_clean_cache, metric), theirs, f"patching.{name}")
+
+
+# ---------------------------------------------------------------------------------------------- the notebook
+# The project's TransformerLens notebook (experiments/transformerlens_notebook.py) on both libraries, each
+# loading the shipped GPT-NeoX checkpoint the way it loads one by default: neox_lab with
+# `HookedTransformer.from_pretrained`, TransformerLens with its own `HookedTransformer.from_pretrained`
+# (pointed at the local directory and given the transformers model and tokenizer, since nothing can be
+# downloaded here). Both are float32 with processed weights; every cell's result is compared.
+#
+# Bound for float cells. Both run the same fp32 arithmetic in a different association order (fused vs
+# per-head projections, the rotary tables computed by different code, heads summed in another order):
+# each costs a few units of fp32 roundoff (u = 6e-8) relative to a stream's size, grown through 4 blocks
+# of a trained model's sharp attention. Measured on this CPU: logits 5.3e-7 of their largest entry, cached
+# streams <= 2e-6, gradients 8e-6, the normalised patching metrics up to 4e-5 (a difference of logit
+# differences divided by another). We assert 2e-4 of the largest entry of each result (5x the worst);
+# a wrong position (a BOS too many), a missing LayerNorm weight or a head mix-up moves these by 1e-2 to 1.
+NOTEBOOK_REL = 2e-4
+
+#: Cells whose results differ by design; each is a row of README's table ("Coming from TransformerLens").
+DOCUMENTED_NOTEBOOK_DIFFERENCES = {
+    "cache_keys": "neox_lab caches streams TransformerLens has no hook for: ln*.hook_ln_out and hook_logits",
+    "stopped_cache_keys": "the same: ln*.hook_ln_out of the blocks run",
+}
+
+
+def _load_notebook():
+    spec = importlib.util.spec_from_file_location("transformerlens_notebook", NOTEBOOK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tl_from_pretrained(directory, **kwargs):
+    """TransformerLens' own `HookedTransformer.from_pretrained` on a local GPT-NeoX checkpoint: its name
+    lookup accepts only hub names, so it is told the directory is the official name, and it is given the
+    transformers model and tokenizer it would otherwise download."""
+    with tempfile.TemporaryDirectory() as tok_dir:
+        base = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), bos_token="<|endoftext|>",
+                                                    eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        base.save_pretrained(tok_dir)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+        hf = transformers.GPTNeoXForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        with mock.patch.object(tl.loading_from_pretrained, "get_official_model_name", lambda name: name):
+            return HookedTransformer.from_pretrained(str(directory), hf_model=hf, tokenizer=tokenizer,
+                                                     device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def notebook_results():
+    nb = _load_notebook()
+    grad = torch.is_grad_enabled()
+    try:
+        ours = nb.notebook(nb.build_model())
+        theirs = nb.notebook(tl_from_pretrained(default_model_dir()), patching=tl_patching,
+                             get_act_name=tl_get_act_name, ActivationCache=tl.ActivationCache)
+    finally:
+        torch.set_grad_enabled(grad)  # the notebook switches autodiff off, as such notebooks do
+    return nb, ours, theirs
+
+
+def _leaves(value, path=""):
+    """(path, leaf) pairs of a nested result: tensors (a tuple of floats becomes one), ids, strings."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, float) for v in value):
+        yield path, torch.tensor(value, dtype=torch.float64)
+    elif isinstance(value, (list, tuple)) and not all(isinstance(v, (str, int, bool)) for v in value):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def compare_cell(ours, theirs) -> float:
+    """0.0 when equal, else the largest float difference relative to the largest entry; raises when the
+    results differ in kind, shape, or (for ids, strings, labels) at all."""
+    worst = 0.0
+    ours_leaves, their_leaves = list(_leaves(ours)), list(_leaves(theirs))
+    assert [p for p, _ in ours_leaves] == [p for p, _ in their_leaves], "different structure"
+    for (path, a), (_, b) in zip(ours_leaves, their_leaves):
+        if torch.is_tensor(b) or torch.is_tensor(a):
+            assert torch.is_tensor(a) and torch.is_tensor(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
+            assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} vs TransformerLens {tuple(b.shape)}"
+            a, b = a.detach().cpu(), b.detach().cpu()
+            if not (a.is_floating_point() or a.is_complex()):
+                assert torch.equal(a, b.to(a.dtype)), f"{path}: ids differ"
+                continue
+            a, b = a.to(torch.complex128 if a.is_complex() else torch.float64), b.to(a.dtype if not
+                                                                                   a.is_complex() else
+                                                                                   torch.complex128)
+            if torch.equal(a, b):
+                continue
+            scale = float(b.abs().max())
+            worst = max(worst, float((a - b).abs().max()) / max(scale, 1e-30))
+        elif isinstance(b, float):
+            worst = max(worst, abs(a - b) / max(abs(b), 1e-30))
+        else:
+            assert a == b, f"{path}: {a!r} vs TransformerLens {b!r}"
+    return worst
+
+
+def test_the_notebook_gives_transformer_lens_numbers_cell_by_cell(notebook_results, capsys):
+    """Every cell equal, within fp32 rounding, or a documented difference; prints the tally."""
+    nb, ours, theirs = notebook_results
+    assert ours.keys() == theirs.keys()
+    equal, rounding, documented, pending, failures = [], {}, [], [], []
+    for cell in ours:
+        if cell in nb.NEEDS_ISSUE22B:  # compared by the skipped test below until issue22b is merged
+            pending.append(cell)
+            continue
+        try:
+            worst = compare_cell(ours[cell], theirs[cell])
+        except AssertionError as err:
+            if cell in DOCUMENTED_NOTEBOOK_DIFFERENCES:
+                documented.append(cell)
+                continue
+            failures.append(f"{cell}: {err}")
+            continue
+        assert cell not in DOCUMENTED_NOTEBOOK_DIFFERENCES, f"{cell} is listed as differing but is equal now"
+        if worst == 0.0:
+            equal.append(cell)
+        elif worst <= NOTEBOOK_REL:
+            rounding[cell] = worst
+        else:
+            failures.append(f"{cell}: differs by {worst:.3g} of its largest entry (bound {NOTEBOOK_REL})")
+    with capsys.disabled():
+        print(f"\nnotebook: {len(ours)} cells: {len(equal)} exactly equal, {len(rounding)} within fp32 rounding "
+              f"(worst {max(rounding.values(), default=0):.2g}), {len(documented)} documented, "
+              f"{len(pending)} pending issue22b")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skip(reason="needs issue22b: a backward hook on blocks.1.attn.hook_k or hook_v alone never fires "
+                         "(q/k are rotated in place inside the fused QKV output); remove this skip at the merge")
+def test_the_notebook_backward_hooks_on_one_stream_alone(notebook_results):
+    nb, ours, theirs = notebook_results
+    for cell in nb.NEEDS_ISSUE22B:
+        assert ours[cell] is not None, f"{cell}: the backward hook did not fire"
+        assert compare_cell(ours[cell], theirs[cell]) <= NOTEBOOK_REL, cell

@@ -96,8 +96,11 @@ class HookedMixin:
             hp.remove(including_permanent=including_permanent)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = ()) -> Iterator[HookedMixin]:
-        """Attach hooks for the duration of a `with` block; they are removed however the block ends.
+    def hooks(self, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = (), reset_hooks_end: bool = True,
+              clear_contexts: bool = False) -> Iterator[HookedMixin]:
+        """Attach hooks for the duration of a `with` block; they are removed however the block ends
+        (with `reset_hooks_end=False` they stay, as temporary hooks `reset_hooks()` removes, as in
+        TransformerLens; `clear_contexts=True` also empties the hook points' `ctx` dicts at the end).
 
         Every name is resolved before anything is attached, so a bad name attaches nothing.
         """
@@ -113,26 +116,33 @@ class HookedMixin:
                 added.append((hp, dir, entry))
             yield self
         finally:
-            for hp, dir, entry in added:
+            for hp, dir, entry in added if reset_hooks_end else ():
                 fns = hp.fwd_fns if dir == "fwd" else hp.bwd_fns
                 for i, e in enumerate(fns):
                     if e is entry:
                         del fns[i]
                         break
+            if clear_contexts:
+                for hp in self._hook_points.values():
+                    hp.ctx.clear()
 
-    def run_with_hooks(self, *args: Any, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = (), **kwargs: Any) -> Any:
-        """Forward with temporary hooks; returns what `forward` returns.
+    def run_with_hooks(self, *args: Any, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = (),
+                       reset_hooks_end: bool = True, clear_contexts: bool = False, **kwargs: Any) -> Any:
+        """Forward with temporary hooks; returns what `forward` returns (`hooks()` says what the two
+        switches do).
 
         Backward hooks are bound to the graph this forward builds, so a later `.backward()` on its
-        output fires them even though the hook points are clean again by then.
+        output fires them even though the hook points are clean again by then (TransformerLens removes
+        them first unless `reset_hooks_end=False`, and warns).
         """
-        with self.hooks(fwd_hooks, bwd_hooks):
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*args, **kwargs)  # type: ignore[operator]
 
     def run_with_cache(self, *args: Any, names_filter: NameOrFilter | Iterable[str] | None = None,
                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                        pos_slice: PosSlice = None, stop_at_layer: int | None = None, incl_bwd: bool = False,
-                       remove_batch_dim: bool = False, **kwargs: Any) -> tuple[Any, ActivationCache]:
+                       remove_batch_dim: bool = False, reset_hooks_end: bool = True, clear_contexts: bool = False,
+                       **kwargs: Any) -> tuple[Any, ActivationCache]:
         """Forward once, caching activations; returns ``(output, ActivationCache)``, as TransformerLens.
 
         The output is the logits (a `HookedTransformer` returns what its forward returns for these
@@ -146,7 +156,8 @@ class HookedMixin:
         makes it a one-element list; the cache methods' int `pos_slice` drops it), under
         `torch.no_grad()` unless `incl_bwd`, in which case the output's loss (or the logits' sum when
         there is none) is backpropagated and gradients are cached under "<name>_grad".
-        `remove_batch_dim=True` (batch 1) drops the batch axis of every cached tensor.
+        `remove_batch_dim=True` (batch 1) drops the batch axis of every cached tensor;
+        `reset_hooks_end` / `clear_contexts` are `hooks()`'s.
         """
         if incl_bwd and stop_at_layer is not None:
             raise ValueError("run_with_cache: incl_bwd=True needs the whole forward (a loss or logits to "
@@ -168,7 +179,7 @@ class HookedMixin:
         fwd = [(hp.name, saver("")) for hp in points]
         bwd = [(hp.name, saver("_grad")) for hp in points] if incl_bwd else []
         grad_ctx = contextlib.nullcontext() if incl_bwd else torch.no_grad()
-        with grad_ctx, self.hooks(fwd, bwd):
+        with grad_ctx, self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
             out = self(*args, stop_at_layer=stop_at_layer, **kwargs)  # type: ignore[operator]
             if incl_bwd:
                 target = _backprop_target(out)
