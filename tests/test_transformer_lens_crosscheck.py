@@ -48,6 +48,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa:
 from transformer_lens import patching as tl_patching  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights  # noqa: E402
 from transformer_lens.utilities import get_act_name as tl_get_act_name  # noqa: E402
+from transformer_lens.utilities import test_prompt as tl_test_prompt  # noqa: E402
 
 from neox_lab import NeoXForCausalLM  # noqa: E402
 from neox_lab.analysis import patching  # noqa: E402
@@ -406,3 +407,81 @@ def test_the_notebook_backward_hooks_on_one_stream_alone(notebook_results):
     for cell in nb.NEEDS_ISSUE22B:
         assert ours[cell] is not None, f"{cell}: the backward hook did not fire"
         assert compare_cell(ours[cell], theirs[cell]) <= NOTEBOOK_REL, cell
+
+
+# ---------------------------------------------------------------------------------------------- TL's own tools
+# TransformerLens' own functions run unchanged on neox_lab's HookedTransformer and give what they give on
+# TransformerLens' model loaded from the same checkpoint (both from_pretrained, float32, processed): the
+# same bound as the notebook.
+TOOL_CLEAN, TOOL_CORRUPTED = "x = a + b", "x = b + a"
+
+
+@pytest.fixture(scope="module")
+def shipped_models():
+    nb = _load_notebook()
+    return nb.build_model(), tl_from_pretrained(default_model_dir())
+
+
+def test_transformer_lens_patching_functions_run_on_neox_lab(shipped_models):
+    ours, theirs = shipped_models
+    # Every grid TransformerLens has but resid_mid (parallel blocks have no such stream) and the two slowest
+    # (dest_src_pos and by_pos_every: 2x400 more runs of the same patch setters as pattern_by_pos / by_pos).
+    slow = ("resid_mid", "dest_src_pos", "by_pos_every")
+    names = [n for n in dir(tl_patching) if n.startswith("get_act_patch_") and not n.endswith(slow)]
+    assert len(names) >= 14, names
+    results = {}
+    for model in (ours, theirs):
+        clean, corrupted = model.to_tokens(TOOL_CLEAN), model.to_tokens(TOOL_CORRUPTED)
+        answer = model.to_single_token(" c")
+
+        def metric(logits, answer=answer):
+            return logits[0, -1, answer]
+
+        with torch.no_grad():
+            _, clean_cache = model.run_with_cache(clean)
+            results[model] = {n: getattr(tl_patching, n)(model, corrupted, clean_cache, metric) for n in names}
+    for name in names:
+        assert compare_cell(results[ours][name], results[theirs][name]) <= NOTEBOOK_REL, name
+
+
+def test_transformer_lens_test_prompt_prints_the_same(shipped_models, capsys):
+    outputs = []
+    for model in shipped_models:
+        tl_test_prompt("def add(a, b):\n    return a +", "b", model, top_k=5)
+        tl_test_prompt("import numpy as", ["np", "pd"], model, prepend_bos=True)
+        outputs.append(capsys.readouterr().out)
+    ours, theirs = outputs
+    assert "Rank" in ours and ours == theirs
+
+
+def test_get_act_name_names_every_shared_hook(shipped_models):
+    ours, theirs = shipped_models
+    layer_names = ("resid_pre", "resid_post", "attn_out", "mlp_out", "q", "k", "v", "rot_q", "rot_k", "z", "pattern",
+                   "attn_scores", "result", "pre", "post", "scale", "normalized")
+    for layer in range(ours.cfg.n_layers):
+        for short in layer_names:
+            name = tl_get_act_name(short, layer)
+            assert name in ours.hook_dict and name in theirs.hook_dict, name
+    for short, where in (("scale", "ln1"), ("normalized", "ln2")):
+        assert tl_get_act_name(short, 1, where) in ours.hook_dict
+    assert tl_get_act_name("embed") in ours.hook_dict
+    # TransformerLens' hook points neox_lab lacks: only the stream-flag ones issue22b adds
+    missing = sorted(set(theirs.hook_dict) - set(ours.hook_dict))
+    assert all(n.endswith(("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in", "hook_mlp_in",
+                           "hook_tokens")) for n in missing), missing
+
+
+def test_an_attention_view_gets_what_circuitsvis_needs(shipped_models):
+    """circuitsvis.attention.attention_patterns(tokens=str_tokens, attention=cache["pattern", L][0]) draws
+    a [head query key] float tensor whose rows sum to 1 next to one string per position."""
+    views = []
+    for model in shipped_models:
+        tokens = model.to_tokens("for i in range(10):")
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+        views.append((cache["pattern", 1][0], model.to_str_tokens(tokens)))
+    (ours, our_tokens), (theirs, their_tokens) = views
+    assert our_tokens == their_tokens and ours.shape == (4, len(our_tokens), len(our_tokens))
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours.sum(-1), torch.ones(ours.shape[:2]))
+    assert compare_cell(ours, theirs) <= NOTEBOOK_REL
