@@ -457,7 +457,7 @@ def test_transformer_lens_test_prompt_prints_the_same(shipped_models, capsys):
 def test_get_act_name_names_every_shared_hook(shipped_models):
     ours, theirs = shipped_models
     layer_names = ("resid_pre", "resid_post", "attn_out", "mlp_out", "q", "k", "v", "rot_q", "rot_k", "z", "pattern",
-                   "attn_scores", "result", "pre", "post", "scale", "normalized")
+                   "attn_scores", "result", "pre", "post")
     for layer in range(ours.cfg.n_layers):
         for short in layer_names:
             name = tl_get_act_name(short, layer)
@@ -465,10 +465,17 @@ def test_get_act_name_names_every_shared_hook(shipped_models):
     for short, where in (("scale", "ln1"), ("normalized", "ln2")):
         assert tl_get_act_name(short, 1, where) in ours.hook_dict
     assert tl_get_act_name("embed") in ours.hook_dict
-    # TransformerLens' hook points neox_lab lacks: only the stream-flag ones issue22b adds
+    # TransformerLens' hook points neox_lab lacks: the stream-flag ones issue22b adds, and 3.9's
+    # unembed.hook_in / hook_out, the same streams as neox_lab's ln_final.hook_ln_out / hook_logits (README)
     missing = sorted(set(theirs.hook_dict) - set(ours.hook_dict))
-    assert all(n.endswith(("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in", "hook_mlp_in",
-                           "hook_tokens")) for n in missing), missing
+    assert all(n.endswith(("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in", "hook_mlp_in"))
+               or n in ("unembed.hook_in", "unembed.hook_out") for n in missing), missing
+    with torch.no_grad():
+        tokens = ours.to_tokens("x = 1")
+        _, our_cache = ours.run_with_cache(tokens)
+        _, their_cache = theirs.run_with_cache(tokens)
+    for mine, tl_name in (("ln_final.hook_ln_out", "unembed.hook_in"), ("hook_logits", "unembed.hook_out")):
+        assert compare_cell(our_cache[mine], their_cache[tl_name]) <= NOTEBOOK_REL, tl_name
 
 
 def test_an_attention_view_gets_what_circuitsvis_needs(shipped_models):
