@@ -30,6 +30,7 @@ d_vocab == d_model.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import tempfile
 from pathlib import Path
@@ -492,3 +493,14 @@ def test_an_attention_view_gets_what_circuitsvis_needs(shipped_models):
     assert ours.dtype == theirs.dtype == torch.float32
     torch.testing.assert_close(ours.sum(-1), torch.ones(ours.shape[:2]))
     assert compare_cell(ours, theirs) <= NOTEBOOK_REL
+
+
+def test_cfg_answers_every_transformer_lens_field_as_its_loader_does(shipped_models):
+    """Every HookedTransformerConfig field, against TransformerLens' own from_pretrained of the same
+    checkpoint; the one documented exception: neox_lab's tokenizer adds no BOS (README)."""
+    ours, theirs = shipped_models
+    fields = [f.name for f in dataclasses.fields(theirs.cfg)]
+    assert set(fields) == set(ours.cfg.to_dict()), set(fields) ^ set(ours.cfg.to_dict())
+    differ = {name: (getattr(ours.cfg, name), getattr(theirs.cfg, name)) for name in fields
+              if getattr(ours.cfg, name) != getattr(theirs.cfg, name)}
+    assert differ == {"tokenizer_prepends_bos": (False, True)}, differ
