@@ -51,6 +51,7 @@ from transformer_lens.pretrained.weight_conversions.neox import convert_neox_wei
 from transformer_lens.utilities import get_act_name as tl_get_act_name  # noqa: E402
 from transformer_lens.utilities import test_prompt as tl_test_prompt  # noqa: E402
 
+from neox_lab import HookedTransformer as NeoXHooked  # noqa: E402
 from neox_lab import NeoXForCausalLM  # noqa: E402
 from neox_lab.analysis import patching  # noqa: E402
 from neox_lab.model.shipped import default_model_dir  # noqa: E402
@@ -108,8 +109,8 @@ def tl_process_fp64(state_dict, tcfg):
 
 
 def build(cfg, seed, *, processed: bool):
-    """(neox_lab model, TransformerLens model) with the same random weights, fp64, optionally both
-    processed with TransformerLens' defaults (each library processing its own copy)."""
+    """(neox_lab HookedTransformer, TransformerLens model) with the same random weights, fp64, optionally
+    both processed with TransformerLens' defaults (each library processing its own copy)."""
     # TransformerLens 3.9's fold_ln tells W_U's axes apart by their sizes: with d_vocab == d_model it
     # scales the vocabulary axis by ln_final's weight and changes the model's log-probs by O(1)
     # (measured: 3.9 on a d_model = d_vocab = 32 model; neox_lab's processing: 5e-15). Not comparable there.
@@ -133,9 +134,10 @@ def build(cfg, seed, *, processed: bool):
     for block in model.blocks:
         block.attn.rotary_cos.copy_(cos[0, :, 0, : cfg.rotary_dim])
         block.attn.rotary_sin.copy_(sin[0, :, 0, : cfg.rotary_dim])
+    hooked = NeoXHooked(nx)  # neox_lab's TransformerLens-convention view of the same weights
     if processed:
-        nx.process_weights_()
-    return nx, model
+        hooked.process_weights_()
+    return hooked, model
 
 
 def assert_close(ours, theirs, what):
