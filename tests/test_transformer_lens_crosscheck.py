@@ -261,3 +261,65 @@ def test_patching_grids_match(cfg, seed):
         assert_close(ours, theirs, f"patching {target}")
         # The same grid through neox_lab's function of TransformerLens' name and signature.
         assert_close(getattr(patching, name)(nx, corrupted, our_clean_cache, metric), theirs, f"patching.{name}")
+
+
+# --------------------------------------------------------------------------------------------- stream flags
+#: neox_lab's setter and TransformerLens' config field of the same name; the hook points each turns on.
+STREAM_FLAGS = {
+    "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
+    "use_attn_in": ("hook_attn_in",),
+    "use_hook_mlp_in": ("hook_mlp_in",),
+}
+
+
+def flagged(cfg, seed, flag):
+    """(neox_lab, TransformerLens) on the same weights, with `flag` on in both."""
+    nx, model = build(cfg, seed, processed=False)
+    getattr(nx, f"set_{flag}")(True)
+    getattr(model, f"set_{flag}")(True)
+    return nx, model
+
+
+def edit_one_head(x, *, hook):
+    """An in-place edit of head 1's copy and of head 0's at later positions (of half the channels, for
+    hook_mlp_in): both libraries hand the hook a copy, so this must reach those heads' q/k/v (the MLP) only.
+    Not a scaling or a shift of whole rows, which the LayerNorm after the hook would undo."""
+    if x.dim() == 4:
+        x[:, :, min(1, x.shape[2] - 1), ::2] *= -2.0
+        x[:, 1:, 0, :3] += 0.5
+    else:
+        x[:, 1:, : x.shape[-1] // 2] += 1.0
+    return None
+
+
+@given(cfg=tl_configs(), seed=st.integers(0, 2**16), flag=st.sampled_from(sorted(STREAM_FLAGS)))
+def test_stream_flag_hooks_match(cfg, seed, flag):
+    """Each flagged hook point holds TransformerLens' values, and the logits stay TransformerLens' ones
+    with the flag on (per-head projection on both sides)."""
+    nx, model = flagged(cfg, seed, flag)
+    ids, _ = inputs(cfg, seed)
+    with torch.no_grad():
+        their_logits, theirs = model.run_with_cache(ids)
+        our_logits, ours = nx.run_with_cache(ids)
+    for layer in range(cfg.num_hidden_layers):
+        for hook in STREAM_FLAGS[flag]:
+            name = f"blocks.{layer}.{hook}"
+            assert name in ours and name in theirs, name
+            assert_close(ours[name], theirs[name], name)
+    assert_close(our_logits, their_logits, "logits")
+
+
+@given(cfg=tl_configs(), seed=st.integers(0, 2**16), flag=st.sampled_from(sorted(STREAM_FLAGS)),
+       layer=st.integers(0, 1))
+def test_editing_a_flagged_stream_gives_transformer_lens_logits(cfg, seed, flag, layer):
+    nx, model = flagged(cfg, seed, flag)
+    layer = min(layer, cfg.num_hidden_layers - 1)
+    ids, _ = inputs(cfg, seed)
+    for hook in STREAM_FLAGS[flag]:
+        name = f"blocks.{layer}.{hook}"
+        with torch.no_grad():
+            theirs = model.run_with_hooks(ids, fwd_hooks=[(name, edit_one_head)])
+            ours = nx.run_with_hooks(ids, fwd_hooks=[(name, edit_one_head)]).logits
+            untouched = nx(ids).logits
+        assert_close(ours, theirs, f"logits after editing {name}")
+        assert (ours - untouched).abs().max() > 1e-6, f"editing {name} changed nothing"
