@@ -18,7 +18,10 @@ Uses hooked models only through their public methods (`run_with_hooks`, `hooks`,
 never the model's internals.
 """
 
+from .attribute import METHODS, attribute
+from .evaluate import ABLATIONS, FaithfulnessCurve, evaluate, evaluate_many, faithfulness
 from .graph import Graph, SavedGraph
 from .select import greedy, prune, top_edges
 
-__all__ = ["Graph", "SavedGraph", "greedy", "prune", "top_edges"]
+__all__ = ["ABLATIONS", "METHODS", "FaithfulnessCurve", "Graph", "SavedGraph", "attribute", "evaluate",
+           "evaluate_many", "faithfulness", "greedy", "prune", "top_edges"]

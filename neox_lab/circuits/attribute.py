@@ -1,0 +1,246 @@
+"""Edge attribution: how much each edge of a `Graph` matters to a metric, clean vs corrupted.
+
+Every method scores an edge ``s -> r`` as (an estimate of) the metric change when that one edge
+carries the corrupted sender's output into an otherwise clean run:
+
+    score(s -> r) = metric(clean run, r's input + out_s(corrupted) - out_s(clean)) - metric(clean run)
+
+EAP-IG's sign convention (its ``activation_difference`` is corrupted minus clean): an edge the clean
+behaviour needs gets a score of the opposite sign to the clean-minus-corrupted metric gap.
+
+    "exact"               the definition: one patched run per edge, batched over edges; each batch
+                          starts at the receiver's block from the cached clean stream
+    "EAP"                 first order: (out_s(corrupted) - out_s(clean)) . d metric / d input_r at the
+                          clean run (Syed, Rager, Conmy 2023): a corrupted forward, a clean forward
+                          with gradients, one backward
+    "EAP-IG"              the gradient averaged over the straight path from the corrupted to the clean
+    ("EAP-IG-inputs")     embeddings, at alpha = k / ig_steps, k = 0 .. ig_steps - 1 (Hanna et al. 2024,
+                          as hannamw/EAP-IG computes it)
+    "EAP-IG-activations"  the activation-path variant: for each group of senders in turn (the input, each
+                          layer's heads, each MLP) its output is moved along the path from corrupted to
+                          clean (alpha = k / ig_steps, k = 1 .. ig_steps) in an otherwise clean run, and
+                          every receiver's gradient is averaged over all those runs (EAP-IG's
+                          ``get_scores_ig_activations``); costs (2 n_layers + 1) x ig_steps backwards
+
+`metric(logits) -> scalar` follows TransformerLens' patching convention (as `activation_patch`):
+it sees the logits of the batch's rows and returns one number (average over rows inside it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+
+from ..dtypes import widen
+from .runs import Inputs, Metric, Recorded, metric_value, prepare, record, tile
+from .streams import EDGE_SCORES, PROJECT_ROWS, ReceiverHook, Streams, per_position, stream_flags
+
+__all__ = ["METHODS", "attribute"]
+
+METHODS = ("exact", "EAP", "EAP-IG", "EAP-IG-inputs", "EAP-IG-activations")
+
+
+def attribute(model, graph, clean, corrupted, metric: Metric, method: str = "EAP-IG", *, ig_steps: int = 5,
+              attention_mask=None, batch_size: int = 64, logits_to_keep: int = 0) -> dict[str, float]:
+    """Score every edge of `graph` (built by ``Graph.from_model(model)``); returns ``{edge name: score}``
+    in the graph's edge order. See the module docstring for the methods and the sign convention.
+
+    clean, corrupted: token ids [batch pos] of the same shape; `attention_mask` (the same padding for
+        both, 1 = real token) is passed to every run.
+    ig_steps: points on the integration path for the EAP-IG methods.
+    batch_size: the most rows one forward runs (edges for "exact", path points for EAP-IG, each
+        ``batch`` rows); the larger, the faster, at the cost of memory.
+    logits_to_keep: unembed only the last N positions (`metric` then sees [batch N d_vocab]).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be an int >= 1, got {ig_steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1 (rows per forward), got {batch_size!r}")
+    inp = prepare(model, graph, clean, corrupted, attention_mask, logits_to_keep)
+    streams = Streams(graph)
+    exact = method == "exact"
+    # Exact patching rebuilds a head's input itself (see `_patch`), so it needs no per-head copies.
+    with stream_flags(model, split_qkv_input=not exact):
+        corrupted_run = record(model, streams, inp.corrupted, inp.mask, inp.fwd)
+        clean_run = record(model, streams, inp.clean, inp.mask, inp.fwd, keep_resid=exact)
+        delta = corrupted_run.outputs - clean_run.outputs  # [batch pos senders d_model]
+        if exact:
+            values = _exact(model, streams, inp, metric, clean_run, delta, batch_size)
+        else:
+            values = _gradient(model, streams, inp, metric, clean_run, corrupted_run, delta, method, ig_steps,
+                               batch_size)
+    return dict(zip(graph.edges, values.tolist(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------- exact
+def _exact(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: Recorded, delta: torch.Tensor,
+           batch_size: int) -> torch.Tensor:
+    """One run per edge (`batch` rows each, many edges per forward), from the receiver's block on."""
+    graph = streams.graph
+    batch = inp.batch
+    clean_value = metric_value(metric, clean_run.logits, "exact").double()
+    sender, receiver = graph.endpoints
+    out = torch.zeros(len(graph), dtype=torch.float64)
+    where = {r: (hook, slot) for hook in streams.receivers for slot, r in enumerate(hook.receivers)}
+    per_forward = max(1, batch_size // batch)
+    for layer in range(graph.n_layers + 1):
+        ids = [i for i in range(len(graph)) if where[int(receiver[i])][0].layer == layer]
+        for start in range(0, len(ids), per_forward):
+            chunk = ids[start:start + per_forward]
+            stream = tile(clean_run.resid[layer], len(chunk))
+            hooks = []
+            if layer == graph.n_layers:  # the logits read the final stream directly: add each edge's change
+                stream = stream.clone()
+                for g, i in enumerate(chunk):
+                    stream[g * batch:(g + 1) * batch] += delta[:, :, int(sender[i])].to(stream.dtype)
+            else:
+                for hook in streams.in_layer(layer):
+                    mine = [(g, where[int(receiver[i])][1], int(sender[i])) for g, i in enumerate(chunk)
+                            if where[int(receiver[i])][0] is hook]
+                    if mine:
+                        hooks.append(_patch(model, hook, mine, clean_run.resid[layer], delta, batch))
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+                logits = model(stream, return_type="logits", start_at_layer=layer,
+                               attention_mask=inp.mask_for(len(chunk)), **inp.fwd)
+            for g, i in enumerate(chunk):
+                out[i] = metric_value(metric, logits[g * batch:(g + 1) * batch], "exact").double() - clean_value
+    return out
+
+
+def _patch(model, receiver: ReceiverHook, entries: list[tuple[int, int, int]], resid: torch.Tensor,
+           delta: torch.Tensor, batch: int) -> tuple[str, Callable]:
+    """(hook name, hook) giving rows g*batch.. the receiver input with sender s's corrupted-minus-clean
+    output added, for each (g, slot, s) in `entries` (slot: the head of a q/k/v input).
+
+    An MLP input is patched at `hook_mlp_in`. A head's q/k/v input is not materialised per head: the
+    patched copy goes through the block's own ln1 and that head's W_Q/W_K/W_V and bias, and replaces
+    the head's q/k/v at `attn.hook_q`/`hook_k`/`hook_v` (before rotary) in just those rows, so the block
+    runs its fused projection for everything else."""
+    device = delta.device
+    rows = torch.cat([g * batch + torch.arange(batch) for g, _, _ in entries]).to(device)
+    src_rows = torch.arange(batch, device=device).repeat(len(entries))
+    heads = torch.tensor([slot for _, slot, _ in entries], device=device).repeat_interleave(batch)
+    senders = torch.tensor([s for _, _, s in entries], device=device).repeat_interleave(batch)
+
+    def change(like: torch.Tensor) -> torch.Tensor:  # [rows pos d_model]: each row's sender change
+        return delta[src_rows, :, senders].to(like.device, like.dtype)
+
+    if not receiver.per_head:  # the MLP input (a sequential block's resid_mid, which is not `resid`)
+        def add(x: torch.Tensor, *, hook) -> torch.Tensor:
+            x = x.clone()
+            x[rows.to(x.device)] += change(x)
+            return x
+        return receiver.name, add
+
+    kind = receiver.name.rsplit("hook_", 1)[1][0]  # q, k or v
+    block = model.blocks[receiver.layer]
+    weight, bias = {"q": (block.attn.W_Q, block.attn.b_Q), "k": (block.attn.W_K, block.attn.b_K),
+                    "v": (block.attn.W_V, block.attn.b_V)}[kind]
+
+    def project(x: torch.Tensor, *, hook) -> torch.Tensor:
+        normed = block.ln1(resid[src_rows].to(x.device, x.dtype) + change(x))
+        w, b = weight.to(x.device, x.dtype), bias.to(x.device, x.dtype)
+        new = einsum(normed, w[heads.to(x.device)], PROJECT_ROWS) + b[heads.to(x.device)][:, None]
+        x = x.clone()
+        x[rows.to(x.device), :, heads.to(x.device)] = new
+        return x
+    return f"blocks.{receiver.layer}.attn.hook_{kind}", project
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+@dataclass(frozen=True)
+class _Point:
+    """One run on the integration path: the input embedding at `embed_alpha` between corrupted (0)
+    and clean (1), and optionally one sender hook's output at `alpha` between them."""
+
+    embed_alpha: float = 1.0
+    hook: str | None = None
+    alpha: float = 1.0
+
+
+def _path(method: str, streams: Streams, steps: int) -> list[_Point]:
+    if method == "EAP":
+        return [_Point()]
+    if method in ("EAP-IG", "EAP-IG-inputs"):
+        return [_Point(embed_alpha=k / steps) for k in range(steps)]
+    points = []
+    for sender in streams.senders:  # the input, then each layer's heads and its MLP
+        for k in range(1, steps + 1):
+            points.append(_Point(embed_alpha=k / steps) if sender.name == "hook_embed"
+                          else _Point(hook=sender.name, alpha=k / steps))
+    return points
+
+
+def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: Recorded, corrupted_run: Recorded,
+              delta: torch.Tensor, method: str, steps: int, batch_size: int) -> torch.Tensor:
+    graph = streams.graph
+    batch = inp.batch
+    points = _path(method, streams, steps)
+    scores = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.float64, device=delta.device)
+    per_forward = max(1, batch_size // batch)
+    clean_embed, corrupted_embed = clean_run.outputs[:, :, 0], corrupted_run.outputs[:, :, 0]
+    for start in range(0, len(points), per_forward):
+        chunk = points[start:start + per_forward]
+        copies = len(chunk)
+        alphas = torch.tensor([p.embed_alpha for p in chunk], dtype=delta.dtype, device=delta.device)
+        # [copies*batch pos d_model]: row group c at its own point of the path
+        embed = (corrupted_embed[None] + alphas[:, None, None, None] * (clean_embed - corrupted_embed)[None])
+        embed = embed.flatten(0, 1)
+
+        leaf = embed.detach().requires_grad_()
+
+        def start_graph(x, *, hook, leaf=leaf):
+            # The path's embedding, as a leaf: gradients start here whether or not the weights want them.
+            return leaf.to(x.dtype)
+
+        hooks = [("hook_embed", start_graph)]
+        for name in {p.hook for p in chunk if p.hook is not None}:
+            mine = [(c, p.alpha) for c, p in enumerate(chunk) if p.hook == name]
+            hooks.append((name, _interpolate(mine, streams, name, clean_run, corrupted_run, batch)))
+        bwd = [(r.name, _accumulate(r, scores, delta, copies, batch)) for r in streams.receivers]
+        with torch.enable_grad(), model.hooks(fwd_hooks=hooks, bwd_hooks=bwd):
+            logits = model(tile(inp.clean, copies), return_type="logits", attention_mask=inp.mask_for(copies),
+                           **inp.fwd)
+            total = sum(metric_value(metric, logits[c * batch:(c + 1) * batch], method) for c in range(copies))
+            if not total.requires_grad:
+                raise ValueError(f"{method} needs a metric differentiable in the logits (it returned a tensor "
+                                 "that does not require grad)")
+            # Only the activations' gradients are taken: parameters' .grad stay as they were.
+            torch.autograd.grad(total, leaf)
+    sender, receiver = graph.endpoints
+    return (scores[sender, receiver] / len(points)).cpu()
+
+
+def _interpolate(entries: list[tuple[int, float]], streams: Streams, name: str, clean_run: Recorded,
+                 corrupted_run: Recorded, batch: int) -> Callable:
+    """A hook setting the rows of each (copy c, alpha) in `entries` to that sender group's corrupted
+    output + alpha (clean - corrupted)."""
+    sender = next(s for s in streams.senders if s.name == name)
+    span = slice(sender.first, sender.first + sender.count)
+    clean, corrupted = clean_run.outputs[:, :, span], corrupted_run.outputs[:, :, span]
+
+    def hook(x: torch.Tensor, *, hook) -> torch.Tensor:
+        x = x.clone()
+        for c, alpha in entries:
+            value = corrupted + alpha * (clean - corrupted)
+            x[c * batch:(c + 1) * batch] = (value if sender.per_head else value.squeeze(-2)).to(x.dtype)
+        return x
+    return hook
+
+
+def _accumulate(receiver: ReceiverHook, scores: torch.Tensor, delta: torch.Tensor, copies: int, batch: int):
+    """A backward hook adding (sender change) . (gradient at this input), summed over the path's row
+    groups, batch and positions, to scores[senders upstream, this hook's receivers]."""
+    up = receiver.upstream
+    ids = torch.tensor(receiver.receivers, device=scores.device)
+
+    def hook(grad: torch.Tensor, *, hook) -> None:
+        g = per_position(grad, receiver.per_head)
+        g = widen(g).reshape(copies, batch, *g.shape[1:]).sum(0).to(delta.dtype)  # [batch pos receivers d_model]
+        scores[:up, ids] += einsum(delta[:, :, :up], g, EDGE_SCORES).double()
+    return hook
