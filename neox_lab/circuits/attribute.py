@@ -66,14 +66,17 @@ def attribute(model, graph, clean, corrupted, metric: Metric, method: str = "EAP
     exact = method == "exact"
     # Exact patching rebuilds a head's input itself (see `_patch`), so it needs no per-head copies.
     with stream_flags(model, split_qkv_input=not exact):
-        corrupted_run = record(model, streams, inp.corrupted, inp.mask, inp.fwd)
+        delta = record(model, streams, inp.corrupted, inp.mask, inp.fwd).outputs
         clean_run = record(model, streams, inp.clean, inp.mask, inp.fwd, keep_resid=exact)
-        delta = corrupted_run.outputs - clean_run.outputs  # [batch pos senders d_model]
+        # [batch pos senders d_model], corrupted minus clean, in place: the one activation per sender
+        # and position that scoring keeps (clean outputs too only where the path needs them).
+        delta -= clean_run.outputs
+        if method != "EAP-IG-activations":
+            clean_run.outputs = clean_run.outputs[:, :, :1].clone()  # the embeddings
         if exact:
             values = _exact(model, streams, inp, metric, clean_run, delta, batch_size)
         else:
-            values = _gradient(model, streams, inp, metric, clean_run, corrupted_run, delta, method, ig_steps,
-                               batch_size)
+            values = _gradient(model, streams, inp, metric, clean_run, delta, method, ig_steps, batch_size)
     return dict(zip(graph.edges, values.tolist(), strict=True))
 
 
@@ -176,14 +179,15 @@ def _path(method: str, streams: Streams, steps: int) -> list[_Point]:
     return points
 
 
-def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: Recorded, corrupted_run: Recorded,
-              delta: torch.Tensor, method: str, steps: int, batch_size: int) -> torch.Tensor:
+def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: Recorded, delta: torch.Tensor,
+              method: str, steps: int, batch_size: int) -> torch.Tensor:
     graph = streams.graph
     batch = inp.batch
     points = _path(method, streams, steps)
     scores = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.float64, device=delta.device)
     per_forward = max(1, batch_size // batch)
-    clean_embed, corrupted_embed = clean_run.outputs[:, :, 0], corrupted_run.outputs[:, :, 0]
+    clean_embed = clean_run.outputs[:, :, 0]
+    corrupted_embed = clean_embed + delta[:, :, 0]
     for start in range(0, len(points), per_forward):
         chunk = points[start:start + per_forward]
         copies = len(chunk)
@@ -201,7 +205,7 @@ def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: R
         hooks = [("hook_embed", start_graph)]
         for name in {p.hook for p in chunk if p.hook is not None}:
             mine = [(c, p.alpha) for c, p in enumerate(chunk) if p.hook == name]
-            hooks.append((name, _interpolate(mine, streams, name, clean_run, corrupted_run, batch)))
+            hooks.append((name, _interpolate(mine, streams, name, clean_run.outputs, delta, batch)))
         bwd = [(r.name, _accumulate(r, scores, delta, copies, batch)) for r in streams.receivers]
         with torch.enable_grad(), model.hooks(fwd_hooks=hooks, bwd_hooks=bwd):
             logits = model(tile(inp.clean, copies), return_type="logits", attention_mask=inp.mask_for(copies),
@@ -216,18 +220,17 @@ def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: R
     return (scores[sender, receiver] / len(points)).cpu()
 
 
-def _interpolate(entries: list[tuple[int, float]], streams: Streams, name: str, clean_run: Recorded,
-                 corrupted_run: Recorded, batch: int) -> Callable:
+def _interpolate(entries: list[tuple[int, float]], streams: Streams, name: str, clean: torch.Tensor,
+                 delta: torch.Tensor, batch: int) -> Callable:
     """A hook setting the rows of each (copy c, alpha) in `entries` to that sender group's corrupted
-    output + alpha (clean - corrupted)."""
+    output + alpha (clean - corrupted) = clean + (1 - alpha) (corrupted - clean)."""
     sender = next(s for s in streams.senders if s.name == name)
     span = slice(sender.first, sender.first + sender.count)
-    clean, corrupted = clean_run.outputs[:, :, span], corrupted_run.outputs[:, :, span]
 
     def hook(x: torch.Tensor, *, hook) -> torch.Tensor:
         x = x.clone()
         for c, alpha in entries:
-            value = corrupted + alpha * (clean - corrupted)
+            value = clean[:, :, span] + (1 - alpha) * delta[:, :, span]
             x[c * batch:(c + 1) * batch] = (value if sender.per_head else value.squeeze(-2)).to(x.dtype)
         return x
     return hook
