@@ -75,11 +75,16 @@ class Attention(nn.Module, AttentionWeights):
             qkv = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
             # Three separate views (not `unbind`, whose outputs autograd forbids editing in place).
             q, k, v = qkv[0], qkv[1], qkv[2]
+        # With no hook on these five streams, q and k are views of the projection output that nothing else
+        # holds: rotate them there (Rotary.rotate says why). A hooked stream may be cached, replaced or
+        # watched backward, and autograd drops a tensor hook registered on a view once its base is written
+        # in place, even through another view (q's write would silence a backward hook on v): then every
+        # stream is rotated into a new tensor.
+        in_place = not (self.hook_q.active or self.hook_k.active or self.hook_v.active
+                        or self.hook_rot_q.active or self.hook_rot_k.active)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        # Unhooked q and k are still views of the projection output that nothing else holds: rotate them
-        # there. A hooked one may be cached or replaced, so it is rotated into a new tensor.
-        q = self.hook_rot_q(rotary.rotate(q, cos, sin, in_place=not self.hook_q.active))
-        k = self.hook_rot_k(rotary.rotate(k, cos, sin, in_place=not self.hook_k.active))
+        q = self.hook_rot_q(rotary.rotate(q, cos, sin, in_place=in_place))
+        k = self.hook_rot_k(rotary.rotate(k, cos, sin, in_place=in_place))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.cfg.attention_dropout if self.training else 0.0
