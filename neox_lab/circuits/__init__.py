@@ -9,6 +9,7 @@ head's query, key or value input, an MLP's input or the logits read it) carries 
     evaluate   `evaluate`: the metric of a circuit with every other edge ablated (corrupted or mean);
                `faithfulness`: the curve of metric vs circuit size
     select     choosing edges: top n, greedy growth from the logits, pruning
+    agreement  rank correlation (Spearman) of two attributions
     streams    where nodes live: the hook points of sender outputs and receiver inputs
     runs       the recording run and the checks attribution and evaluation share
     plotting   figures of the graph and of the faithfulness curve
@@ -18,10 +19,11 @@ Uses hooked models only through their public methods (`run_with_hooks`, `hooks`,
 never the model's internals.
 """
 
+from .agreement import spearman
 from .attribute import METHODS, attribute
 from .evaluate import ABLATIONS, FaithfulnessCurve, evaluate, evaluate_many, faithfulness
 from .graph import Graph, SavedGraph
 from .select import greedy, prune, top_edges
 
 __all__ = ["ABLATIONS", "METHODS", "FaithfulnessCurve", "Graph", "SavedGraph", "attribute", "evaluate",
-           "evaluate_many", "faithfulness", "greedy", "prune", "top_edges"]
+           "evaluate_many", "faithfulness", "greedy", "prune", "spearman", "top_edges"]

@@ -24,6 +24,13 @@ behaviour needs gets a score of the opposite sign to the clean-minus-corrupted m
 
 `metric(logits) -> scalar` follows TransformerLens' patching convention (as `activation_patch`):
 it sees the logits of the batch's rows and returns one number (average over rows inside it).
+
+Memory: the sender changes, one activation per sender node and position ([senders batch pos
+d_model]), are all scoring keeps; each input's gradient is dotted with them as it arrives. Neither
+exact patching nor the gradient methods materialise a per-head copy of the stream for every head's
+q, k and v (TransformerLens' `use_split_qkv_input`): a head's input is rebuilt or differentiated
+through its own ln1 and W_Q/W_K/W_V instead (`_patch`, `_head_input_grads`). The tests check both
+against the split inputs themselves.
 """
 
 from __future__ import annotations
@@ -32,11 +39,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 
 from ..dtypes import widen
+from ..hooks.registry import block_hook
 from .runs import Inputs, Metric, Recorded, metric_value, prepare, record, tile
-from .streams import EDGE_SCORES, PROJECT_ROWS, ReceiverHook, Streams, per_position, stream_flags
+from .streams import (
+    EDGE_SCORES,
+    HEAD_COTANGENT,
+    PROJECT_ROWS,
+    ReceiverHook,
+    SenderHook,
+    Streams,
+    per_position,
+    sender_major,
+    sender_output,
+    stream_flags,
+)
 
 __all__ = ["METHODS", "attribute"]
 
@@ -63,20 +82,25 @@ def attribute(model, graph, clean, corrupted, metric: Metric, method: str = "EAP
         raise ValueError(f"batch_size must be an int >= 1 (rows per forward), got {batch_size!r}")
     inp = prepare(model, graph, clean, corrupted, attention_mask, logits_to_keep)
     streams = Streams(graph)
-    exact = method == "exact"
-    # Exact patching rebuilds a head's input itself (see `_patch`), so it needs no per-head copies.
-    with stream_flags(model, split_qkv_input=not exact):
-        delta = record(model, streams, inp.corrupted, inp.mask, inp.fwd).outputs
-        clean_run = record(model, streams, inp.clean, inp.mask, inp.fwd, keep_resid=exact)
-        # [batch pos senders d_model], corrupted minus clean, in place: the one activation per sender
-        # and position that scoring keeps (clean outputs too only where the path needs them).
+    # Sender outputs do not depend on the stream flags: record them on the model as it is. `delta` holds
+    # the corrupted outputs, then (in place) corrupted minus clean, [senders batch pos d_model]: the one
+    # activation per sender and position that scoring keeps.
+    delta = record(model, streams, inp.corrupted, inp.mask, inp.fwd).outputs
+    corrupted_embed = delta[0].clone()
+    clean_run = None
+    if method != "EAP":  # EAP's gradient run is a clean run: it records the clean outputs itself
+        clean_run = record(model, streams, inp.clean, inp.mask, inp.fwd, keep_resid=method == "exact")
         delta -= clean_run.outputs
         if method != "EAP-IG-activations":
-            clean_run.outputs = clean_run.outputs[:, :, :1].clone()  # the embeddings
-        if exact:
+            clean_run.outputs = None
+    if method == "exact":
+        # Neither path materialises per-head copies of the stream: see `_patch` and `_gradient`.
+        with stream_flags(model, split_qkv_input=False):
             values = _exact(model, streams, inp, metric, clean_run, delta, batch_size)
-        else:
-            values = _gradient(model, streams, inp, metric, clean_run, delta, method, ig_steps, batch_size)
+    else:
+        with stream_flags(model, split_qkv_input=False):
+            values = _gradient(model, streams, inp, metric, clean_run, delta, corrupted_embed, method, ig_steps,
+                               batch_size)
     return dict(zip(graph.edges, values.tolist(), strict=True))
 
 
@@ -100,7 +124,7 @@ def _exact(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: Reco
             if layer == graph.n_layers:  # the logits read the final stream directly: add each edge's change
                 stream = stream.clone()
                 for g, i in enumerate(chunk):
-                    stream[g * batch:(g + 1) * batch] += delta[:, :, int(sender[i])].to(stream.dtype)
+                    stream[g * batch:(g + 1) * batch] += delta[int(sender[i])].to(stream.dtype)
             else:
                 for hook in streams.in_layer(layer):
                     mine = [(g, where[int(receiver[i])][1], int(sender[i])) for g, i in enumerate(chunk)
@@ -131,7 +155,7 @@ def _patch(model, receiver: ReceiverHook, entries: list[tuple[int, int, int]], r
     senders = torch.tensor([s for _, _, s in entries], device=device).repeat_interleave(batch)
 
     def change(like: torch.Tensor) -> torch.Tensor:  # [rows pos d_model]: each row's sender change
-        return delta[src_rows, :, senders].to(like.device, like.dtype)
+        return delta[senders, src_rows].to(like.device, like.dtype)
 
     if not receiver.per_head:  # the MLP input (a sequential block's resid_mid, which is not `resid`)
         def add(x: torch.Tensor, *, hook) -> torch.Tensor:
@@ -140,7 +164,7 @@ def _patch(model, receiver: ReceiverHook, entries: list[tuple[int, int, int]], r
             return x
         return receiver.name, add
 
-    kind = receiver.name.rsplit("hook_", 1)[1][0]  # q, k or v
+    kind = receiver.kind
     block = model.blocks[receiver.layer]
     weight, bias = {"q": (block.attn.W_Q, block.attn.b_Q), "k": (block.attn.W_K, block.attn.b_K),
                     "v": (block.attn.W_V, block.attn.b_V)}[kind]
@@ -179,34 +203,58 @@ def _path(method: str, streams: Streams, steps: int) -> list[_Point]:
     return points
 
 
-def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: Recorded, delta: torch.Tensor,
-              method: str, steps: int, batch_size: int) -> torch.Tensor:
+def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: Recorded | None, delta: torch.Tensor,
+              corrupted_embed: torch.Tensor, method: str, steps: int, batch_size: int) -> torch.Tensor:
+    """Gradient scores: for each chunk of path points, one forward with gradients and one backward.
+
+    A head's q/k/v input is not materialised per head (TransformerLens' split inputs would keep 3 x
+    n_heads copies of the stream per layer for the backward). Its gradient follows from the chain rule
+    through what the head does with it, q_h = ln1(x) W_Q[h] + b_Q[h]: the backward hooks keep the
+    gradient at `attn.hook_q` / `hook_k` / `hook_v` (one activation per layer each), and afterwards each
+    layer's is taken back through W_Q[h] (W_K, W_V) and, as one batched vector-Jacobian product, through
+    the block's own ln1 at the stream the run fed it. MLP inputs (`hook_mlp_in`) and the logits' input
+    are scored in their backward hooks directly."""
     graph = streams.graph
     batch = inp.batch
     points = _path(method, streams, steps)
     scores = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.float64, device=delta.device)
     per_forward = max(1, batch_size // batch)
-    clean_embed = clean_run.outputs[:, :, 0]
-    corrupted_embed = clean_embed + delta[:, :, 0]
     for start in range(0, len(points), per_forward):
         chunk = points[start:start + per_forward]
         copies = len(chunk)
-        alphas = torch.tensor([p.embed_alpha for p in chunk], dtype=delta.dtype, device=delta.device)
-        # [copies*batch pos d_model]: row group c at its own point of the path
-        embed = (corrupted_embed[None] + alphas[:, None, None, None] * (clean_embed - corrupted_embed)[None])
-        embed = embed.flatten(0, 1)
+        leaf: list[torch.Tensor] = []
 
-        leaf = embed.detach().requires_grad_()
+        def start_graph(x, *, hook, chunk=chunk, leaf=leaf):
+            # x is the clean embedding in every row group; group c goes to its point of the path. The
+            # result is a leaf: gradients start here whether or not the weights want them.
+            if any(p.embed_alpha != 1.0 for p in chunk):
+                alphas = torch.tensor([p.embed_alpha for p in chunk], dtype=x.dtype, device=x.device)
+                base = tile(corrupted_embed.to(x.device, x.dtype), len(chunk))
+                x = base + alphas.repeat_interleave(batch)[:, None, None] * (x - base)
+            leaf.append(x.detach().requires_grad_())
+            return leaf[0]
 
-        def start_graph(x, *, hook, leaf=leaf):
-            # The path's embedding, as a leaf: gradients start here whether or not the weights want them.
-            return leaf.to(x.dtype)
+        streams_in: dict[int, torch.Tensor] = {}  # layer -> the stream entering it in this run
+        head_grads: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "q") -> gradient at attn.hook_q
+
+        def keep_stream(x, *, hook, streams_in=streams_in):
+            streams_in[hook.layer()] = x.detach()
+
+        def keep_grad(kind, head_grads=head_grads):
+            def hook(g, *, hook):
+                head_grads[hook.layer(), kind] = g.detach()
+            return hook
 
         hooks = [("hook_embed", start_graph)]
+        hooks += [(block_hook(layer, "hook_resid_pre"), keep_stream) for layer in range(graph.n_layers)]
+        if clean_run is None:  # EAP: this run is the clean run; finish delta as its senders write
+            hooks += [(sender.name, _subtract(sender, delta)) for sender in streams.senders]
         for name in {p.hook for p in chunk if p.hook is not None}:
             mine = [(c, p.alpha) for c, p in enumerate(chunk) if p.hook == name]
             hooks.append((name, _interpolate(mine, streams, name, clean_run.outputs, delta, batch)))
-        bwd = [(r.name, _accumulate(r, scores, delta, copies, batch)) for r in streams.receivers]
+        bwd = [(r.name, _accumulate(r, scores, delta, copies, batch)) for r in streams.receivers if not r.per_head]
+        bwd += [(block_hook(layer, f"attn.hook_{kind}"), keep_grad(kind)) for layer in range(graph.n_layers)
+                for kind in "qkv"]
         with torch.enable_grad(), model.hooks(fwd_hooks=hooks, bwd_hooks=bwd):
             logits = model(tile(inp.clean, copies), return_type="logits", attention_mask=inp.mask_for(copies),
                            **inp.fwd)
@@ -215,9 +263,34 @@ def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: R
                 raise ValueError(f"{method} needs a metric differentiable in the logits (it returned a tensor "
                                  "that does not require grad)")
             # Only the activations' gradients are taken: parameters' .grad stay as they were.
-            torch.autograd.grad(total, leaf)
+            torch.autograd.grad(total, leaf[0])
+            del logits, total
+            for receiver in streams.receivers:
+                grad = head_grads.pop((receiver.layer, receiver.kind), None)
+                if grad is not None:  # None: an MLP or the logits (scored already), or no path to the metric
+                    inputs = _head_input_grads(model, receiver, streams_in[receiver.layer], grad)
+                    _accumulate(receiver, scores, delta, copies, batch)(inputs, hook=None)
     sender, receiver = graph.endpoints
     return (scores[sender, receiver] / len(points)).cpu()
+
+
+def _head_input_grads(model, receiver: ReceiverHook, stream: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient at each head's own copy of the block input [batch pos n_heads d_model], from the
+    gradient at that head's q (k, v) [batch pos n_heads d_head]: back through W_Q[h] (a linear map),
+    then through the block's ln1 at `stream` (one vector-Jacobian product per head, batched)."""
+    block = model.blocks[receiver.layer]
+    weight = {"q": block.attn.W_Q, "k": block.attn.W_K, "v": block.attn.W_V}[receiver.kind].to(grad.device, grad.dtype)
+    cotangents = einsum(grad, weight, HEAD_COTANGENT)  # [n_heads batch pos d_model], at ln1's output
+    _, pullback = torch.func.vjp(block.ln1, stream.to(grad.device, grad.dtype))
+    (inputs,) = torch.func.vmap(pullback)(cotangents)
+    return rearrange(inputs, "n_heads batch pos d_model -> batch pos n_heads d_model")
+
+
+def _subtract(sender: SenderHook, delta: torch.Tensor) -> Callable:
+    """A forward hook turning `sender`'s corrupted outputs in `delta` into corrupted minus this run's."""
+    def hook(x: torch.Tensor, *, hook) -> None:
+        delta[sender.first:sender.first + sender.count] -= sender_major(sender, x.detach()).to(delta)
+    return hook
 
 
 def _interpolate(entries: list[tuple[int, float]], streams: Streams, name: str, clean: torch.Tensor,
@@ -225,13 +298,12 @@ def _interpolate(entries: list[tuple[int, float]], streams: Streams, name: str, 
     """A hook setting the rows of each (copy c, alpha) in `entries` to that sender group's corrupted
     output + alpha (clean - corrupted) = clean + (1 - alpha) (corrupted - clean)."""
     sender = next(s for s in streams.senders if s.name == name)
-    span = slice(sender.first, sender.first + sender.count)
 
     def hook(x: torch.Tensor, *, hook) -> torch.Tensor:
         x = x.clone()
         for c, alpha in entries:
-            value = clean[:, :, span] + (1 - alpha) * delta[:, :, span]
-            x[c * batch:(c + 1) * batch] = (value if sender.per_head else value.squeeze(-2)).to(x.dtype)
+            value = sender_output(clean, sender) + (1 - alpha) * sender_output(delta, sender)
+            x[c * batch:(c + 1) * batch] = value.to(x.dtype)
         return x
     return hook
 
@@ -244,6 +316,6 @@ def _accumulate(receiver: ReceiverHook, scores: torch.Tensor, delta: torch.Tenso
 
     def hook(grad: torch.Tensor, *, hook) -> None:
         g = per_position(grad, receiver.per_head)
-        g = widen(g).reshape(copies, batch, *g.shape[1:]).sum(0).to(delta.dtype)  # [batch pos receivers d_model]
-        scores[:up, ids] += einsum(delta[:, :, :up], g, EDGE_SCORES).double()
+        g = widen(g).reshape(copies, batch, *g.shape[1:]).sum(0).to(delta.device, delta.dtype)
+        scores[:up, ids] += einsum(delta[:up], g, EDGE_SCORES).double()
     return hook

@@ -24,7 +24,7 @@ from einops import einsum
 
 from . import plotting
 from .runs import Inputs, Metric, metric_value, prepare, record, tile
-from .streams import ABLATE, Streams, per_position, stream_flags
+from .streams import ABLATE, Streams, stream_flags, write_outputs
 
 __all__ = ["ABLATIONS", "FaithfulnessCurve", "evaluate", "evaluate_many", "faithfulness"]
 
@@ -72,45 +72,46 @@ def evaluate_many(model, graph, edge_sets: Sequence[Iterable[str]], clean, corru
 
 
 def _ablated_outputs(model, streams: Streams, inp: Inputs, ablation: str) -> torch.Tensor:
-    """What an ablated edge carries, per sender: [batch or 1, pos or 1, senders, d_model]."""
+    """What an ablated edge carries, per sender: [senders, batch or 1, pos or 1, d_model]."""
     outputs = record(model, streams, inp.corrupted, inp.mask, inp.fwd).outputs
     if ablation == "corrupted":
         return outputs
     if inp.mask is None:
-        weights = torch.ones(outputs.shape[:2], dtype=outputs.dtype, device=outputs.device)
+        weights = torch.ones(outputs.shape[1:3], dtype=outputs.dtype, device=outputs.device)
     else:
         weights = inp.mask.to(outputs.device, outputs.dtype)
+    weighted = outputs * weights[None, :, :, None]
     if ablation == "mean-positional":
         # pad positions of a row do not count; a position padded in every row averages nothing: 0
-        total = weights.sum(0).clamp(min=1.0)
-        return (outputs * weights[:, :, None, None]).sum(0, keepdim=True) / total[None, :, None, None]
-    total = weights.sum().clamp(min=1.0)
-    return (outputs * weights[:, :, None, None]).sum((0, 1), keepdim=True) / total
+        return weighted.sum(1, keepdim=True) / weights.sum(0).clamp(min=1.0)[None, None, :, None]
+    return weighted.sum((1, 2), keepdim=True) / weights.sum().clamp(min=1.0)
 
 
 def _run_circuits(model, streams: Streams, inp: Inputs, metric: Metric, ablated: torch.Tensor,
                   off: torch.Tensor) -> list[float]:
     graph = streams.graph
     copies, batch = off.shape[0], inp.batch
-    current: list[torch.Tensor | None] = [None]
+    current: list[torch.Tensor | None] = [None]  # this run's sender outputs, [senders rows pos d_model]
 
     def keep(sender):
         def hook(x, *, hook):
             if current[0] is None:
-                current[0] = x.new_zeros((*x.shape[:2], len(graph.senders), x.shape[-1]), dtype=ablated.dtype)
-            current[0][:, :, sender.first:sender.first + sender.count] = per_position(x, sender.per_head)
+                current[0] = x.new_zeros((len(graph.senders), *x.shape[:2], x.shape[-1]), dtype=ablated.dtype)
+            write_outputs(current[0], sender, x)
         return hook
 
     def rebuild(receiver):
         up, ids = receiver.upstream, torch.tensor(receiver.receivers, device=off.device)
 
         def hook(x, *, hook):
-            now = current[0][:, :, :up]
-            change = (ablated[:, :, :up] if ablated.shape[0] == 1 else tile(ablated[:, :, :up], copies)) - now
-            change = change.reshape(copies, batch, *change.shape[1:])
+            now = current[0][:up]
+            # what each ablated edge carries, for every circuit's rows (a mean broadcasts over them)
+            carried = ablated[:up] if ablated.shape[1] == 1 else ablated[:up].repeat(1, copies, 1, 1)
+            change = carried - now
+            change = change.reshape(up, copies, batch, *change.shape[2:])
             update = einsum(change, off[:, :up][:, :, ids], ABLATE).flatten(0, 1)  # [rows pos receivers d_model]
             update = update if receiver.per_head else update.squeeze(-2)
-            return x + update.to(x.dtype)
+            return x + update.to(x.device, x.dtype)
         return hook
 
     hooks = [(s.name, keep(s)) for s in streams.senders] + [(r.name, rebuild(r)) for r in streams.receivers]

@@ -14,7 +14,7 @@ import torch
 
 from ..dtypes import widen
 from ..hooks.registry import block_hook
-from .streams import Streams, per_position
+from .streams import Streams, write_outputs
 
 __all__ = ["Inputs", "Metric", "Recorded", "metric_value", "prepare", "record", "tile"]
 
@@ -89,7 +89,7 @@ def metric_value(metric: Metric, logits: torch.Tensor, method: str) -> torch.Ten
 
 @dataclass
 class Recorded:
-    """One run's logits and every sender's output [batch pos senders d_model] (in at least fp32)."""
+    """One run's logits and every sender's output, sender-major [senders batch pos d_model] (in at least fp32)."""
 
     logits: torch.Tensor
     outputs: torch.Tensor
@@ -107,8 +107,8 @@ def record(model, streams: Streams, tokens: torch.Tensor, mask, fwd: dict, *, ke
         def hook(x, *, hook):
             nonlocal outputs
             if outputs is None:
-                outputs = x.new_zeros((*x.shape[:2], len(graph.senders), x.shape[-1]), dtype=widen(x).dtype)
-            outputs[:, :, sender.first:sender.first + sender.count] = per_position(x, sender.per_head)
+                outputs = x.new_zeros((len(graph.senders), *x.shape[:2], x.shape[-1]), dtype=widen(x).dtype)
+            write_outputs(outputs, sender, x)
         return hook
 
     def keep_stream(layer):

@@ -15,19 +15,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 from ..hooks.registry import block_hook
 
-__all__ = ["ABLATE", "EDGE_SCORES", "PROJECT_ROWS", "ReceiverHook", "SenderHook", "Streams", "stream_flags"]
+__all__ = ["ABLATE", "EDGE_SCORES", "HEAD_COTANGENT", "PROJECT_ROWS", "ReceiverHook", "SenderHook", "Streams",
+           "per_position", "sender_major", "sender_output", "stream_flags", "write_outputs"]
 
-# Axis names beyond neox_lab.axes: `senders` / `receivers` index a graph's senders and receiver inputs
-# (a run's sender outputs are [batch pos senders d_model]); `circuits` indexes edge sets run together.
+# Axis names beyond neox_lab.axes: `senders` / `receivers` index a graph's senders and receiver inputs;
+# `circuits` indexes edge sets run together. A run's sender outputs are kept sender-major,
+# [senders batch pos d_model], so the senders upstream of an input are a contiguous prefix.
+#: A layer's head writes into the sender-major layout.
+SENDER_MAJOR = "batch pos n_heads d_model -> n_heads batch pos d_model"
 #: Sender changes dotted with receiver-input gradients, summed over rows and positions: EAP's edge scores.
-EDGE_SCORES = "batch pos senders d_model, batch pos receivers d_model -> senders receivers"
+EDGE_SCORES = "senders batch pos d_model, batch pos receivers d_model -> senders receivers"
+#: The gradient at each head's q (k, v) taken back through its W_Q (W_K, W_V): the cotangent at ln1's output.
+HEAD_COTANGENT = "batch pos n_heads d_head, n_heads d_model d_head -> n_heads batch pos d_model"
 #: Each patched row's receiver input through its head's own query/key/value weight (`rows` indexes them).
 PROJECT_ROWS = "rows pos d_model, rows d_model d_head -> rows pos d_head"
 #: Each circuit's ablated edges into some receivers applied to its rows' sender changes.
-ABLATE = "circuits batch pos senders d_model, circuits senders receivers -> circuits batch pos receivers d_model"
+ABLATE = "senders circuits batch pos d_model, circuits senders receivers -> circuits batch pos receivers d_model"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class ReceiverHook:
     receivers: tuple[int, ...]
     upstream: int
     per_head: bool
+    kind: str | None = None  # "q", "k" or "v" for a head input
 
 
 class Streams:
@@ -69,7 +77,7 @@ class Streams:
             for j, kind in enumerate("qkv"):
                 ids = tuple(base + 3 * head + j for head in range(n_heads))
                 self.receivers.append(ReceiverHook(block_hook(layer, f"hook_{kind}_input"), layer, ids,
-                                                   graph.upstream(ids[0]), True))
+                                                   graph.upstream(ids[0]), True, kind))
             mlp = base + 3 * n_heads
             self.receivers.append(ReceiverHook(block_hook(layer, "hook_mlp_in"), layer, (mlp,),
                                                graph.upstream(mlp), False))
@@ -110,5 +118,23 @@ def stream_flags(model, *, split_qkv_input: bool = True) -> Iterator[None]:
 
 
 def per_position(x: torch.Tensor, per_head: bool) -> torch.Tensor:
-    """An activation as [batch pos nodes d_model] (a single node gets a nodes axis of 1)."""
+    """A receiver input as [batch pos receivers d_model] (a single one gets an axis of 1)."""
     return x if per_head else x.unsqueeze(-2)
+
+
+def sender_major(sender: SenderHook, x: torch.Tensor) -> torch.Tensor:
+    """The activation `x` of `sender`'s hook point as [count batch pos d_model] (a view)."""
+    return rearrange(x, SENDER_MAJOR) if sender.per_head else x.unsqueeze(0)
+
+
+def write_outputs(buffer: torch.Tensor, sender: SenderHook, x: torch.Tensor) -> None:
+    """Store the activation `x` of `sender`'s hook point into the sender-major `buffer`
+    [senders batch pos d_model] (converting dtype and device)."""
+    buffer[sender.first:sender.first + sender.count] = sender_major(sender, x)
+
+
+def sender_output(buffer: torch.Tensor, sender: SenderHook) -> torch.Tensor:
+    """`sender`'s slice of a sender-major buffer in its hook point's layout ([batch pos n_heads d_model]
+    for a layer's heads, [batch pos d_model] otherwise)."""
+    span = buffer[sender.first:sender.first + sender.count]
+    return rearrange(span, "n_heads batch pos d_model -> batch pos n_heads d_model") if sender.per_head else span[0]
