@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from einops import einsum, rearrange
+from einops import einsum
 
 from ..dtypes import widen
 from ..hooks.registry import block_hook
@@ -48,6 +48,7 @@ from .streams import (
     EDGE_SCORES,
     HEAD_COTANGENT,
     PROJECT_ROWS,
+    TOKEN_SCORES,
     ReceiverHook,
     SenderHook,
     Streams,
@@ -265,25 +266,50 @@ def _gradient(model, streams: Streams, inp: Inputs, metric: Metric, clean_run: R
             # Only the activations' gradients are taken: parameters' .grad stay as they were.
             torch.autograd.grad(total, leaf[0])
             del logits, total
-            for receiver in streams.receivers:
-                grad = head_grads.pop((receiver.layer, receiver.kind), None)
-                if grad is not None:  # None: an MLP or the logits (scored already), or no path to the metric
-                    inputs = _head_input_grads(model, receiver, streams_in[receiver.layer], grad)
-                    _accumulate(receiver, scores, delta, copies, batch)(inputs, hook=None)
+            for layer in range(graph.n_layers):
+                heads = [r for r in streams.in_layer(layer) if r.per_head and (layer, r.kind) in head_grads]
+                if heads:  # none: this layer's heads had no path to the metric in this run
+                    grads = [head_grads.pop((layer, r.kind)) for r in heads]
+                    _score_heads(model, layer, heads, streams_in[layer], grads, delta, scores, copies)
     sender, receiver = graph.endpoints
     return (scores[sender, receiver] / len(points)).cpu()
 
 
-def _head_input_grads(model, receiver: ReceiverHook, stream: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient at each head's own copy of the block input [batch pos n_heads d_model], from the
-    gradient at that head's q (k, v) [batch pos n_heads d_head]: back through W_Q[h] (a linear map),
-    then through the block's ln1 at `stream` (one vector-Jacobian product per head, batched)."""
-    block = model.blocks[receiver.layer]
-    weight = {"q": block.attn.W_Q, "k": block.attn.W_K, "v": block.attn.W_V}[receiver.kind].to(grad.device, grad.dtype)
-    cotangents = einsum(grad, weight, HEAD_COTANGENT)  # [n_heads batch pos d_model], at ln1's output
-    _, pullback = torch.func.vjp(block.ln1, stream.to(grad.device, grad.dtype))
-    (inputs,) = torch.func.vmap(pullback)(cotangents)
-    return rearrange(inputs, "n_heads batch pos d_model -> batch pos n_heads d_model")
+#: Elements (receivers x tokens x d_model) of one step of `_score_heads`: its tensors stay in cache.
+_CHUNK = 2**21
+
+
+def _score_heads(model, layer: int, heads: list[ReceiverHook], stream: torch.Tensor, grads: list[torch.Tensor],
+                 delta: torch.Tensor, scores: torch.Tensor, copies: int) -> None:
+    """Score the edges into block `layer`'s q/k/v inputs (`heads`, one ReceiverHook per kind) from the
+    gradients at its heads' q (k, v) [rows pos n_heads d_head] and the stream the block read [rows pos
+    d_model].
+
+    The gradient at head h's own copy of the input is the gradient at its q taken back through W_Q[h]
+    (a linear map) and through the block's ln1 at the stream (a vector-Jacobian product per head and
+    kind, batched). The q, k and v inputs read the same senders, so their scores come from one product
+    with the sender changes. Done over a few tokens (rows x positions) at a time: the products are sums
+    over tokens, and on a CPU the per-head tensors of a whole batch would not stay in cache."""
+    block = model.blocks[layer]
+    weights = {"q": block.attn.W_Q, "k": block.attn.W_K, "v": block.attn.W_V}
+    weights = [weights[r.kind].to(grads[0].device, grads[0].dtype) for r in heads]
+    ids = torch.tensor(sum((r.receivers for r in heads), ()), device=scores.device)
+    up, d_model = heads[0].upstream, stream.shape[-1]
+    tokens = delta.shape[1] * delta.shape[2]  # one copy's rows x positions
+    changes = delta[:up].reshape(up, tokens, d_model)
+    stream = stream.reshape(copies, tokens, d_model)
+    grads = [g.reshape(copies, tokens, *g.shape[2:]) for g in grads]
+    step = max(1, _CHUNK // (len(ids) * d_model))
+    total = torch.zeros(up, len(ids), dtype=torch.float64, device=scores.device)
+    for start in range(0, tokens, step):
+        part = slice(start, start + step)
+        inputs = 0.0  # [receivers tokens d_model]: the gradients at the inputs, summed over the copies
+        for copy in range(copies):
+            cotangents = torch.cat([einsum(g[copy, part], w, HEAD_COTANGENT) for g, w in zip(grads, weights)])
+            _, pullback = torch.func.vjp(block.ln1, stream[copy, part].to(cotangents.device, cotangents.dtype))
+            inputs = inputs + torch.func.vmap(pullback)(cotangents)[0]
+        total += einsum(changes[:, part], inputs.to(changes.device, changes.dtype), TOKEN_SCORES).double()
+    scores[:up, ids] += total
 
 
 def _subtract(sender: SenderHook, delta: torch.Tensor) -> Callable:

@@ -19,8 +19,8 @@ from einops import rearrange
 
 from ..hooks.registry import block_hook
 
-__all__ = ["ABLATE", "EDGE_SCORES", "HEAD_COTANGENT", "PROJECT_ROWS", "ReceiverHook", "SenderHook", "Streams",
-           "per_position", "sender_major", "sender_output", "stream_flags", "write_outputs"]
+__all__ = ["ABLATE", "EDGE_SCORES", "HEAD_COTANGENT", "PROJECT_ROWS", "TOKEN_SCORES", "ReceiverHook", "SenderHook",
+           "Streams", "per_position", "sender_major", "sender_output", "stream_flags", "write_outputs"]
 
 # Axis names beyond neox_lab.axes: `senders` / `receivers` index a graph's senders and receiver inputs;
 # `circuits` indexes edge sets run together. A run's sender outputs are kept sender-major,
@@ -29,8 +29,10 @@ __all__ = ["ABLATE", "EDGE_SCORES", "HEAD_COTANGENT", "PROJECT_ROWS", "ReceiverH
 SENDER_MAJOR = "batch pos n_heads d_model -> n_heads batch pos d_model"
 #: Sender changes dotted with receiver-input gradients, summed over rows and positions: EAP's edge scores.
 EDGE_SCORES = "senders batch pos d_model, batch pos receivers d_model -> senders receivers"
+#: The same with rows and positions flattened into `tokens`.
+TOKEN_SCORES = "senders tokens d_model, receivers tokens d_model -> senders receivers"
 #: The gradient at each head's q (k, v) taken back through its W_Q (W_K, W_V): the cotangent at ln1's output.
-HEAD_COTANGENT = "batch pos n_heads d_head, n_heads d_model d_head -> n_heads batch pos d_model"
+HEAD_COTANGENT = "tokens n_heads d_head, n_heads d_model d_head -> n_heads tokens d_model"
 #: Each patched row's receiver input through its head's own query/key/value weight (`rows` indexes them).
 PROJECT_ROWS = "rows pos d_model, rows d_model d_head -> rows pos d_head"
 #: Each circuit's ablated edges into some receivers applied to its rows' sender changes.

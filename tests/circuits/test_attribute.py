@@ -184,11 +184,11 @@ def test_the_sequential_edge_set_on_a_parallel_model_fails_the_exactness_test(mo
 # ---------------------------------------------------------------------------------------------- EAP
 def make_linear_from(model, clean, layer):
     """Make `model` affine in every input of block `layer` and later (in place; returns an undo):
-    each LayerNorm divides by its clean scale (a constant), each MLP's activation is the identity, the
-    attention patterns of the other blocks are frozen to their clean values, and block `layer`'s
-    pattern is its masked scores (no softmax), so linear in its q alone and in its k alone. The map from
-    one input of block >= `layer` to the logits is then affine, and a metric linear in the logits is
-    linear in that input: its first-order change is the whole change."""
+    each LayerNorm divides by a constant (its clean run's mean scale) instead of its input's scale, each
+    MLP's activation is the identity, the attention patterns of the other blocks are frozen to their
+    clean values, and block `layer`'s pattern is its masked scores (no softmax), so linear in its q alone
+    and in its k alone. The map from one input of block >= `layer` to the logits is then affine, and a
+    metric linear in the logits is linear in that input: its first-order change is the whole change."""
     body = model.model
     names = ([f"blocks.{la}.hook_resid_pre" for la in range(len(body.blocks))]
              + [f"blocks.{la}.hook_resid_mid" for la in range(len(body.blocks)) if not model.cfg.use_parallel_residual]
@@ -198,15 +198,13 @@ def make_linear_from(model, clean, layer):
     eps = model.cfg.layer_norm_eps
 
     def frozen(ln, stream):
-        scale = (stream.var(-1, unbiased=False) + eps).sqrt()  # [batch pos]: the clean run's
+        scale = float((stream.var(-1, unbiased=False) + eps).sqrt().mean())  # a constant: the LN is affine
 
         def forward(x):
-            s = scale.repeat(x.shape[0] // scale.shape[0], 1)
-            s = s.reshape(*s.shape, *([1] * (x.dim() - 2)))
-            return (x - x.mean(-1, keepdim=True)) / s * ln.weight + ln.bias
+            return (x - x.mean(-1, keepdim=True)) / scale * ln.weight + ln.bias
         return forward
 
-    undo = []
+    undo, acts = [], [block.mlp.act for block in body.blocks]
     for la, block in enumerate(body.blocks):
         mlp_reads = "hook_resid_pre" if model.cfg.use_parallel_residual else "hook_resid_mid"
         mid = cache[f"blocks.{la}.{mlp_reads}"]
@@ -236,6 +234,8 @@ def make_linear_from(model, clean, layer):
         model.reset_hooks(including_permanent=True)
         for ln in undo:
             del ln.forward
+        for block, act in zip(body.blocks, acts):
+            block.mlp.act = act
     return restore
 
 
