@@ -179,6 +179,7 @@ def circuit_summary(res: CircuitResult, number: int) -> list[str]:
         f"   K-composition in it (a layer-0 head into a layer-1 induction head's key): {found}.",
         "   Strongest edges: " + ", ".join(f"{e} ({res.scores['EAP-IG'][e]:+.2f})" for e in strongest),
         f"   Fewest top edges recovering {TARGET:.0%}: {reach} (of the counts tried: "
-        f"{', '.join(str(n) for n in res.curves['EAP-IG'].counts)}).",
+        f"{', '.join(str(n) for n in res.curves['EAP-IG'].counts)}); with {res.chosen}: " + ", ".join(
+            f"{m} {c.fractions[c.counts.index(res.chosen)]:.0%}" for m, c in res.curves.items()) + ".",
         "",
     ]
