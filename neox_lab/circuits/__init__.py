@@ -14,9 +14,10 @@ head's query, key or value input, an MLP's input or the logits read it) carries 
     runs       the recording run and the checks attribution and evaluation share
     plotting   figures of the graph and of the faithfulness curve
 
-Uses hooked models only through their public methods (`run_with_hooks`, `hooks`, `cfg`,
-`set_use_split_qkv_input`, `set_use_hook_mlp_in`); imports the hook contract and the foundations,
-never the model's internals.
+Uses hooked models only through their public surface (`run_with_hooks`, `hooks`, `cfg`,
+`set_use_split_qkv_input`, `set_use_hook_mlp_in`, and TransformerLens' `blocks[L].ln1` and
+`blocks[L].attn.W_Q` / `W_K` / `W_V` / `b_Q` ... to rebuild or differentiate one head's input); imports
+the hook contract and the foundations, never the model's internals.
 """
 
 from .agreement import spearman

@@ -6,6 +6,8 @@ Senders write: ``input`` = `hook_embed`, ``a{L}.h{H}`` = head H of `blocks.L.att
 `blocks.L.hook_q_input` / `hook_k_input` / `hook_v_input` (the stream entering block L, one copy per
 head, before ln1; TransformerLens' `use_split_qkv_input`), ``m{L}`` = `blocks.L.hook_mlp_in` (before
 ln2; `use_hook_mlp_in`), ``logits`` = the last block's `hook_resid_post` (before ln_final).
+`evaluate` runs on those per-head inputs; `attribute` needs only the MLP inputs and reaches a head's
+input through that head's q/k/v (see attribute.py).
 """
 
 from __future__ import annotations
