@@ -15,7 +15,7 @@ from neox_lab.testing.strategies import token_batches
 ENDPOINT_ATOL = 1e-10
 
 
-@settings(max_examples=8)
+@settings(deadline=None)  # examples: the hypothesis profile (tests/conftest.py)
 @given(parallel=st.booleans(), n_layers=st.integers(1, 3), n_heads=st.integers(1, 3), seed=st.integers(0, 2**16),
        data=st.data())
 def test_full_circuit_is_clean_and_empty_circuit_is_corrupted(parallel, n_layers, n_heads, seed, data):
