@@ -56,6 +56,7 @@ from .streams import (
     sender_major,
     sender_output,
     stream_flags,
+    transformers_view,
 )
 
 __all__ = ["METHODS", "attribute"]
@@ -81,6 +82,7 @@ def attribute(model, graph, clean, corrupted, metric: Metric, method: str = "EAP
         raise ValueError(f"ig_steps must be an int >= 1, got {ig_steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 (rows per forward), got {batch_size!r}")
+    model = transformers_view(model)
     inp = prepare(model, graph, clean, corrupted, attention_mask, logits_to_keep)
     streams = Streams(graph)
     # Sender outputs do not depend on the stream flags: record them on the model as it is. `delta` holds

@@ -24,7 +24,7 @@ from einops import einsum
 
 from . import plotting
 from .runs import Inputs, Metric, metric_value, prepare, record, tile
-from .streams import ABLATE, Streams, stream_flags, write_outputs
+from .streams import ABLATE, Streams, stream_flags, transformers_view, write_outputs
 
 __all__ = ["ABLATIONS", "FaithfulnessCurve", "evaluate", "evaluate_many", "faithfulness"]
 
@@ -50,6 +50,7 @@ def evaluate_many(model, graph, edge_sets: Sequence[Iterable[str]], clean, corru
         raise ValueError(f"batch_size must be an int >= 1 (rows per forward), got {batch_size!r}")
     if isinstance(edge_sets, (str, Mapping)):
         raise ValueError("edge_sets must be a list of edge-name collections (one per circuit)")
+    model = transformers_view(model)
     inp = prepare(model, graph, clean, corrupted, attention_mask, logits_to_keep)
     sets = [graph.check_edges(edges, what=f"edge_sets[{k}]") for k, edges in enumerate(edge_sets)]
     streams = Streams(graph)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from . import plotting, select
+from .streams import transformers_view
 
 __all__ = ["ATTN_INPUTS", "Graph", "SavedGraph"]
 
@@ -68,7 +69,7 @@ class Graph:
     @classmethod
     def from_model(cls, model) -> Graph:
         """The graph of `model` (any hooked neox_lab model): its depth, width and residual kind."""
-        cfg = model.cfg
+        cfg = transformers_view(model).cfg
         return cls(int(cfg.num_hidden_layers), int(cfg.num_attention_heads), bool(cfg.use_parallel_residual))
 
     # ------------------------------------------------------------------ nodes

@@ -22,7 +22,8 @@ from einops import rearrange
 from ..hooks.registry import block_hook
 
 __all__ = ["ABLATE", "EDGE_SCORES", "HEAD_COTANGENT", "PROJECT_ROWS", "TOKEN_SCORES", "ReceiverHook", "SenderHook",
-           "Streams", "per_position", "sender_major", "sender_output", "stream_flags", "write_outputs"]
+           "Streams", "per_position", "sender_major", "sender_output", "stream_flags",
+           "transformers_view", "write_outputs"]
 
 # Axis names beyond neox_lab.axes: `senders` / `receivers` index a graph's senders and receiver inputs;
 # `circuits` indexes edge sets run together. A run's sender outputs are kept sender-major,
@@ -92,6 +93,14 @@ class Streams:
     def in_layer(self, layer: int) -> list[ReceiverHook]:
         """The receiver hooks block `layer` runs (`n_layers`: the logits')."""
         return [r for r in self.receivers if r.layer == layer]
+
+
+def transformers_view(model):
+    """The model to run: `model.hf()` where the class has that view (TransformerLens' `HookedTransformer`
+    shares its modules with a transformers-convention model, whose config and calls the runs here
+    use), else `model` itself."""
+    view = getattr(model, "hf", None)
+    return view() if callable(view) else model
 
 
 def _flag(model, name: str) -> bool:

@@ -175,3 +175,19 @@ def test_draw_weights_edges_by_score(tmp_path):
     assert len(fig.axes[0].patches) == 5
     assert (tmp_path / "all.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0
     assert len(graph.draw().axes[0].patches) == len(graph)  # no scores: every edge, thin
+
+
+def test_a_class_with_a_transformers_view_is_read_through_it():
+    """TransformerLens' HookedTransformer shares its modules with a transformers-convention model
+    (`hf()`); circuits read that view's config and run it."""
+    cfg = NeoXConfig(vocab_size=31, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+                     intermediate_size=32, use_parallel_residual=False)
+    core = NeoXForCausalLM(cfg)
+
+    class LensLike:
+        cfg = object()  # TransformerLens' field names, which Graph does not read
+
+        def hf(self):
+            return core
+
+    assert Graph.from_model(LensLike()) == Graph(2, 3, False)
