@@ -30,9 +30,8 @@ CLEAN = "def area(width, height):\n    return width *"
 CORRUPTED = "def area(height, width):\n    return width *"
 ANSWERS = (" height", " width")  # (correct, incorrect) next token of the clean prompt
 
-#: Cells whose backward hooks sit on `attn.hook_k` / `attn.hook_v` alone: they fire once issue 22's
-#: branch issue22b (backward hooks on every stream) is merged; until then their result is None here.
-NEEDS_ISSUE22B = ("backward_hook_k_alone", "backward_hook_v_alone")
+#: Cells whose backward hooks sit on `attn.hook_k` / `attn.hook_v` alone (no other hook in that layer).
+BACKWARD_ALONE = ("backward_hook_k_alone", "backward_hook_v_alone")
 
 
 def build_model() -> HookedTransformer:

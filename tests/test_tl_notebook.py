@@ -62,9 +62,7 @@ def test_patching_cells_agree_with_each_other(results):
     assert r["attr_resid_pre"].shape == grid.shape and r["attr_z"].shape == r["patch_heads_all_pos"].shape
 
 
-@pytest.mark.skip(reason="needs issue22b: a backward hook on blocks.1.attn.hook_k or hook_v alone never fires "
-                         "(q/k are rotated in place inside the fused QKV output); remove this skip at the merge")
 def test_backward_hooks_on_one_stream_alone_fire(results):
     nb, r = results
-    for cell in nb.NEEDS_ISSUE22B:
+    for cell in nb.BACKWARD_ALONE:
         assert r[cell] is not None, f"{cell}: the backward hook did not fire"

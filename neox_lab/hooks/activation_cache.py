@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .. import axes
 from ..config import NeoXConfig
 from ..version import __version__
-from .registry import LN_STREAMS, block_hook, expand_shorthand, hook_names, unknown_hook_message
+from .registry import LN_STREAMS, block_hook, expand_shorthand, flag_of, hook_names, unknown_hook_message
 
 PosSlice = int | slice | list | torch.Tensor | None
 
@@ -138,10 +138,13 @@ class ActivationCache(Mapping):
         if name in self._store:
             return self._store[name]
         base = name[: -len("_grad")] if name.endswith("_grad") else name
-        known = hook_names(self.cfg)
+        known = hook_names(self.cfg, flags=None)
         if base in known:
+            flag = flag_of(base)
             why = (f"hook {name!r} exists but was not cached (check run_with_cache's names_filter"
-                   + (" and incl_bwd=True" if name != base else "") + ")")
+                   + (" and incl_bwd=True" if name != base else "") + ")"
+                   + (f"; it is behind a stream flag: call model.set_{flag}(True) before run_with_cache"
+                      if flag else ""))
         else:
             why = unknown_hook_message(base, list(known), bool(self.cfg.use_parallel_residual))
         raise KeyError(f"{why}; {self._holds()}")

@@ -11,7 +11,7 @@ import torch
 from ..axes import POSITIONS, find_axis
 from .activation_cache import ActivationCache, PosSlice, slice_pos
 from .points import HookFn, HookPoint, LayerIndex
-from .registry import hook_names, layer_of, unknown_hook_message
+from .registry import FLAG_HOOKS, check_flags, hook_names, layer_of, unavailable_reason, unknown_hook_message
 
 NameOrFilter = str | Callable[[str], bool]
 #: What `hooks`, `run_with_hooks` and `run_with_cache` take: (hook name or filter, hook function) pairs.
@@ -36,8 +36,81 @@ class HookedMixin:
                 layer = layer_of(name)
                 module.layer = None if layer is None else LayerIndex(layer)
                 points[name] = module
-        order = {name: i for i, name in enumerate(hook_names(self.config))}  # type: ignore[attr-defined]
+        order = {name: i for i, name in enumerate(hook_names(self.config, flags=None))}  # type: ignore[attr-defined]
         self._hook_points = dict(sorted(points.items(), key=lambda kv: order.get(kv[0], len(order))))
+        # The flags live on the hook points (born off, as in TransformerLens): a view of a model keeps its flags.
+        self._apply_stream_flags(self.stream_flags)
+
+    # ------------------------------------------------------------------ stream flags
+    @property
+    def stream_flags(self) -> frozenset[str]:
+        """The TransformerLens stream flags that are on (`registry.FLAG_HOOKS`); none by default."""
+        return frozenset(flag for flag, names in FLAG_HOOKS.items()
+                         if any(hp.available for name, hp in self._hook_points.items()
+                                if name.startswith("blocks.") and name.split(".", 2)[2] in names))
+
+    def _apply_stream_flags(self, flags: frozenset[str]) -> None:
+        check_flags(flags)
+        reasons = {name: unavailable_reason(name, flags) for name in self._hook_points}
+        # A stream about to disappear must not take hooks with it, which would then silently never fire.
+        busy = [name for name, hp in self._hook_points.items() if reasons[name] is not None and hp.active]
+        if busy:
+            shown = ", ".join(busy[:3]) + (", ..." if len(busy) > 3 else "")
+            raise ValueError(f"hooks are attached to {shown}, which would stop existing with the stream flags "
+                             f"{sorted(flags) or 'all off'}; remove them first (model.reset_hooks("
+                             "including_permanent=True))")
+        for name, hp in self._hook_points.items():
+            hp.unavailable = reasons[name]
+
+    def _set_stream_flag(self, flag: str, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"set_{flag} takes True or False, got {on!r}")
+        self._apply_stream_flags(self.stream_flags | {flag} if on else self.stream_flags - {flag})
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TransformerLens' flag: give every head its own copy of the block input for each of q, k and v,
+        as hook points `blocks.{L}.hook_q_input`, `hook_k_input`, `hook_v_input` [batch pos n_heads d_model]
+        (before ln1, which then normalises each copy). Editing head h's copy changes only head h's q (k, v).
+        Off by default; while on, `ln1`'s own hook points do not exist (see registry.PER_HEAD_LN1)."""
+        self._set_stream_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """TransformerLens' flag: give every head its own copy of the block input, read by its q, k and v,
+        as hook point `blocks.{L}.hook_attn_in` [batch pos n_heads d_model] (before ln1). Off by default;
+        while on, `ln1`'s own hook points do not exist. With `use_split_qkv_input` on too, the q/k/v inputs
+        are copies of `hook_attn_in`'s output (TransformerLens copies resid_pre there, dropping edits
+        made at hook_attn_in)."""
+        self._set_stream_flag("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """TransformerLens' flag: the MLP's input before ln2 as hook point `blocks.{L}.hook_mlp_in`
+        [batch pos d_model] (resid_pre on a parallel block, resid_mid on a sequential one; an edit there
+        changes only what the MLP reads). Off by default."""
+        self._set_stream_flag("use_hook_mlp_in", use_hook_mlp_in)
+
+    @property
+    def use_split_qkv_input(self) -> bool:
+        return "use_split_qkv_input" in self.stream_flags
+
+    @use_split_qkv_input.setter
+    def use_split_qkv_input(self, on: bool) -> None:
+        self.set_use_split_qkv_input(on)
+
+    @property
+    def use_attn_in(self) -> bool:
+        return "use_attn_in" in self.stream_flags
+
+    @use_attn_in.setter
+    def use_attn_in(self, on: bool) -> None:
+        self.set_use_attn_in(on)
+
+    @property
+    def use_hook_mlp_in(self) -> bool:
+        return "use_hook_mlp_in" in self.stream_flags
+
+    @use_hook_mlp_in.setter
+    def use_hook_mlp_in(self, on: bool) -> None:
+        self.set_use_hook_mlp_in(on)
 
     # ------------------------------------------------------------------ lookup
     def set_use_attn_result(self, use_attn_result: bool) -> None:
@@ -46,8 +119,8 @@ class HookedMixin:
 
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
-        """Every hook point by name."""
-        return dict(self._hook_points)
+        """Every hook point by name (those behind a stream flag only while it is on)."""
+        return {name: hp for name, hp in self._hook_points.items() if hp.available}
 
     @property
     def mod_dict(self) -> dict[str, Any]:
@@ -57,24 +130,27 @@ class HookedMixin:
                 for path, module in self.named_modules()}  # type: ignore[attr-defined]
 
     def hook_names(self) -> list[str]:
-        """Every hook name, in forward order."""
-        return list(self._hook_points)
+        """Every hook name, in forward order (those behind a stream flag only while it is on)."""
+        return [name for name, hp in self._hook_points.items() if hp.available]
 
     def _parallel(self) -> bool:
         return bool(self.config.use_parallel_residual)  # type: ignore[attr-defined]
 
     def resolve_hooks(self, name_or_filter: NameOrFilter | Iterable[str] | None) -> list[HookPoint]:
         """Hook points named by a name, a list of names, a predicate on names, or None (all)."""
+        available = self.hook_dict
         if name_or_filter is None:
-            return list(self._hook_points.values())
+            return list(available.values())
         if callable(name_or_filter):
-            return [hp for name, hp in self._hook_points.items() if name_or_filter(name)]
+            return [hp for name, hp in available.items() if name_or_filter(name)]
         names = [name_or_filter] if isinstance(name_or_filter, str) else list(name_or_filter)
         out = []
         for name in names:
-            if name not in self._hook_points:
-                raise KeyError(unknown_hook_message(name, list(self._hook_points), self._parallel()))
-            out.append(self._hook_points[name])
+            if name in self._hook_points and name not in available:
+                raise KeyError(f"hook point {name!r} is off: {self._hook_points[name].unavailable}")
+            if name not in available:
+                raise KeyError(unknown_hook_message(name, list(available), self._parallel()))
+            out.append(available[name])
         return out
 
     # ------------------------------------------------------------------ attaching

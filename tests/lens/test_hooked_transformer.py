@@ -121,3 +121,17 @@ def test_transformers_config_keeps_transformers_names_only():
 
 def test_top_level_exports():
     assert neox_lab.HookedTransformer is HookedTransformer and neox_lab.LensConfig is LensConfig
+
+
+def test_making_a_view_keeps_the_models_stream_flags(pair):
+    """A view made after a stream flag was switched on must not switch it off (nor drop hooks on its points)."""
+    hf, _ = pair
+    hf.set_use_split_qkv_input(True)
+    hf.add_hook("blocks.0.hook_k_input", lambda x, hook: None)
+    hooked = HookedTransformer(hf)
+    assert hf.use_split_qkv_input and hooked.use_split_qkv_input and hooked.cfg.use_split_qkv_input
+    assert "blocks.0.hook_q_input" in hooked.hook_dict and hf.hook_dict["blocks.0.hook_k_input"].active
+    # switching through either view is shared
+    hf.reset_hooks()
+    hooked.set_use_split_qkv_input(False)
+    assert not hf.use_split_qkv_input and "blocks.0.hook_q_input" not in hf.hook_dict
