@@ -64,13 +64,19 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "neox_lab" / "data" / "default"
 EOT = 0  # <|endoftext|> in the GPT-NeoX tokenizer: separates files in the token stream
 
+#: How training windows begin: the shipped model's reason for tokenizing without a BOS by default.
+BOS_NOTE = ("none: corpus windows are slices of the token stream starting anywhere (files separated by "
+            "<|endoftext|>), and repeated-span sequences start with the span; no BOS is put in front")
+
 MODEL = dict(vocab_size=50304, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
              intermediate_size=384, rotary_pct=0.25, max_position_embeddings=2048, tie_word_embeddings=True,
              use_parallel_residual=True, bos_token_id=EOT, eos_token_id=EOT)
 
 
 #: The checkpoints kept during training (weights after that many optimizer steps; 0 is the initialisation).
-KEEP_STEPS = [0, 150, 200, 250, 350, 450, 600]
+#: Before (0, 150), during (200: the best code-token induction head at ~0.3) and after (250: ~0.7) the
+#: induction phase change; the shipped model (step 800) is the history's last point.
+KEEP_STEPS = [0, 150, 200, 250]
 
 
 def _steps(text: str) -> list[int]:
@@ -106,6 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bits per value of the kept embedding (most of this model's values)")
     p.add_argument("--keep-embed-group", type=int, default=32, help="embedding values per scale")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 12 files, short sequences")
+    p.add_argument("--measure-kept", action="store_true",
+                   help="train nothing: measure the checkpoints already in OUT/checkpoints and the model in OUT "
+                        "as stored, and rewrite the 'checkpoints' record of OUT/training.json")
+    p.add_argument("--note", default=None, help="with --measure-kept: where the kept checkpoints came from")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.seq_len, args.syn_batch, args.syn_len, args.warmup = 3, 2, 64, 4, 32, 1
@@ -240,9 +250,58 @@ def keep_checkpoint(model, step: int, directory: Path, args, measure) -> dict:
             "full_precision": _numbers(full)}
 
 
+def history_block(args, kept_dir: Path, records: list[dict], final_step: int) -> dict:
+    """training.json's record of the kept checkpoints."""
+    return {
+        "directory": "checkpoints", "steps": [r["step"] for r in records[:-1]], "final_step": final_step,
+        "storage": f"int{args.keep_bits} weight matrices with one bfloat16 scale per "
+                   f"{'row' if args.keep_group is None else f'{args.keep_group} values'}, the (tied) "
+                   f"embedding int{args.keep_embed_bits} with a scale per {args.keep_embed_group} values, "
+                   "other tensors float32 (neox_lab.model.compact); the final step is the shipped model (fp16)",
+        "bytes": sum(f.stat().st_size for f in kept_dir.rglob("*") if f.is_file()),
+        "measurement": "neox_lab.demo.dynamics.history_measurement: induction score per head on held-out code "
+                       "tokens and on ' word' tokens (15 random tokens repeated, 8 sequences, seed 0) and the "
+                       "ICL score on held-out code; 'stored' measures the checkpoint as kept, 'full_precision' "
+                       "(written by a training run only) the fp32 training weights",
+        "records": records,
+    }
+
+
+def measure_kept(args) -> int:
+    """--measure-kept: measure OUT/checkpoints/step*/ and the model in OUT as stored; rewrite the record."""
+    torch.set_num_threads(args.threads)
+    report_path = args.out / "training.json"
+    report = json.loads(report_path.read_text())
+    measure = history_measurement(NeoXTokenizer.default())
+    kept_dir = args.out / "checkpoints"
+    dirs = sorted((d for d in kept_dir.glob("step*") if (d / "config.json").is_file()),
+                  key=lambda d: int(d.name.removeprefix("step")))
+    if not dirs:
+        raise SystemExit(f"no kept checkpoints (step*/ with a config.json) in {kept_dir}")
+    final_step = report["hyperparameters"]["steps"]
+    records = [{"step": int(d.name.removeprefix("step")),
+                "stored": _numbers(measure(NeoXForCausalLM.from_pretrained(d, dtype=torch.float32)))} for d in dirs]
+    records.append({"step": final_step,
+                    "stored": _numbers(measure(NeoXForCausalLM.from_pretrained(args.out, dtype=torch.float32)))})
+    block = history_block(args, kept_dir, records, final_step)
+    if args.note:
+        block["note"] = args.note
+    block["measured_by"] = "python experiments/train_default.py --measure-kept"
+    report["checkpoints"] = block
+    report["model_sha256"] = hashlib.sha256((args.out / "model.safetensors").read_bytes()).hexdigest()
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    for rec in records:
+        best = max(map(max, rec["stored"]["induction_score"]))
+        print(f"step {rec['step']}: best induction head {best:.2f}, ICL score {rec['stored']['icl_score']:.3f}")
+    print(f"wrote the 'checkpoints' record of {report_path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.measure_kept:
+        return measure_kept(args)
     t0 = time.time()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -330,7 +389,6 @@ def main(argv=None) -> int:
     model.half().save_pretrained(args.out)  # no tokenizer: load_default attaches the package's own
     shipped = NeoXForCausalLM.from_pretrained(args.out, dtype=torch.float32)
     kept.append({"step": args.steps, "stored": _numbers(measure(shipped))})
-    kept_bytes = sum(f.stat().st_size for f in kept_dir.rglob("*") if f.is_file())
     command = "python experiments/train_default.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {
         "command": command.strip(),
@@ -349,24 +407,14 @@ def main(argv=None) -> int:
                      f"{args.core_vocab} most frequent train ids for the first {args.core_steps}, then those "
                      f"plus {words.numel()} ' word' tokens), then beside {args.batch} corpus windows of "
                      f"{args.seq_len}",
+        # What HookedTransformer's cfg.default_prepend_bos (False, TransformerLens' GPT-NeoX setting) rests on.
+        "prepend_bos": BOS_NOTE,
         # What reproducing this run must give, byte for byte (training is deterministic on CPU).
         "model_sha256": hashlib.sha256((args.out / "model.safetensors").read_bytes()).hexdigest(),
         "heldout_loss": round(heldout, 4), "unigram_loss": round(unigram, 4),
         "heldout_tokens_scored": int(windows[:, 1:].numel()),
         "induction": induction,
-        "checkpoints": {
-            "directory": "checkpoints", "steps": args.keep_steps, "final_step": args.steps,
-            "storage": f"int{args.keep_bits} weight matrices with one bfloat16 scale per "
-                       f"{'row' if args.keep_group is None else f'{args.keep_group} values'}, the (tied) "
-                       f"embedding int{args.keep_embed_bits} with a scale per {args.keep_embed_group} values, "
-                       "other tensors float32 (neox_lab.model.compact); the final step is the shipped model "
-                       "(fp16)",
-            "bytes": kept_bytes,
-            "measurement": "neox_lab.demo.dynamics.history_measurement: induction score per head (15 random "
-                           "word tokens repeated, 16 sequences, seed 0) and ICL score on held-out code; "
-                           "'stored' measures the checkpoint as kept, 'full_precision' the fp32 training weights",
-            "records": kept,
-        },
+        "checkpoints": history_block(args, kept_dir, kept, args.steps),
         "loss_curve": curve,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
         "torch": torch.__version__, "threads": args.threads,

@@ -124,3 +124,14 @@ def test_bench_placement_quick():
 def test_bench_sweep_quick():
     out = run_script("bench_sweep", "--quick", "--threads", "1")
     assert "in-place load" in out and "records equal to the fresh loop's: yes" in out
+
+
+def test_circuit_scripts_quick():
+    # --memory off: the peak-memory children re-import torch (tens of seconds on a shared CPU)
+    out = run_script("bench_circuits", "--quick", "--threads", "1", "--memory", "off")
+    for line in ("EAP / forward", "EAP-IG (m=5) / fwd+bwd", "split fwd+bwd / forward"):
+        assert line in out
+    out = run_script("circuit_discovery", "--quick", "--threads", "1")
+    for method in ("exact", "EAP", "EAP-IG", "EAP-IG-activations"):
+        assert f" {method} " in out
+    assert "recovered" in out

@@ -66,6 +66,7 @@ def _as_tokens(tokens, what: str) -> torch.Tensor:
 def _patterns(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's attention pattern [batch n_heads query_pos key_pos] on `tokens`, on the CPU, in at
     least float32."""
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     names = [block_hook(layer, "attn.hook_pattern") for layer in range(model.cfg.num_hidden_layers)]
     previous = model.attn_backend
     model.set_attn_backend("eager")  # patterns exist only in the eager kernel: ask for it, no fallback warning
@@ -107,6 +108,7 @@ class InductionScore:
     def tokens_for(self, model) -> torch.Tensor:
         """The measured tokens (drawn on the first call, from the model's tokenizer unless given)."""
         if self.tokens is None:
+            model = model.hf()  # its NeoXConfig and tokenizer, whichever convention's class was given
             candidates = self.candidates
             tok = getattr(model, "tokenizer", None)
             if candidates is None:
@@ -235,13 +237,18 @@ class InContextLearningScore:
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
+        model = model.hf()  # either convention's class: run through the transformers view, same modules
         if not self.per_token:
             early, late = (float(self._span_loss(model, span).mean()) for span in (self.early, self.late))
             return {"icl_score": late - early, "loss_early": early, "loss_late": late}
         rows = self._rows(model, self.tokens.shape[1])
         device = model.input_device
-        losses = [widen(model(self.tokens[i:i + rows].to(device), return_type="loss", loss_per_token=True)).cpu()
-                  for i in range(0, self.tokens.shape[0], rows)]
+        losses = []
+        for i in range(0, self.tokens.shape[0], rows):
+            chunk = self.tokens[i:i + rows]
+            logits = widen(model(chunk.to(device)).logits[:, :-1]).cpu()
+            losses.append(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
+                          .view(logits.shape[:2]))
         per_token = torch.cat(losses).mean(0)  # [pos-1]: entry t-1 is the loss of token t
         early = float(per_token[self.early[0] - 1:self.early[1] - 1].mean())
         late = float(per_token[self.late[0] - 1:self.late[1] - 1].mean())

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..analysis.plotting import format_token
+from .circuits import circuit_summary
 
 #: A head whose mean attention to the induction target exceeds this is called an induction head (on the
 #: demo's 31-token sequences a head attending uniformly to every earlier token scores about 0.05).
@@ -76,8 +77,10 @@ def summarize(res, tok) -> str:
             for d, label in enumerate(lens.labels)),
         "",
     ]
+    if res.circuit is not None:
+        lines += circuit_summary(res.circuit, 4)
     if getattr(res, "dynamics", None) is not None:
-        lines += dynamics_lines(res.dynamics) + [""]
+        lines += dynamics_lines(res.dynamics, 5) + [""]
     lines += [
         f"Wall time: {res.wall_s:.1f} s. Figures: "
         + ", ".join(p.name for k, p in res.files.items() if k != "summary"),
@@ -95,13 +98,13 @@ def _appearance(steps: list[int], scores: torch.Tensor, step: int | None) -> str
     return f"at step {step} (L{layer}H{head} {float(scores[i].max()):.2f}{before})"
 
 
-def dynamics_lines(dyn) -> list[str]:
-    """Section 4 of the summary: the training-history sweep, the phase change, the sweep's cost."""
+def dynamics_lines(dyn, number: int) -> list[str]:
+    """Section `number` of the summary: the training-history sweep, the phase change, the sweep's cost."""
     computed = [t for t in dyn.timings if not t["resumed"]]
     load = sum(t["load_s"] for t in computed) / max(1, len(computed))
     analysis = sum(t["analysis_s"] for t in computed) / max(1, len(computed))
     return [
-        "4. Training dynamics (the shipped model's kept training checkpoints, swept in one model)",
+        f"{number}. Training dynamics (the shipped model's kept training checkpoints, swept in one model)",
         f"   Checkpoints at steps {', '.join(str(s) for s in dyn.steps)}.",
         "   Best induction head, held-out code tokens repeated: "
         + ", ".join(f"{float(b):.2f}" for b in dyn.best(dyn.induction)) + "; random word tokens: "

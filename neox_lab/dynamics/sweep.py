@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..analysis.measurements import spec_of
 from ..config import NeoXConfig
 from ..default_model import load_or_default
+from ..lens.hooked_transformer import HookedTransformer
 from ..model.base import NeoXPreTrained
 from ..model.checkpoints import CheckpointRef, list_checkpoints, pick_checkpoint, step_of
 from ..model.loading import CheckpointError, resolve_checkpoint, resolve_dtype
@@ -126,7 +127,7 @@ def _absolute(ref: CheckpointRef) -> CheckpointRef:
 
 def _precheck_configs(refs: list[CheckpointRef], model) -> None:
     """Refuse, before any work, a local checkpoint whose config does not fit the others (or `model`)."""
-    first_cfg, first_label = (model.cfg, "the model") if model is not None else (None, None)
+    first_cfg, first_label = (model.hf().cfg, "the model") if model is not None else (None, None)
     for ref in refs:
         if ref.revision is not None or not Path(ref.source).is_dir():
             continue  # a hub checkpoint's config is checked when it is loaded
@@ -154,7 +155,8 @@ def sweep_checkpoints(checkpoints, fn: Callable, *, out: str | os.PathLike | Non
     out: a results file (.jsonl, or .parquet with pyarrow): each record is appended as its checkpoint
         finishes, and the checkpoints it already holds are read back, not computed again. A file
         written by a different sweep (another `fn` or `name`, another dtype) is refused.
-    model: the model to load every checkpoint into (in place); default: one loaded from the first
+    model: the model to load every checkpoint into (in place), either convention's class (a
+        HookedTransformer with processed weights is processed again after each load); default: one loaded from the first
         checkpoint computed, with `dtype`, `device`, `attn_backend`, `device_map`, `max_memory`,
         `offload_folder` as `from_pretrained` takes them (the checkpoint's tokenizer attached, else the
         package's). Its hooks, placement and attention backend stay through the sweep.
@@ -175,8 +177,9 @@ def sweep_checkpoints(checkpoints, fn: Callable, *, out: str | os.PathLike | Non
         if clash:
             raise ValueError(f"{', '.join(clash)} say how to load a new model; with model= every checkpoint is "
                              "loaded into that model as it is (place or cast it before the sweep)")
-        if not isinstance(model, NeoXPreTrained):
-            raise TypeError(f"model must be a neox_lab model, got {type(model).__name__}")
+        if not isinstance(model, (NeoXPreTrained, HookedTransformer)):
+            raise TypeError(f"model must be a neox_lab model (NeoXForCausalLM & co., or HookedTransformer), got "
+                            f"{type(model).__name__}")
     dtype = resolve_dtype(dtype)
     refs = resolve_checkpoints(checkpoints, steps)
     _precheck_configs(refs, model)

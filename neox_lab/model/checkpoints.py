@@ -165,6 +165,14 @@ def pick_checkpoint(name: str | os.PathLike, *, checkpoint_index: int | None = N
     return refs[checkpoint_index]
 
 
+def checkpoint_label(name: str | os.PathLike, checkpoint_index: int | None = None,
+                     checkpoint_value: int | None = None) -> tuple[int, int]:
+    """(index, step) of the checkpoint the arguments pick, as TransformerLens' `cfg.checkpoint_index` and
+    `cfg.checkpoint_value` record it (a negative index made positive)."""
+    ref = pick_checkpoint(name, checkpoint_index=checkpoint_index, checkpoint_value=checkpoint_value)
+    return [r.step for r in list_checkpoints(name)].index(ref.step), ref.step
+
+
 def resolve_checkpoint_choice(path_or_repo_id, revision: str | None, checkpoint_index: int | None,
                               checkpoint_value: int | None) -> tuple[str | os.PathLike, str | None]:
     """(what to load, its revision) for `from_pretrained`'s arguments: unchanged without a checkpoint

@@ -11,16 +11,19 @@ value is written, so a refused checkpoint leaves the model as it was; this holds
 tensors in host memory once while checking (tensors of blocks placed on "disk" are not read, as
 `from_pretrained` does not read them either: their offload index is pointed at the new file).
 
-Values are converted to each parameter's dtype, as `from_pretrained(dtype=...)` converts them. A
-model processed with `process_weights_` (TransformerLens' fold_ln, centring, ...) gets the raw
-checkpoint and is processed again with the same steps: tensors that processing created (an
-unembedding bias) keep their storage too.
+Values are converted to each parameter's dtype, as `from_pretrained(dtype=...)` converts them. Weight
+processing (TransformerLens' fold_ln, centring, ...) is HookedTransformer's (neox_lab/lens/), which this
+layer does not import: a processed model is loaded through `HookedTransformer.load_checkpoint_`, which
+hands its processing in as `process`; the raw checkpoint is written, then processed again with the same
+steps, and tensors that processing created (an unembedding bias) keep their storage too. Without
+`process`, a processed model is refused (its weights would silently stay unprocessed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,7 +44,6 @@ from .loading import (
     weight_files,
 )
 from .placement import offload_slot, stored_tensors
-from .processing import PROCESSING_ARGS, process_weights
 
 #: Config fields two checkpoints loaded into one model may differ in: they act only in training (or,
 #: for tying, are decided by the tensors themselves: see `load_in_place`).
@@ -109,9 +111,16 @@ def _sources(files: list[Path], disk: dict, bare: bool):
 
 
 @torch.no_grad()
-def load_in_place(model, path_or_repo_id, *, revision: str | None = None) -> Path:
+def load_in_place(model, path_or_repo_id, *, revision: str | None = None,
+                  process: Callable[[object], None] | None = None) -> Path:
     """Copy a checkpoint's weights into `model`'s own tensors (see the module docstring); returns the
-    checkpoint directory. Raises CheckpointError (nothing written) when it does not fit."""
+    checkpoint directory. Raises CheckpointError (nothing written) when it does not fit. `process(model)`
+    re-applies the weight processing `model.weights_processed` records (required when it records any)."""
+    if model.weights_processed and process is None:
+        raise CheckpointError(f"this model's weights are processed ({', '.join(sorted(model.weights_processed))}), "
+                              "TransformerLens' processing, which a raw checkpoint loaded into it would silently "
+                              "lack: load it through the TransformerLens view that processed it, "
+                              "`HookedTransformer.load_checkpoint_(...)`, which processes it again")
     directory = resolve_checkpoint(path_or_repo_id, revision)
     cfg = NeoXConfig.from_hf(directory)
     check_same_config(model.cfg, cfg, str(directory))
@@ -190,7 +199,7 @@ def load_in_place(model, path_or_repo_id, *, revision: str | None = None) -> Pat
     for key in added:
         targets[key].zero_()
     if model.weights_processed:
-        process_weights(model, **{step: step in model.weights_processed for step in PROCESSING_ARGS})
+        process(model)
     return directory
 
 

@@ -21,7 +21,7 @@ from neox_lab.analysis.measurements import (
     spec_of,
 )
 from neox_lab.analysis.patching import activation_patch, logit_diff
-from neox_lab.model.tasks import next_token_loss
+from neox_lab.lens.loss import lm_cross_entropy_loss
 from neox_lab.testing.pairs import make_trained_like, tiny_config
 
 CFG = tiny_config()
@@ -94,7 +94,7 @@ def test_in_context_learning_score(model):
     fn = InContextLearningScore(tokens, early=(3, 8), late=25, per_token=True, chunk=2)
     out = fn(model)
     with torch.no_grad():
-        per_token = next_token_loss(model(tokens).logits, tokens, per_token=True).mean(0)
+        per_token = lm_cross_entropy_loss(model(tokens).logits, tokens, per_token=True).mean(0)
     # fp64 throughout; rows run in chunks of 2 here and 5 at once above, which may only reorder sums.
     assert out["loss_per_token"].dtype == torch.float64
     torch.testing.assert_close(out["loss_per_token"], per_token, rtol=1e-12, atol=1e-12)

@@ -113,8 +113,8 @@ def test_a_folder_of_step_directories_is_listed_in_step_order(run_dir):
 def test_from_pretrained_picks_a_step_directory(run_dir):
     model = NeoXForCausalLM.from_pretrained(run_dir, checkpoint_value=50)
     ref = NeoXForCausalLM.from_pretrained(run_dir / "step50")
-    assert torch.equal(model.W_E, ref.W_E)
+    assert torch.equal(model.model.embed.weight, ref.model.embed.weight)
     last = NeoXForCausalLM.from_pretrained(run_dir, checkpoint_index=-1)
-    assert torch.equal(last.W_E, NeoXForCausalLM.from_pretrained(run_dir / "step200").W_E)
+    assert torch.equal(last.model.embed.weight, NeoXForCausalLM.from_pretrained(run_dir / "step200").model.embed.weight)
     with pytest.raises(ValueError, match="checkpoint_value=100 is not a checkpoint.*nearest are 50 and 200"):
         NeoXForCausalLM.from_pretrained(run_dir, checkpoint_value=100)

@@ -92,12 +92,12 @@ def test_a_compact_checkpoint_loads_as_exactly_its_decoded_values(ckpt, bits, gr
     w = "gpt_neox.layers.0.attention.query_key_value.weight"
     want = decode(stored[w + ".qweight"], stored[w + ".qscale"], bits)
     assert torch.equal(model.state_dict()["model.blocks.0.attn.qkv.weight"], want)
-    assert model.W_E.dtype == torch.float32
+    assert model.model.embed.weight.dtype == torch.float32
     # Small and 1-D tensors are kept whole, as float32.
     assert torch.equal(model.model.ln_final.weight, tensors["gpt_neox.final_layer_norm.weight"].float())
     # Round trip: a loaded compact checkpoint saves as an ordinary one with the same values.
     model.save_pretrained(root / "again")
-    assert torch.equal(NeoXForCausalLM.from_pretrained(root / "again").W_E, model.W_E)
+    assert torch.equal(NeoXForCausalLM.from_pretrained(root / "again").model.embed.weight, model.model.embed.weight)
 
 
 def test_damaged_compact_files_are_refused_by_name(ckpt):
@@ -152,8 +152,8 @@ def test_save_pretrained_writes_a_compact_checkpoint(ckpt, tmp_path):
     assert header["tensors"]["gpt_neox.embed_in.weight"] == {"bits": 4, "group": 16, "shape": [97, 32]}
     assert "embed_out.weight" not in load_file(tmp_path / "c" / "model.safetensors")  # tied: stored once
     loaded = NeoXForCausalLM.from_pretrained(tmp_path / "c")
-    q, scale = encode(model.W_E, 4, 16)
-    assert torch.equal(loaded.W_E, decode(q, scale, 4))
+    q, scale = encode(model.model.embed.weight, 4, 16)
+    assert torch.equal(loaded.model.embed.weight, decode(q, scale, 4))
 
 
 def test_overrides_give_one_tensor_its_own_encoding(ckpt, tmp_path):

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from neox_lab import CheckpointError, NeoXForCausalLM, NeoXForSequenceClassification
+from neox_lab import CheckpointError, HookedTransformer, NeoXForCausalLM, NeoXForSequenceClassification
 from neox_lab.testing.pairs import make_trained_like, tiny_config
 
 CFG = tiny_config()
@@ -164,17 +164,28 @@ def test_an_untied_model_takes_a_tied_checkpoint(tmp_path):
 
 
 def test_a_processed_model_is_processed_again(ckpts):
-    steps = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
-    model = NeoXForCausalLM.from_pretrained(ckpts[0], dtype=torch.float64, **steps)
+    # Processing is HookedTransformer's (lens/); its load_checkpoint_ hands the processing in.
+    model = HookedTransformer.from_pretrained(ckpts[0], dtype=torch.float64)
     before = pointers(model)
     model.load_checkpoint_(ckpts[1])
-    ref = NeoXForCausalLM.from_pretrained(ckpts[1], dtype=torch.float64, **steps)
+    ref = HookedTransformer.from_pretrained(ckpts[1], dtype=torch.float64)
     assert pointers(model) == before
-    assert model.weights_processed == ref.weights_processed
-    for (k, a), b in zip(model.stored_state_dict().items(), ref.stored_state_dict().values(), strict=True):
+    assert model.weights_processed == ref.weights_processed == {"fold_ln", "center_writing_weights",
+                                                                 "center_unembed", "fold_value_biases"}
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
         # Processing is the same float64 arithmetic on the same raw values; the one difference is an
         # unembedding bias the reload zeroes before folding (0 + shift == shift exactly).
         assert torch.equal(a, b), k
+
+
+def test_a_processed_model_refuses_a_raw_reload(ckpts):
+    # Through the transformers-convention class, the processing would be silently lost: refused, untouched.
+    hooked = HookedTransformer.from_pretrained(ckpts[0], dtype=torch.float64)
+    state = snapshot(hooked.hf())
+    with pytest.raises(CheckpointError, match=r"processed \(center_unembed, .*HookedTransformer.load_checkpoint_"):
+        hooked.hf().load_checkpoint_(ckpts[1])
+    after = hooked.hf().stored_state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
 
 
 def test_a_classifier_keeps_its_head_over_causal_lm_checkpoints(ckpts):
