@@ -17,8 +17,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neox_lab import CheckpointError, NeoXForCausalLM, sweep_checkpoints
-from neox_lab.analysis.measurements import InductionScore, PreviousTokenScore, combine
+from neox_lab import CheckpointError, HookedTransformer, NeoXForCausalLM, sweep_checkpoints
+from neox_lab.analysis.measurements import InContextLearningScore, InductionScore, PreviousTokenScore, combine
 from neox_lab.dynamics import SweepFileError, resolve_checkpoints
 from neox_lab.testing.pairs import make_trained_like, tiny_config
 
@@ -245,3 +245,26 @@ def test_induction_score_sweep_over_a_folder_of_steps(tmp_path):
     records = sweep_checkpoints(tmp_path, fn, progress=False)
     assert records.steps == [0, 10, 100]
     assert records.stack("induction_score").shape == (3, 2, 4)
+
+
+def test_a_hooked_transformer_is_swept_with_its_processing(tmp_path):
+    # Either convention's class: a processed HookedTransformer is processed again after each load, so each
+    # record equals the one of HookedTransformer.from_pretrained on that checkpoint (float64, bit for bit).
+    paths = save_run(tmp_path, [0, 5, 9])
+    fn = combine(PreviousTokenScore(TOKENS), InContextLearningScore(TOKENS, early=2, late=(8, 12)))
+    model = HookedTransformer.from_pretrained(paths[0], dtype=torch.float64)
+    records = sweep_checkpoints(paths, fn, model=model, progress=False)
+    assert records.model is model and model.weights_processed
+    alone = [{"checkpoint": str(p.resolve()), "step": s,
+              **fn(HookedTransformer.from_pretrained(p, dtype=torch.float64))} for p, s in zip(paths, [0, 5, 9],
+                                                                                           strict=True)]
+    assert_records_equal(records, alone)
+
+
+def test_progress_shows_load_and_analysis_time(tmp_path, capsys):
+    paths = save_run(tmp_path, [0, 5])
+    records = sweep_checkpoints(paths, PreviousTokenScore(TOKENS), progress=True)
+    err = capsys.readouterr().err
+    assert "sweep" in err and "2/2" in err and "load " in err and "analysis " in err
+    assert [set(t) for t in records.timings] == [{"checkpoint", "load_s", "analysis_s", "resumed"}] * 2
+    assert all(t["load_s"] > 0 and t["analysis_s"] > 0 and not t["resumed"] for t in records.timings)
