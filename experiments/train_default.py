@@ -29,8 +29,10 @@ as compact checkpoints (neox_lab.model.compact: int8 matrices with a bfloat16 sc
 embedding, 90% of the values, int4 with a scale per 32: ~3.2 MB each, so the package stays under 40 MB);
 the shipped model is the last step. Each is measured as stored
 and at full precision with the demo's measurement (neox_lab.demo.dynamics), recorded in training.json.
-Keeping and measuring reads the weights only: the training run, and the shipped model, are the same
-with or without them.
+Keeping and measuring reads the weights only. `--measure-kept` trains nothing: it measures the kept
+checkpoints and the model already in OUT and rewrites that record. The shipped history (steps 0-250)
+came from a rerun of this script that matched the shipped run's loss curve through step 275 and was
+stopped there: see training.json, checkpoints.note.
 
 Deterministic on CPU: fixed seed, 2 threads, sorted files, every random draw from one seeded
 generator; `torch.use_deterministic_algorithms` guards the kernels. Writes config.json,

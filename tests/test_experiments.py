@@ -60,6 +60,13 @@ def test_train_default_quick(tmp_path):
     scores = report["induction"]["word_tokens"]["scores"]
     assert len(scores) == report["model"]["num_hidden_layers"]
 
+    # --measure-kept records the kept checkpoints again without training: the same numbers as stored.
+    out = run_script("train_default", "--quick", "--out", str(tmp_path), "--measure-kept", "--note", "again")
+    again = json.loads((tmp_path / "training.json").read_text())
+    assert again["checkpoints"]["note"] == "again" and again["loss_curve"] == report["loss_curve"]
+    assert [r["stored"] for r in again["checkpoints"]["records"]] == [r["stored"] for r in kept["records"]]
+    assert again["model_sha256"] == report["model_sha256"]
+
 
 def test_induction_heads_script(tmp_path):
     out = run_script("induction_heads", "--out", str(tmp_path), "--n", "8", "--batch", "2", "--top", "2")
