@@ -170,8 +170,10 @@ class NeoXPreTrained(nn.Module, HookedMixin):
         """Load another checkpoint of this model into it **in place** (the same tensors, new values);
         returns the model.
 
-        For sweeps over training checkpoints: hooks, a `device_map` placement, the attention backend and
-        weight processing stay, and no parameter is reallocated. Checked as `from_pretrained` checks: the
+        For sweeps over training checkpoints: hooks, a `device_map` placement and the attention backend
+        stay, and no parameter is reallocated. Weights processed by a `HookedTransformer` view are
+        reloaded through it (`HookedTransformer.load_checkpoint_` processes them again); here they are
+        refused. Checked as `from_pretrained` checks: the
         config must match this model's (shapes and everything that changes the computation), every
         tensor must be there with its shape, finite, nothing left over; a refused checkpoint raises
         CheckpointError and leaves the model untouched. `revision`, `checkpoint_index` and
