@@ -4,6 +4,7 @@ The folders are the architecture; each imports only what is listed below it (REA
 
     cli, commands/        the `neox-lab` command line, one module per subcommand
     demo/, testing/       the demo; equivalence testing (compare, tolerances, the pytest plugin)
+    dynamics/             training dynamics: a measurement swept over a model's training checkpoints
     default_model         the shipped model, and the one loader of what a --model argument names
     lens/                 the TransformerLens convention: `HookedTransformer`, a view of model/'s classes
     analysis/ | store/    interpretability tools | the on-disk activation store: neither imports the
@@ -47,7 +48,9 @@ _EXPORTS = {
     "cache_dataset": "store.writer",
     "hook_names": "hooks.registry",
     "get_act_name": "hooks.registry",
+    "get_checkpoint_labels": "model.checkpoints",
     "load_default": "default_model",
+    "sweep_checkpoints": "dynamics.sweep",
 }
 __all__ = sorted(_EXPORTS)
 

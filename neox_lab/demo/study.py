@@ -14,6 +14,9 @@
 3. The logit lens on the clean prompt.
 4. Circuit discovery (`demo/circuits.py`): the induction circuit found by EAP-IG among the graph's edges,
    checked against exact edge patching and evaluated with every other edge corrupted.
+5. Training dynamics (the shipped model): its kept training checkpoints swept in one model
+   (`neox_lab.sweep_checkpoints`), induction and in-context-learning scores against step, and the step
+   where the induction heads appear (`dynamics.py`).
 Figures go through `neox_lab.plotting`; `summary.txt` says what was found.
 """
 
@@ -31,8 +34,10 @@ from ..analysis.induction import InductionResult, measure_induction, repeated_to
 from ..analysis.logit_lens import LogitLens, logit_lens
 from ..analysis.patching import activation_patch, logit_diff
 from ..default_model import load_or_default
+from ..model.shipped import DEFAULT_MODEL_ID
 from ..model.tasks import NeoXForCausalLM
 from .circuits import CircuitResult, circuit_figures, study_circuit
+from .dynamics import DynamicsResult, run_dynamics
 from .summary import induction_heads, summarize, token_strs
 
 __all__ = ["DemoResult", "PatchingPrompts", "make_patching_prompts", "run_demo"]
@@ -64,6 +69,7 @@ class DemoResult:
     resid_patch: torch.Tensor  # [n_layers pos] fraction of the logit difference restored
     head_patch: torch.Tensor  # [n_layers n_heads]
     lens: LogitLens
+    dynamics: DynamicsResult | None = None  # the training-history sweep (shipped model only)
     tokens: dict = field(default_factory=dict)  # labels used in the figures
     figures: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
@@ -94,14 +100,20 @@ def _load(model) -> tuple:
 
 
 def run_demo(model=None, out_dir: str | Path = "neox_lab_demo", *, progress: bool = True, seed: int = 0,
-             batch: int = 8) -> DemoResult:
+             batch: int = 8, history="auto") -> DemoResult:
     """Run the study on `model` (None: the shipped model; a path: a checkpoint directory; or a loaded
     `NeoXForCausalLM` or `HookedTransformer` with `.tokenizer`), write PNG figures and summary.txt into
-    `out_dir`."""
+    `out_dir`.
+
+    `history`: the training checkpoints section 5 sweeps ("auto": the shipped model's, when `model` is
+    the shipped model, else none; or anything `sweep_checkpoints` takes; None skips the section)."""
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stages = tqdm(total=7, desc="neox-lab demo", disable=not progress, unit="stage")
+    shipped = model is None or (isinstance(model, str) and model == DEFAULT_MODEL_ID)
+    if history == "auto":
+        history = DEFAULT_MODEL_ID if shipped else None
+    stages = tqdm(total=8, desc="neox-lab demo", disable=not progress, unit="stage")
 
     stages.set_postfix_str("loading model")
     model, model_name = _load(model)
@@ -142,10 +154,21 @@ def run_demo(model=None, out_dir: str | Path = "neox_lab_demo", *, progress: boo
     circuit = study_circuit(model, candidates, bos, gen, batch=batch, induction_heads=heads)
     stages.update()
 
+    stages.set_postfix_str("training dynamics")
+    # The shipped history ends with the shipped model, so sweeping it through the shipped model we loaded
+    # leaves that model as it was; any other model is not touched (the sweep makes its own).
+    reuse = model if shipped and history == DEFAULT_MODEL_ID else None
+    dynamics = None if history is None else run_dynamics(history, tok, model=reuse, out_dir=out_dir,
+                                                         progress=False)
+    stages.update()
+
     stages.set_postfix_str("figures")
     result = DemoResult(out_dir, model_name, model.cfg, induction, prompts, clean_diff, corrupted_diff,
-                        resid_patch, head_patch, lens, circuit=circuit)
+                        resid_patch, head_patch, lens, dynamics, circuit=circuit)
     _figures(result, tok)
+    if dynamics is not None:
+        result.figures["training_dynamics"] = dynamics.figure
+        result.files.update(dynamics.files)
     stages.update()
 
     stages.set_postfix_str("summary")

@@ -79,11 +79,42 @@ def summarize(res, tok) -> str:
     ]
     if res.circuit is not None:
         lines += circuit_summary(res.circuit, 4)
+    if getattr(res, "dynamics", None) is not None:
+        lines += dynamics_lines(res.dynamics, 5) + [""]
     lines += [
         f"Wall time: {res.wall_s:.1f} s. Figures: "
         + ", ".join(p.name for k, p in res.files.items() if k != "summary"),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _appearance(steps: list[int], scores: torch.Tensor, step: int | None) -> str:
+    """"at step S (LxHy 0.93; best head 0.12 at step P)", or that no head gets there."""
+    if step is None:
+        return f"no head exceeds {INDUCTION_THRESHOLD} at any kept checkpoint"
+    i = steps.index(step)
+    layer, head = divmod(int(scores[i].argmax()), scores.shape[-1])
+    before = f"; best head {float(scores[i - 1].max()):.2f} at step {steps[i - 1]}" if i else ""
+    return f"at step {step} (L{layer}H{head} {float(scores[i].max()):.2f}{before})"
+
+
+def dynamics_lines(dyn, number: int) -> list[str]:
+    """Section `number` of the summary: the training-history sweep, the phase change, the sweep's cost."""
+    computed = [t for t in dyn.timings if not t["resumed"]]
+    load = sum(t["load_s"] for t in computed) / max(1, len(computed))
+    analysis = sum(t["analysis_s"] for t in computed) / max(1, len(computed))
+    return [
+        f"{number}. Training dynamics (the shipped model's kept training checkpoints, swept in one model)",
+        f"   Checkpoints at steps {', '.join(str(s) for s in dyn.steps)}.",
+        "   Best induction head, held-out code tokens repeated: "
+        + ", ".join(f"{float(b):.2f}" for b in dyn.best(dyn.induction)) + "; random word tokens: "
+        + ", ".join(f"{float(b):.2f}" for b in dyn.best(dyn.words)) + ".",
+        f"   Phase change: induction heads appear {_appearance(dyn.steps, dyn.induction, dyn.appear_step)} on "
+        f"code tokens; on random word tokens {_appearance(dyn.steps, dyn.words, dyn.words_step)}.",
+        "   In-context-learning score (loss of late minus early tokens, nats): "
+        + ", ".join(f"{float(v):+.2f}" for v in dyn.icl) + ".",
+        f"   Per checkpoint: load {load:.2f} s (in place), measurements {analysis:.2f} s.",
+    ]
 
 
 def _nanmean(t: torch.Tensor) -> float:

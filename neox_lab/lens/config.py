@@ -60,6 +60,11 @@ class LensConfig:
             from_checkpoint=checkpoint_value is not None, checkpoint_index=checkpoint_index,
             checkpoint_value=checkpoint_value, checkpoint_label_type=None if checkpoint_value is None else "step"))
 
+    def set_checkpoint(self, index: int, value: int) -> None:
+        """Record which training checkpoint the weights are (`HookedTransformer.load_checkpoint_`)."""
+        self._settings.update(from_checkpoint=True, checkpoint_index=index, checkpoint_value=value,
+                              checkpoint_label_type="step")
+
     # ------------------------------------------------------------------ sizes, from the NeoXConfig
     @property
     def _neox(self):

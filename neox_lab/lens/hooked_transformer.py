@@ -28,7 +28,10 @@ from torch import nn
 from ..config import NeoXConfig
 from ..dtypes import DTYPES, dtype_name
 from ..hooks.hooked import HookedMixin
+from ..model.checkpoints import checkpoint_label, resolve_checkpoint_choice
+from ..model.conventions import PROCESSING_ARGS
 from ..model.loading import resolve_checkpoint
+from ..model.reload import load_in_place
 from ..model.shipped import DEFAULT_MODEL_ID, attach_default_tokenizer
 from ..model.tasks import NeoXForCausalLM
 from . import generation
@@ -40,10 +43,6 @@ from .token_lookup import TokenLookup
 from .weights import ABSENT_WEIGHTS, ModelWeights
 
 RETURN_TYPES = ("logits", "loss", "both", None)
-
-#: The training steps Pythia publishes as hub revisions (TransformerLens' checkpoint labels for Pythia):
-#: `checkpoint_value=v` loads revision f"step{v}", `checkpoint_index=i` the i-th of these.
-PYTHIA_CHECKPOINTS = (0, *(2**i for i in range(10)), *range(1000, 143001, 1000))
 
 #: The modules a view shares with the NeoXForCausalLM it wraps, under TransformerLens' paths.
 SHARED_BODY_MODULES = ("embed", "hook_embed", "embed_dropout", "rotary", "blocks", "ln_final")
@@ -262,6 +261,21 @@ class HookedTransformer(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWei
                         refactor_factored_attn_matrices=refactor_factored_attn_matrices)
         return self
 
+    def load_checkpoint_(self, path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                         checkpoint_index: int | None = None, checkpoint_value: int | None = None
+                         ) -> HookedTransformer:
+        """Load another checkpoint of this model into it in place (the same tensors, new values; hooks,
+        placement and backend stay), then process it with the steps this model's weights went through;
+        returns the model. `NeoXForCausalLM.load_checkpoint_` describes the checks (model/reload.py).
+        `cfg.checkpoint_index` / `cfg.checkpoint_value` follow when the checkpoint is picked by them."""
+        source, revision = resolve_checkpoint_choice(path_or_repo_id, revision, checkpoint_index, checkpoint_value)
+        steps = {name: name in self.weights_processed for name in PROCESSING_ARGS}
+        load_in_place(self._hf, source, revision=revision, process=lambda model: process_weights(model, **steps))
+        if checkpoint_index is not None or checkpoint_value is not None:
+            index, value = checkpoint_label(path_or_repo_id, checkpoint_index, checkpoint_value)
+            self.cfg.set_checkpoint(index, value)
+        return self
+
     @classmethod
     def from_pretrained(cls, model_name: str | os.PathLike, fold_ln: bool = True, center_writing_weights: bool = True,
                         center_unembed: bool = True, refactor_factored_attn_matrices: bool = False,
@@ -279,8 +293,10 @@ class HookedTransformer(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWei
         (TransformerLens' GPT-NeoX setting; the shipped model was trained the same way, on windows cut
         from a token stream with no BOS put in front).
 
-        `checkpoint_value` (a training step) / `checkpoint_index` pick a Pythia training checkpoint
-        (hub revision "step<N>"). `hf_model`: a loaded `NeoXForCausalLM` to take the weights from (copied,
+        `checkpoint_value` (a training step) / `checkpoint_index` pick a training checkpoint as
+        TransformerLens does: a Pythia one (hub revision "step<N>"), and also one of "neox-lab/default"'s
+        kept checkpoints or of a local folder of step directories (`neox_lab.get_checkpoint_labels`).
+        `hf_model`: a loaded `NeoXForCausalLM` to take the weights from (copied,
         as TransformerLens converts them; `HookedTransformer(model)` views one without copying).
         neox_lab's own: `attn_backend`, `revision`, and `device_map` / `max_memory` / `offload_folder` to
         place a model over several devices (processing then has to be off: from_pretrained_no_processing).
@@ -299,18 +315,11 @@ class HookedTransformer(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWei
                              "device_map does not hold for offloaded parts; use from_pretrained_no_processing "
                              "with device_map, or load without device_map")
         if checkpoint_index is not None or checkpoint_value is not None:
-            if revision is not None:
-                raise ValueError("pass either revision= or checkpoint_index= / checkpoint_value=, not both")
-            if checkpoint_value is None:
-                if not -len(PYTHIA_CHECKPOINTS) <= checkpoint_index < len(PYTHIA_CHECKPOINTS):
-                    raise ValueError(f"checkpoint_index={checkpoint_index} is outside the "
-                                     f"{len(PYTHIA_CHECKPOINTS)} Pythia checkpoints")
-                checkpoint_value = PYTHIA_CHECKPOINTS[checkpoint_index]
-            if checkpoint_value not in PYTHIA_CHECKPOINTS:
-                raise ValueError(f"checkpoint_value={checkpoint_value} is not a Pythia checkpoint step "
-                                 "(0, 1, 2, 4, ..., 512, then every 1000 up to 143000)")
-            checkpoint_index = PYTHIA_CHECKPOINTS.index(checkpoint_value)
-            revision = f"step{checkpoint_value}"
+            # One resolver (model/checkpoints.py): Pythia's revisions, the shipped history, step folders.
+            source, revision = resolve_checkpoint_choice(model_name, revision, checkpoint_index, checkpoint_value)
+            checkpoint_index, checkpoint_value = checkpoint_label(model_name, checkpoint_index, checkpoint_value)
+        else:
+            source = model_name
         torch_dtype = DTYPES[dtype_name(dtype)]
         if hf_model is not None:
             if not isinstance(hf_model, NeoXForCausalLM):
@@ -321,7 +330,7 @@ class HookedTransformer(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWei
                 model = model.to(device)
         else:
             model = NeoXForCausalLM.from_pretrained(
-                model_name, dtype=torch_dtype, device=device if move_to_device else None,
+                source, dtype=torch_dtype, device=device if move_to_device else None,
                 attn_backend=attn_backend, revision=revision, device_map=device_map, max_memory=max_memory,
                 offload_folder=offload_folder)
         if tokenizer is not None:

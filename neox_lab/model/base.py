@@ -16,6 +16,7 @@ from ..hooks.hooked import HookedMixin
 from ..hooks.points import HookPoint
 from .attention import Attention
 from .block import Block
+from .checkpoints import resolve_checkpoint_choice
 from .conventions import LENS_ATTRIBUTES, PROCESSING_ARGS, use_hooked
 from .kernels import BACKENDS, AttnMask, StaticDecodeMask, resolve_backend
 from .kv_cache import KVCache
@@ -24,6 +25,7 @@ from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
 from .padding import caller_stacklevel, warn_if_left_padded
 from .placement import load_placed, stored_state_dict
+from .reload import load_in_place
 from .rotary import Rotary
 
 ModelT = TypeVar("ModelT", bound="NeoXPreTrained")
@@ -120,6 +122,7 @@ class NeoXPreTrained(nn.Module, HookedMixin):
                         device: torch.device | str | None = None, attn_backend: str = "auto",
                         revision: str | None = None, device_map: str | dict | None = None,
                         max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
+                        checkpoint_index: int | None = None, checkpoint_value: int | None = None,
                         **unexpected: Any) -> ModelT:
         """Load a transformers GPTNeoX checkpoint (local directory or hub id), in eval mode.
 
@@ -137,6 +140,11 @@ class NeoXPreTrained(nn.Module, HookedMixin):
         needed only when a .bin checkpoint has blocks on "disk" (safetensors files are read in place).
         The result's `device_map` shows the placement (accelerate also sets `hf_device_map`, the same
         dict); README "Bigger than one GPU".
+
+        `checkpoint_index` / `checkpoint_value` pick a training checkpoint as TransformerLens does: of a
+        Pythia hub id (revision "step{value}"), of "neox-lab/default" (the shipped model's training
+        history) or of a local folder of step directories; the value must be one of
+        `get_checkpoint_labels(path_or_repo_id)`, the index indexes that list (model/checkpoints.py).
         """
         processing = sorted(set(unexpected) & set(PROCESSING_ARGS))
         if processing:
@@ -144,6 +152,8 @@ class NeoXPreTrained(nn.Module, HookedMixin):
                             + use_hooked(cls.__name__, f"weight processing ({', '.join(processing)})"))
         if unexpected:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {sorted(unexpected)}")
+        path_or_repo_id, revision = resolve_checkpoint_choice(path_or_repo_id, revision, checkpoint_index,
+                                                              checkpoint_value)
         if device_map is not None:
             if device is not None:
                 raise ValueError("pass either device= (one device) or device_map= (several), not both")
@@ -154,6 +164,24 @@ class NeoXPreTrained(nn.Module, HookedMixin):
             raise ValueError("max_memory and offload_folder apply to a device_map; pass device_map='auto' too")
         return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
                                revision=revision)
+
+    def load_checkpoint_(self: ModelT, path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                         checkpoint_index: int | None = None, checkpoint_value: int | None = None) -> ModelT:
+        """Load another checkpoint of this model into it **in place** (the same tensors, new values);
+        returns the model.
+
+        For sweeps over training checkpoints: hooks, a `device_map` placement and the attention backend
+        stay, and no parameter is reallocated. Weights processed by a `HookedTransformer` view are
+        reloaded through it (`HookedTransformer.load_checkpoint_` processes them again); here they are
+        refused. Checked as `from_pretrained` checks: the
+        config must match this model's (shapes and everything that changes the computation), every
+        tensor must be there with its shape, finite, nothing left over; a refused checkpoint raises
+        CheckpointError and leaves the model untouched. `revision`, `checkpoint_index` and
+        `checkpoint_value` pick the checkpoint as in `from_pretrained` (model/reload.py)."""
+        path_or_repo_id, revision = resolve_checkpoint_choice(path_or_repo_id, revision, checkpoint_index,
+                                                              checkpoint_value)
+        load_in_place(self, path_or_repo_id, revision=revision)
+        return self
 
     def stored_state_dict(self) -> dict[str, torch.Tensor]:
         """`state_dict()` with real values also for the offloaded parts of a model placed with
