@@ -1,17 +1,20 @@
 """Draws docs/assets/parallel-block.svg, the hook-point diagram of concepts/hook-points.md (a static file, so
 the page needs no JavaScript): `python docs/_lib/draw_block_diagram.py docs/assets/parallel-block.svg`."""
+import sys
+
 W, H = 820, 900
 out = []
 a = out.append
 a(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
   'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="13">')
 a('<title>A parallel-residual GPT-NeoX block and its hook points</title>')
-a('<defs><marker id="arr" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
-  '<path d="M0,0 L10,5 L0,10 z" fill="#37474f"/></marker></defs>')
+a('<defs><marker id="arr" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+  'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#37474f"/></marker></defs>')
 a('<style>.box{fill:#e8eaf6;stroke:#3f51b5;stroke-width:1.2}.io{fill:#fff3e0;stroke:#e65100;stroke-width:1.2}'
   '.flag{fill:#fafafa;stroke:#9e9e9e;stroke-dasharray:5 3}.ln{stroke:#37474f;stroke-width:1.4;fill:none}'
   '.hook{font-family:DejaVu Sans Mono, Menlo, Consolas, monospace;font-size:12px;fill:#b71c1c}'
-  '.note{font-size:12px;fill:#455a64}.flagtext{font-family:DejaVu Sans Mono, monospace;font-size:11px;fill:#757575}</style>')
+  '.note{font-size:12px;fill:#455a64}'
+  '.flagtext{font-family:DejaVu Sans Mono, monospace;font-size:11px;fill:#757575}</style>')
 a(f'<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>')
 
 def box(x, y, w, h, text, cls="box", tcls=None, size=None):
@@ -39,7 +42,8 @@ a(f'<polyline class="ln" points="{RX},62 {MX},62"/>')
 for x in (RX, AX, MX):
     a(f'<circle cx="{x}" cy="62" r="3" fill="#37474f"/>')
 # flagged copies
-box(AX - AW / 2, 80, AW, 36, "set_use_attn_in: blocks.L.hook_attn_in\nset_use_split_qkv_input: hook_q/k/v_input", "flag", "flagtext")
+box(AX - AW / 2, 80, AW, 36, "set_use_attn_in: blocks.L.hook_attn_in\nset_use_split_qkv_input: hook_q/k/v_input",
+    "flag", "flagtext")
 box(MX - MW / 2, 80, MW, 36, "set_use_hook_mlp_in:\nblocks.L.hook_mlp_in", "flag", "flagtext")
 arrow([(AX, 62), (AX, 80)])
 arrow([(MX, 62), (MX, 80)])
@@ -89,5 +93,4 @@ a(f'<text class="note" x="410" y="{SUM_Y + 92}" text-anchor="middle">resid_post 
 a(f'<text class="note" x="410" y="{SUM_Y + 112}" text-anchor="middle">before block 0: hook_embed (no positional '
   'embedding: positions enter through rotary) · after the last: ln_final.* then hook_logits</text>')
 a('</svg>')
-import sys
 open(sys.argv[1], "w").write("\n".join(out) + "\n")
