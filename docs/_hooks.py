@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 LIB = str(Path(__file__).resolve().parent / "_lib")
+EXEC_BLOCK = re.compile(r'^```python[^\n]*\bexec="[^"]+"[^\n]*\n(.*?)^```', flags=re.M | re.S)
 SHOW_CALL = re.compile(r"(?<![\w.])show\(")
 FIGURE = 'src="data:image/png;base64,'
 
@@ -24,7 +25,7 @@ def on_startup(**kwargs) -> None:
 
 
 def on_page_markdown(markdown: str, page, **kwargs) -> str:
-    expected[page.file.src_uri] = len(SHOW_CALL.findall(markdown))
+    expected[page.file.src_uri] = sum(len(SHOW_CALL.findall(code)) for code in EXEC_BLOCK.findall(markdown))
     return markdown
 
 
