@@ -1,0 +1,136 @@
+"""The activation check: is the candidate's MLP activation the config's function, to the last bit a
+format can hold?
+
+A wrong GELU variant (the tanh approximation for exact GELU) moves `mlp.hook_post` by ~2e-4 of its
+norm, below fp16's and far below bf16's rounding (2^-11, 2^-8): no normwise bound can see it there.
+But rounding to nearest is deterministic and a wrong function is not the right one: given the
+candidate's own input (hook_pre), the reference function in fp64, rounded to the stream's format,
+says what its output should be, and the error
+
+    e = hook_post - round_to_its_format(act_fp64(hook_pre))
+
+of a correct side is zero but where its evaluation (in fp32) lands on the other side of a rounding
+boundary: rare and without a direction. A different function has a systematic error (GELU-tanh: up
+to 4.7e-4 near |x| = 2.7), so e leans one way wherever the two functions differ by a fraction of an
+ulp, and its mean there is that difference. So the errors are grouped by
+hook_pre into BINS quantile bins, and a bin fails when its mean error is both significant
+(|mean| > Z standard errors) and larger than what evaluating the activation in fp32 (or fp64) could
+leave behind (|mean| > FLOOR_U * u_eval * rms(max(|hook_pre|, |hook_post|)) in the bin: erf-based GELU's
+fp32 error grows with the input where its output is ~0): the second condition keeps an
+implementation with a fraction of an ulp of systematic evaluation error from failing, the first the
+rounding noise. Each layer is tested, and all layers pooled (one activation function for all).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..hooks.registry import block_hook
+from ..model.mlp import ACT_FNS
+from .metrics import real_entries
+from .tolerance import UNIT_ROUNDOFF
+
+BINS = 32
+Z = 6.0
+FLOOR_U = 32.0
+MIN_PER_BIN = 32
+PRE, POST = "mlp.hook_pre", "mlp.hook_post"
+
+
+@dataclass
+class ActivationResult:
+    """The activation check of one layer (`layer`) or of all layers pooled (layer None)."""
+
+    act: str
+    layer: int | None
+    names: list[str]  # the hook_post streams it covers
+    n: int
+    worst_z: float  # the largest |mean error| / standard error over the bins
+    worst_bias: float  # that bin's |mean error| relative to its rms max(|hook_pre|, |hook_post|)
+    pre_range: list[float] = field(default_factory=list)  # that bin's hook_pre range
+    passed: bool = True
+
+    def describe(self) -> str:
+        where = self.names[0] if self.layer is not None else f"mlp.hook_post of every layer ({len(self.names)}, pooled)"
+        lo, hi = self.pre_range or (math.nan, math.nan)
+        return (f"activation: {where} is not {self.act}(hook_pre): a systematic error of {self.worst_bias:.2g} of "
+                f"its size ({self.worst_z:.1f} standard errors) for hook_pre in [{lo:.3g}, {hi:.3g}]; rounding "
+                "leaves no such bias")
+
+
+def check_activation(stores: list[tuple[dict, torch.Tensor, str]], act: str, n_layers: int) -> list[ActivationResult]:
+    """Test the candidate's streams `stores` ([(store, real mask, shape of the MLP streams)]) against `act`.
+    Returns one result per layer that has both streams, then the pooled one; empty when none has."""
+    fn = ACT_FNS.get(act)
+    if fn is None:
+        return []
+    per_layer = {}
+    for layer in range(n_layers):
+        pre_name, post_name = block_hook(layer, PRE), block_hook(layer, POST)
+        xs, es, ys, eval_u = [], [], [], 0.0
+        for store, real, shape in stores:
+            if pre_name not in store or post_name not in store:
+                continue
+            post = store[post_name]
+            pre, _ = real_entries(store[pre_name], shape, real)
+            out, _ = real_entries(post, shape, real)
+            if pre.shape != out.shape:
+                continue
+            xs.append(pre.flatten())
+            ys.append(out.flatten())
+            # Against the exact value rounded to the stream's format: rounding alone is not unbiased where
+            # the function is near the identity on the input grid (GELU for x > 3: x(1 - tiny) rounds to x).
+            es.append(out.flatten() - fn(pre.flatten()).to(post.dtype).to(torch.float64))
+            # torch evaluates half-precision activations in fp32 ("opmath"), fp64 ones in fp64
+            eval_u = max(eval_u, UNIT_ROUNDOFF["float64" if post.dtype == torch.float64 else "float32"])
+        if xs:
+            per_layer[layer] = (torch.cat(xs), torch.cat(es), torch.cat(ys), eval_u)
+    if not per_layer:
+        return []
+    pooled_x = torch.cat([v[0] for v in per_layer.values()])
+    if pooled_x.numel() < MIN_PER_BIN * 2:
+        return []
+    edges = torch.quantile(_sample(pooled_x), torch.linspace(0, 1, BINS + 1, dtype=torch.float64)[1:-1])
+    results = []
+    for layer, (x, e, y, u) in per_layer.items():
+        results.append(_test(act, layer, [block_hook(layer, POST)], x, e, y, u, edges))
+    names = [block_hook(layer, POST) for layer in per_layer]
+    results.append(_test(act, None, names, pooled_x, torch.cat([v[1] for v in per_layer.values()]),
+                         torch.cat([v[2] for v in per_layer.values()]), max(v[3] for v in per_layer.values()), edges))
+    return results
+
+
+def _sample(x: torch.Tensor, n: int = 1 << 20) -> torch.Tensor:
+    """At most n evenly spaced elements (torch.quantile refuses very large inputs)."""
+    return x if x.numel() <= n else x[:: math.ceil(x.numel() / n)]
+
+
+def _test(act, layer, names, x, e, y, u, edges) -> ActivationResult:
+    which = torch.bucketize(x, edges)
+    count = torch.bincount(which, minlength=BINS).double()
+    total = torch.bincount(which, weights=e, minlength=BINS)
+    square = torch.bincount(which, weights=e * e, minlength=BINS)
+    # erf-based GELU in fp32 loses relative accuracy where it is ~0 (1 + erf cancels): its error scales
+    # with the input, so the floor and the reported size are taken against max(|pre|, |post|).
+    scale = torch.maximum(x.abs(), y.abs())
+    post_sq = torch.bincount(which, weights=scale * scale, minlength=BINS)
+    ok = count >= MIN_PER_BIN
+    n = count.clamp(min=1)
+    mean = total / n
+    var = (square / n - mean * mean).clamp(min=0) * n / (n - 1).clamp(min=1)
+    se = (var / n).sqrt()
+    rms_scale = (post_sq / n).sqrt()
+    z = torch.where(se > 0, mean.abs() / se.clamp(min=1e-300), torch.where(mean != 0, math.inf, 0.0))
+    floor = FLOOR_U * u * rms_scale
+    failing = ok & (z > Z) & (mean.abs() > floor)
+    bias = torch.where(rms_scale > 0, mean.abs() / rms_scale.clamp(min=1e-300), mean.abs())
+    score = torch.where(ok, z, torch.zeros_like(z))
+    worst = int(torch.argmax(torch.where(failing, bias, torch.zeros_like(bias)))) if bool(failing.any()) \
+        else int(torch.argmax(score))
+    lo = float(x[which == worst].min()) if bool((which == worst).any()) else math.nan
+    hi = float(x[which == worst].max()) if bool((which == worst).any()) else math.nan
+    return ActivationResult(act=act, layer=layer, names=names, n=x.numel(), worst_z=float(score[worst]),
+                            worst_bias=float(bias[worst]), pre_range=[lo, hi], passed=not bool(failing.any()))
