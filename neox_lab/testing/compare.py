@@ -127,7 +127,9 @@ def compare(model_a, model_b, inputs=None, *, hooks="all", tolerance: Tolerance 
                 who = a.label if not a.accepts_mask else b.label
                 notes.append(f"left-padded batch skipped: {who} takes no attention_mask")
         _probe(a, b, names, floors, report, probe_len, probe_seed, ids.shape[-1])
-        report.activation = check_activation(act_stores, cfg.hidden_act, cfg.num_hidden_layers)
+        report.activation, why = check_activation(act_stores, cfg.hidden_act, cfg.num_hidden_layers)
+        if why:
+            notes.append(why)
         if decode_steps:
             report.decoding = _decoding(a, b, cfg, floors, report.tolerance, decode_steps, probe_seed)
     finally:
