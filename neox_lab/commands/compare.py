@@ -124,8 +124,8 @@ def _validate(args) -> None:
         if args.device is not None:
             raise ValueError("pass either --device (one device) or --device-map (several), not both")
         if any(getattr(args, key).startswith(("hf:", PY)) for key in ("a", "b")):
-            raise ValueError("--device-map places neox_lab sides; an hf: or py: side runs where it is (drop "
-                             "--device-map, or compare two neox_lab checkpoints)")
+            raise ValueError("--device-map places neox_lab sides; an hf: side runs on one device, a py: side where "
+                             "its factory put it (drop --device-map, or compare two neox_lab checkpoints)")
     elif args.offload_folder is not None:
         raise ValueError("--offload-folder only applies with --device-map")
     for key in ("a", "b"):

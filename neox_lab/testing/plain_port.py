@@ -94,9 +94,9 @@ class PlainNeoX(nn.Module):
         self.layers = nn.ModuleList(PlainLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        rot = cfg.rotary_channels - cfg.rotary_channels % 2
-        # fp32 whatever the model's dtype (not a buffer, which .half() would round): as neox_lab and transformers
-        self.exponents = torch.arange(0, rot, 2, dtype=torch.int64).float() / max(rot, 1)
+        # ceil(rotary_dim / 2) frequencies over rotary_dim (an odd rotary_dim rotates one channel more, as
+        # transformers 5.x); fp32 whatever the model's dtype (not a buffer, which .half() would round)
+        self.exponents = torch.arange(0, cfg.rotary_dim, 2, dtype=torch.int64).float() / max(cfg.rotary_dim, 1)
 
     @classmethod
     def from_neox(cls, model) -> PlainNeoX:
