@@ -308,14 +308,18 @@ def _decoding(a: Side, b: Side, cfg, floors: Floors, tol: Tolerance, steps: int,
         return None
     ids = random_ids(cfg, DECODE_ROWS, prompt + steps, seed + 2)
     result = DecodingResult(prompt_len=prompt, steps=steps, rows=DECODE_ROWS)
+    batch = Batch("decoding", ids, None)
+    if a.can_step or b.can_step:
+        # The rounding of these very rows' logits (the main batch's may be one position long).
+        floors.measure(batch, [], floors.measurer.run(ids, None, []) if floors.measurer is not None else ({}, None))
     for side in (a, b):
         if side.can_step:
-            bound = floors.self_rel(side, "main", ids.shape[-1])
-            result.consistency[side.label] = check_consistency(side, ids, prompt, bound)
+            result.consistency[side.label] = check_consistency(
+                side, ids, prompt, lambda pos, side=side: floors.self_rel(side, "decoding", ids.shape[-1], pos))
         else:
             result.skipped[side.label] = f"{side.label} cannot decode with a KV cache ({side.short()}: no step)"
     if a.can_generate and b.can_generate:
-        result.greedy = compare_greedy(a, b, ids[:, :prompt], steps, floors.rel("main", "logits", ids.shape[-1]),
+        result.greedy = compare_greedy(a, b, ids[:, :prompt], steps, floors.rel("decoding", "logits", ids.shape[-1]),
                                        tol.abs)
     else:
         who = a.label if not a.can_generate else b.label

@@ -3,7 +3,8 @@
 
 1. KV-cache consistency, per side: the prompt's first P tokens as one call (prefill), then tokens
    P, P+1, ... one call each with the cache; each call's logits must equal the side's own full forward
-   at that position, within twice its rounding (`Floors.self_rel`). Step s feeds position P+s-1; a
+   at that position, within twice its rounding there (`Floors.self_rel`: its measured rounding at that
+   position or on average, whichever is larger). Step s feeds position P+s-1; a
    failure is named "decoding: step s (position P+s-1)".
 2. Greedy generation across sides: N tokens from the same prompt must be the same tokens, or differ
    first where the reference's top-2 logits are within twice the per-logit bound (a near tie rounding
@@ -15,6 +16,7 @@ Rows are unpadded (a port's `step(input_ids, past)` takes no mask).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,16 +91,19 @@ class DecodingResult:
         return out
 
 
-def check_consistency(side: Side, ids: torch.Tensor, prompt_len: int, bound: float) -> list[StepResult]:
-    """Prefill ids[:, :prompt_len], then one call per remaining token; each against the full forward."""
+def check_consistency(side: Side, ids: torch.Tensor, prompt_len: int,
+                      bound: Callable[[int], float]) -> list[StepResult]:
+    """Prefill ids[:, :prompt_len], then one call per remaining token; each against the full forward,
+    within bound(position)."""
     _, full = side.run(ids, None, [])
     full = full.double()
     logits, past = side.step(ids[:, :prompt_len], None, None)
-    results = [_step(side.label, 0, prompt_len - 1, logits[:, -1], full[:, prompt_len - 1], bound)]
+    last = prompt_len - 1
+    results = [_step(side.label, 0, last, logits[:, -1], full[:, last], bound(last))]
     for s in range(1, ids.shape[1] - prompt_len + 1):
         pos = prompt_len + s - 1
         logits, past = side.step(ids[:, pos:pos + 1], None, past)
-        results.append(_step(side.label, s, pos, logits[:, -1], full[:, pos], bound))
+        results.append(_step(side.label, s, pos, logits[:, -1], full[:, pos], bound(pos)))
     return results
 
 

@@ -128,6 +128,10 @@ class Floors:
                         noise[name + MEAN] = _rel(x.mean(0), y.mean(0))
             if logits is not None and l64 is not None:
                 noise[LOGITS] = _rel(_real_rows(logits, real), _real_rows(l64, real))
+                if batch.mask is None and logits.dim() == 3:
+                    # per position too: a decoding step is one position, whose rounding can exceed the average
+                    for p in range(logits.shape[1]):
+                        noise[f"{LOGITS}@{p}"] = _rel(logits[:, p].double(), l64[:, p].double())
 
     # -- bounds ----------------------------------------------------------------------------------
     def contribution(self, side: Side, batch: str, name: str, seq_len: int) -> float | None:
@@ -135,7 +139,7 @@ class Floors:
         average of a stream (name + MEAN) that was not measured."""
         fmt = precision(side)
         noise = self.noise.get(batch, {}).get(fmt, {}).get(name)
-        depth = depth_of(name.removesuffix(MEAN), self.n_layers)
+        depth = depth_of(name.removesuffix(MEAN).split("@")[0], self.n_layers)
         if noise is None or not math.isfinite(noise):
             if name.endswith(MEAN) and fmt in MEASURABLE:
                 return None
@@ -168,12 +172,15 @@ class Floors:
         """||a - b|| = err within rel ||b|| + abs sqrt(n)."""
         return allows(err, ref, n, rel, self.abs)
 
-    def self_rel(self, side: Side, batch: str, seq_len: int) -> float:
+    def self_rel(self, side: Side, batch: str, seq_len: int, position: int | None = None) -> float:
         """The bound of a side's logits against its own other path (decoding with a cache vs the full
-        forward): its rounding twice."""
+        forward), at one position: its rounding twice, at that position or on average, whichever is larger."""
         if self.custom is not None:
             return self.custom.rel_at(self.n_layers + 1)
-        return math.sqrt(2) * self.contribution(side, batch, LOGITS, seq_len) * self.scale
+        own = self.contribution(side, batch, LOGITS, seq_len)
+        if position is not None and f"{LOGITS}@{position}" in self.noise.get(batch, {}).get(precision(side), {}):
+            own = max(own, self.contribution(side, batch, f"{LOGITS}@{position}", seq_len))
+        return math.sqrt(2) * own * self.scale
 
     def release(self) -> None:
         """Drop the copies (each a whole model)."""
