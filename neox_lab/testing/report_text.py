@@ -64,8 +64,8 @@ def _hook_line(h, first) -> str:
     mark = "ok" if h.passed else "FAIL"
     if not h.passed and h.heads:
         mark += " heads " + ",".join(map(str, h.heads))
-    if not h.mean_passed:
-        mark += f" (average over positions: {h.mean_rel:.2e} > {h.mean_bound:.2e})"
+    if not h.mean_passed and h.rel <= h.bound:
+        mark += f" (its average over positions: {h.mean_rel:.2e} > {h.mean_bound:.2e})"
     if not h.passed and h.positions:
         mark += f" from pos {h.positions[0]} ({h.n_failing_positions} positions)"
     if h is first:
