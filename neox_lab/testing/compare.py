@@ -219,11 +219,11 @@ def _run_batch(a: Side, b: Side, batch: Batch, names: list[str], floors: Floors,
             raise ValueError(f"hook {name!r}: model_a gives {tuple(ta.shape)}, model_b {tuple(tb.shape)} "
                              f"on the real positions of {batch.describe()}")
         max_abs, err, ref, n = errors(ta, tb)
-        rel = floors.rel(batch.label, name, seq)
+        rel = floors.rel(batch.label, name, seq, n)
         abs_ = floors.abs
         result = HookResult(name=name, layer=layer_of(name), shape=list(ta.shape), n=n, max_abs=max_abs,
                             rel=ratio(err, ref), bound=rel, passed=floors.allows(err, ref, n, rel), batch=batch.label)
-        mean_bound = floors.rel_mean(batch.label, name, seq) if dims[0] == "real" else None
+        mean_bound = floors.rel_mean(batch.label, name, seq, ta[0].numel()) if dims[0] == "real" else None
         if mean_bound is not None:
             _, m_err, m_ref, m_n = errors(ta.mean(0), tb.mean(0))
             result.mean_rel, result.mean_bound = ratio(m_err, m_ref), mean_bound
@@ -238,7 +238,8 @@ def _run_batch(a: Side, b: Side, batch: Batch, names: list[str], floors: Floors,
         results.append(result)
     logits = None
     if logits_a is not None and logits_b is not None:
-        logits = compare_logits(logits_a, logits_b, real, floors.base, floors.rel(batch.label, "logits", seq),
+        n_logits = int(real.sum()) * logits_b.shape[-1] if logits_b.dim() >= 3 else logits_b.numel()
+        logits = compare_logits(logits_a, logits_b, real, floors.base, floors.rel(batch.label, "logits", seq, n_logits),
                                 batch.label)
         if logits.rel == float("inf"):
             la = logits_a.double()[real.to(logits_a.device)]
@@ -315,7 +316,8 @@ def _decoding(a: Side, b: Side, cfg, floors: Floors, tol: Tolerance, steps: int,
     for side in (a, b):
         if side.can_step:
             result.consistency[side.label] = check_consistency(
-                side, ids, prompt, lambda pos, side=side: floors.self_rel(side, "decoding", ids.shape[-1], pos))
+                side, ids, prompt, lambda pos, side=side: floors.self_rel(side, "decoding", ids.shape[-1], pos,
+                                                                          DECODE_ROWS * cfg.vocab_size))
         else:
             result.skipped[side.label] = f"{side.label} cannot decode with a KV cache ({side.short()}: no step)"
     if a.can_generate and b.can_generate:

@@ -24,7 +24,9 @@ Measured on a 6-layer trained-like model (experiments/compare_code_bugs.py), leg
 positions of sharp attention) reach at most about 1/4 of this bound, while GELU-tanh, an LN eps
 outside the sqrt and a one-layer dropped MLP bias exceed it in fp32 by 10^2 to 10^4 times.
 
-A custom `Tolerance` (tolerance=...) replaces all of this by its own bound.
+A stream of n < MIN_SAMPLE values (a 1-token input's attention score) gets its bound times
+sqrt(MIN_SAMPLE / n): a single value's relative rounding, where a dot product cancels, is no average. A
+custom `Tolerance` (tolerance=...) replaces all of this by its own bound.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ LOGITS = "logits"
 #: Suffix of a stream's average over real positions (per channel), measured and bounded like a stream.
 MEAN = "#mean"
 MEASURABLE = ("float32", "float16", "bfloat16", "tf32")
+#: Below this many values a stream's bound grows by sqrt(MIN_SAMPLE / n): one value's rounding may be many
+#: times the typical one (the thorough property run found a single attention score, a dot product that
+#: cancelled 50-fold, whose fp16 rounding was 2.5x the bound another implementation's had been held to).
+MIN_SAMPLE = 64
 
 
 def depth_of(name: str, n_layers: int) -> int:
@@ -146,7 +152,7 @@ class Floors:
             return C * side_noise(fmt, max(self.width, seq_len)) * math.sqrt(depth)
         return max(K * noise, ROUNDED_ONCE * UNIT_ROUNDOFF[fmt])
 
-    def rel_mean(self, batch: str, name: str, seq_len: int) -> float | None:
+    def rel_mean(self, batch: str, name: str, seq_len: int, n: int | None = None) -> float | None:
         """The bound of a stream's average over real positions, where its rounding was measured (None:
         not tested). Averaging shrinks rounding noise by sqrt(positions) but not a systematic error (a
         dropped bias shifts every position alike), so this sees what the stream's bound cannot in bf16."""
@@ -155,10 +161,10 @@ class Floors:
         parts = [self.contribution(s, batch, name + MEAN, seq_len) for s in (self.a, self.b)]
         if any(p is None for p in parts) or all(precision(s) not in MEASURABLE for s in (self.a, self.b)):
             return None
-        return math.hypot(*parts) * self.scale
+        return math.hypot(*parts) * self.scale * _few(n)
 
-    def rel(self, batch: str, name: str, seq_len: int) -> float:
-        """The relative bound of stream `name` (or "logits") on `batch`."""
+    def rel(self, batch: str, name: str, seq_len: int, n: int | None = None) -> float:
+        """The relative bound of stream `name` (or "logits") on `batch`, n values compared."""
         depth = depth_of(name, self.n_layers)
         if self.custom is not None:
             return self.custom.rel_at(depth)
@@ -166,13 +172,14 @@ class Floors:
                            self.contribution(self.b, batch, name, seq_len))
         if self.lossy is not None:
             bound = max(bound, self.lossy.rel_at(depth))
-        return bound * self.scale
+        return bound * self.scale * _few(n)
 
     def allows(self, err: float, ref: float, n: int, rel: float) -> bool:
         """||a - b|| = err within rel ||b|| + abs sqrt(n)."""
         return allows(err, ref, n, rel, self.abs)
 
-    def self_rel(self, side: Side, batch: str, seq_len: int, position: int | None = None) -> float:
+    def self_rel(self, side: Side, batch: str, seq_len: int, position: int | None = None,
+                 n: int | None = None) -> float:
         """The bound of a side's logits against its own other path (decoding with a cache vs the full
         forward), at one position: its rounding twice, at that position or on average, whichever is larger."""
         if self.custom is not None:
@@ -180,11 +187,15 @@ class Floors:
         own = self.contribution(side, batch, LOGITS, seq_len)
         if position is not None and f"{LOGITS}@{position}" in self.noise.get(batch, {}).get(precision(side), {}):
             own = max(own, self.contribution(side, batch, f"{LOGITS}@{position}", seq_len))
-        return math.sqrt(2) * own * self.scale
+        return math.sqrt(2) * own * self.scale * _few(n)
 
     def release(self) -> None:
         """Drop the copies (each a whole model)."""
         self.copies.clear()
+
+
+def _few(n: int | None) -> float:
+    return 1.0 if n is None or n >= MIN_SAMPLE else math.sqrt(MIN_SAMPLE / max(n, 1))
 
 
 def _real_rows(logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
