@@ -107,12 +107,14 @@ def check_activation(stores: list[tuple[dict, torch.Tensor, str]], act: str,
     if pooled_x.numel() < MIN_PER_BIN * 2:
         return [], None
     edges = torch.quantile(_sample(pooled_x), torch.linspace(0, 1, BINS + 1, dtype=torch.float64)[1:-1])
-    results = []
-    for layer, (x, e, y, u) in per_layer.items():
-        results.append(_test(act, layer, [block_hook(layer, POST)], x, e, y, u, edges))
+    bounds = torch.cat((pooled_x.min()[None], edges, pooled_x.max()[None]))  # each bin's hook_pre range
+    del pooled_x
+    stats = {layer: _bin_stats(x, e, y, edges) for layer, (x, e, y, _) in per_layer.items()}
+    results = [_result(act, layer, [block_hook(layer, POST)], stats[layer], per_layer[layer][3], bounds)
+               for layer in per_layer]
     names = [block_hook(layer, POST) for layer in per_layer]
-    results.append(_test(act, None, names, pooled_x, torch.cat([v[1] for v in per_layer.values()]),
-                         torch.cat([v[2] for v in per_layer.values()]), max(v[3] for v in per_layer.values()), edges))
+    pooled = torch.stack(list(stats.values())).sum(0)  # one activation for all layers: add up the bins
+    results.append(_result(act, None, names, pooled, max(v[3] for v in per_layer.values()), bounds))
     return results, None
 
 
@@ -121,21 +123,24 @@ def _sample(x: torch.Tensor, n: int = 1 << 20) -> torch.Tensor:
     return x if x.numel() <= n else x[:: math.ceil(x.numel() / n)]
 
 
-def _test(act, layer, names, x, e, y, u, edges) -> ActivationResult:
+def _bin_stats(x, e, y, edges) -> torch.Tensor:
+    """Per bin of hook_pre: [count, sum e, sum e^2, sum scale^2] (a [4 BINS] tensor)."""
     which = torch.bucketize(x, edges)
-    count = torch.bincount(which, minlength=BINS).double()
-    total = torch.bincount(which, weights=e, minlength=BINS)
-    square = torch.bincount(which, weights=e * e, minlength=BINS)
     # erf-based GELU in fp32 loses relative accuracy where it is ~0 (1 + erf cancels): its error scales
     # with the input, so the floor and the reported size are taken against max(|pre|, |post|).
     scale = torch.maximum(x.abs(), y.abs())
-    post_sq = torch.bincount(which, weights=scale * scale, minlength=BINS)
+    return torch.stack([torch.bincount(which, weights=w, minlength=BINS)
+                        for w in (torch.ones_like(e), e, e * e, scale * scale)])
+
+
+def _result(act, layer, names, stats, u, bounds) -> ActivationResult:
+    count, total, square, scale_sq = stats
     ok = count >= MIN_PER_BIN
     n = count.clamp(min=1)
     mean = total / n
     var = (square / n - mean * mean).clamp(min=0) * n / (n - 1).clamp(min=1)
     se = (var / n).sqrt()
-    rms_scale = (post_sq / n).sqrt()
+    rms_scale = (scale_sq / n).sqrt()
     z = torch.where(se > 0, mean.abs() / se.clamp(min=1e-300), torch.where(mean != 0, math.inf, 0.0))
     floor = FLOOR_U * u * rms_scale
     failing = ok & (z > Z) & (mean.abs() > floor)
@@ -143,7 +148,6 @@ def _test(act, layer, names, x, e, y, u, edges) -> ActivationResult:
     score = torch.where(ok, z, torch.zeros_like(z))
     worst = int(torch.argmax(torch.where(failing, bias, torch.zeros_like(bias)))) if bool(failing.any()) \
         else int(torch.argmax(score))
-    lo = float(x[which == worst].min()) if bool((which == worst).any()) else math.nan
-    hi = float(x[which == worst].max()) if bool((which == worst).any()) else math.nan
-    return ActivationResult(act=act, layer=layer, names=names, n=x.numel(), worst_z=float(score[worst]),
-                            worst_bias=float(bias[worst]), pre_range=[lo, hi], passed=not bool(failing.any()))
+    return ActivationResult(act=act, layer=layer, names=names, n=int(count.sum()), worst_z=float(score[worst]),
+                            worst_bias=float(bias[worst]), pre_range=[float(bounds[worst]), float(bounds[worst + 1])],
+                            passed=not bool(failing.any()))

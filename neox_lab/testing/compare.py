@@ -31,7 +31,7 @@ import torch
 from ..hooks.registry import hook_names, layer_of, unknown_hook_message
 from .activation_check import check_activation
 from .config_diff import diff_configs
-from .decoding import DECODE_ROWS, DECODE_STEPS, DecodingResult, check_consistency, compare_greedy
+from .decoding import DECODE_ROWS, DECODE_STEPS, DecodingResult, check_consistency, compare_greedy, decode
 from .floors import Floors
 from .inputs import DEFAULT_BATCH, DEFAULT_SEQ_LEN, PROBE_LEN, Batch, as_inputs, left_padded, probe_length, random_ids
 from .lossy import accept_lossy_weights, lossy_tolerance
@@ -303,31 +303,30 @@ def _probe(a, b, names, floors, report, probe_len, seed, main_len):
 
 
 def _decoding(a: Side, b: Side, cfg, floors: Floors, tol: Tolerance, steps: int, seed: int) -> DecodingResult | None:
-    steps = min(steps, cfg.max_position_embeddings - 1)
-    prompt = max(1, min(16, cfg.max_position_embeddings - steps))
-    if steps < 1:
+    steps = min(steps, cfg.max_position_embeddings - 2)
+    prompt = max(1, min(16, cfg.max_position_embeddings - steps - 1))
+    if steps < 1 or not (a.can_generate or b.can_generate):
         return None
-    ids = random_ids(cfg, DECODE_ROWS, prompt + steps, seed + 2)
+    ids = random_ids(cfg, DECODE_ROWS, prompt, seed + 2)
     result = DecodingResult(prompt_len=prompt, steps=steps, rows=DECODE_ROWS)
-    batch = Batch("decoding", ids, None)
-    if a.can_step or b.can_step:
-        # The rounding of these very rows' logits (the main batch's may be one position long).
-        floors.measure(batch, [], floors.measurer.run(ids, None, []) if floors.measurer is not None else ({}, None))
+    decoded = {side.label: decode(side, ids, steps) for side in (a, b) if side.can_generate}
     for side in (a, b):
-        if side.can_step:
-            result.consistency[side.label] = check_consistency(
-                side, ids, prompt, lambda pos, side=side: floors.self_rel(side, "decoding", ids.shape[-1], pos,
-                                                                          DECODE_ROWS * cfg.vocab_size))
-        else:
+        if not side.can_step:
             result.skipped[side.label] = f"{side.label} cannot decode with a KV cache ({side.short()}: no step)"
+            continue
+        # Bounds from the rounding of what this side decoded (the main batch may be one position long).
+        mine = decoded[side.label]
+        floors.measure(Batch(f"decoding {side.label}", mine.ids, None), [],
+                       floors.measurer.run(mine.ids, None, []) if floors.measurer is not None else ({}, None))
+        result.consistency[side.label] = check_consistency(
+            side, mine, prompt, lambda pos, side=side: floors.self_rel(
+                side, f"decoding {side.label}", prompt + steps, pos, DECODE_ROWS * cfg.vocab_size))
     if a.can_generate and b.can_generate:
-        result.greedy = compare_greedy(a, b, ids[:, :prompt], steps, floors.rel("decoding", "logits", ids.shape[-1]),
-                                       tol.abs)
+        result.greedy = compare_greedy(decoded["model_a"], decoded["model_b"], b, prompt,
+                                       floors.rel(f"decoding {b.label}", "logits", prompt + steps), tol.abs)
     else:
         who = a.label if not a.can_generate else b.label
         result.skipped["greedy"] = f"greedy generation not compared: {who} cannot generate"
-    if not result.consistency and not result.greedy:
-        return result if result.skipped else None
     return result
 
 

@@ -1,11 +1,11 @@
 """The decoding check, run wherever a side can decode (neox_lab and transformers causal LMs, a port with
-`step` or `generate`):
+`step` or `generate`), on DECODE_ROWS rows of a 16-token random prompt:
 
-1. KV-cache consistency, per side: the prompt's first P tokens as one call (prefill), then tokens
-   P, P+1, ... one call each with the cache; each call's logits must equal the side's own full forward
-   at that position, within twice its rounding there (`Floors.self_rel`: its measured rounding at that
-   position or on average, whichever is larger). Step s feeds position P+s-1; a
-   failure is named "decoding: step s (position P+s-1)".
+1. KV-cache consistency, per side: the prompt as one call (prefill), then the side's own greedy tokens
+   fed back one call each with the cache; each call's logits must equal the side's own full forward
+   over what it decoded, at that position, within twice its rounding there (`Floors.self_rel`: its
+   measured rounding at that position or on average, whichever is larger). Step s feeds position
+   P+s-1; a failure is named "decoding: step s (position P+s-1)".
 2. Greedy generation across sides: N tokens from the same prompt must be the same tokens, or differ
    first where the reference's top-2 logits are within twice the per-logit bound (a near tie rounding
    may flip; the rest of that row is then not compared).
@@ -91,44 +91,66 @@ class DecodingResult:
         return out
 
 
-def check_consistency(side: Side, ids: torch.Tensor, prompt_len: int,
+@dataclass
+class Decoded:
+    """What one side decoded greedily: the ids (prompt + new tokens) and, when it decodes with a cache,
+    each call's last-position logits (the prompt's, then one per fed token)."""
+
+    ids: torch.Tensor
+    step_logits: list[torch.Tensor] | None
+
+
+def decode(side: Side, prompt: torch.Tensor, n: int) -> Decoded:
+    """`n` greedy tokens after `prompt`: with the side's KV-cache `step` when it has one (prefill, then each
+    new token fed back, the last one too, so n cached calls are there to check), else its `generate`."""
+    if not side.can_step:
+        return Decoded(side.generate(prompt, None, n).cpu(), None)
+    logits, past = side.step(prompt, None, None)
+    steps, ids = [logits[:, -1].double().cpu()], prompt.cpu()
+    for _ in range(n):
+        token = steps[-1].argmax(-1, keepdim=True)
+        ids = torch.cat((ids, token), dim=1)
+        logits, past = side.step(token, None, past)
+        steps.append(logits[:, -1].double().cpu())
+    return Decoded(ids, steps)
+
+
+def check_consistency(side: Side, decoded: Decoded, prompt_len: int,
                       bound: Callable[[int], float]) -> list[StepResult]:
-    """Prefill ids[:, :prompt_len], then one call per remaining token; each against the full forward,
-    within bound(position)."""
-    _, full = side.run(ids, None, [])
-    full = full.double()
-    logits, past = side.step(ids[:, :prompt_len], None, None)
-    last = prompt_len - 1
-    results = [_step(side.label, 0, last, logits[:, -1], full[:, last], bound(last))]
-    for s in range(1, ids.shape[1] - prompt_len + 1):
-        pos = prompt_len + s - 1
-        logits, past = side.step(ids[:, pos:pos + 1], None, past)
-        results.append(_step(side.label, s, pos, logits[:, -1], full[:, pos], bound(pos)))
+    """Each cached call's logits against the side's own full forward over what it decoded, within
+    bound(position): the prompt's last position (step 0), then step s at position prompt_len + s - 1."""
+    _, full = side.run(decoded.ids, None, [])
+    full = full.double().cpu()
+    results = []
+    for s, logits in enumerate(decoded.step_logits[:decoded.ids.shape[1] - prompt_len + 1]):
+        pos = prompt_len - 1 + s
+        results.append(_step(side.label, s, pos, logits, full[:, pos], bound(pos)))
     return results
 
 
 def _step(label, step, position, got, want, bound) -> StepResult:
-    got = got.double().to(want.device)
     err, ref = float((got - want).norm()), float(want.norm())
     rel = ratio(err, ref) if math.isfinite(err) else math.inf
     return StepResult(label, step, position, rel, bound, bool((got.argmax(-1) == want.argmax(-1)).all()))
 
 
-def compare_greedy(a: Side, b: Side, prompt: torch.Tensor, n: int, rel_bound: float,
+def compare_greedy(a: Decoded, b: Decoded, reference: Side, prompt_len: int, rel_bound: float,
                    abs_bound: float) -> list[GreedyRow]:
-    """Greedy tokens of both sides from `prompt`; a first difference is excused at a near tie of the reference."""
-    ga = a.generate(prompt, None, n)[:, prompt.shape[1]:].cpu()
-    gb = b.generate(prompt, None, n)[:, prompt.shape[1]:].cpu()
+    """Greedy tokens of both sides; a first difference is excused at a near tie of the reference (its
+    logits where the rows part: from its own cached call, or a forward over the common prefix)."""
+    ga, gb = a.ids[:, prompt_len:], b.ids[:, prompt_len:]
     rows = []
-    for r in range(prompt.shape[0]):
+    for r in range(ga.shape[0]):
         ta, tb = ga[r].tolist(), gb[r].tolist()
         diff = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
         if diff is None:
             rows.append(GreedyRow(r, ta, tb, None))
             continue
-        prefix = torch.cat((prompt[r:r + 1].cpu(), gb[r:r + 1, :diff]), dim=1)
-        _, logits = b.run(prefix, None, [])
-        last = logits[0, -1].double().cpu()
+        if b.step_logits is not None:
+            last = b.step_logits[diff][r]
+        else:
+            _, logits = reference.run(b.ids[r:r + 1, :prompt_len + diff], None, [])
+            last = logits[0, -1].double().cpu()
         margin = float(last[tb[diff]] - last[ta[diff]])
         bound = rel_bound * float(last.pow(2).mean().sqrt()) + abs_bound
         rows.append(GreedyRow(r, ta, tb, diff + 1, margin, bound, margin <= 2 * bound))

@@ -1,8 +1,8 @@
 """The inputs `compare` runs: the user's batch (or random ids), and the two extra batches that expose
 the common input-dependent bugs, cheaply:
 
-- a left-padded batch with its mask (row r padded by r/4 of its length): a model that attends to pad
-  keys, or counts positions from the first column instead of the first real token, fails on it;
+- a left-padded batch with its mask (three rows, padded by 1/4, 2/4 and 3/4 of their length): a model
+  that attends to pad keys fails on it;
 - a long one-row probe through every layer (default 512 positions, capped by max_position_embeddings
   and by a memory budget): rotary differences grow with the position, and a bug that starts beyond
   some length (a sliding window) shows only there.
@@ -24,7 +24,7 @@ DEFAULT_BATCH, DEFAULT_SEQ_LEN = 4, 32
 PROBE_LEN = 512
 #: What the probe may hold per side: its cached streams and the eager attention's scores.
 PROBE_BUDGET_BYTES = 512 * 2**20
-PADDED_ROWS = 4
+PADDED_ROWS = 3
 
 
 @dataclass
@@ -83,13 +83,14 @@ def random_ids(cfg: NeoXConfig, batch: int, length: int, seed: int) -> torch.Ten
 
 
 def left_padded(cfg: NeoXConfig, length: int, seed: int) -> Batch:
-    """PADDED_ROWS random rows of `length` tokens; row r starts with r * length // PADDED_ROWS pad tokens
-    (the pad id, or 0), so the rows hold different numbers of real tokens, each at least one."""
-    length = max(length, PADDED_ROWS)
+    """PADDED_ROWS random rows of `length` tokens; row r starts with (r + 1) * length // (PADDED_ROWS + 1) pad
+    tokens (the pad id, or 0), so the rows hold different numbers of real tokens, each at least one (an
+    unpadded row would repeat what the main batch checks)."""
+    length = max(length, PADDED_ROWS + 1)
     ids = random_ids(cfg, PADDED_ROWS, length, seed + 1)
     mask = torch.ones_like(ids)
     for row in range(PADDED_ROWS):
-        mask[row, : row * length // PADDED_ROWS] = 0
+        mask[row, : (row + 1) * length // (PADDED_ROWS + 1)] = 0
     pad = cfg.pad_token_id if cfg.pad_token_id is not None and cfg.pad_token_id < cfg.vocab_size else 0
     return Batch("left-padded", ids.masked_fill(mask == 0, pad), mask)
 

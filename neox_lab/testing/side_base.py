@@ -9,7 +9,7 @@ and one line in `sides.SIDE_KINDS`:
     weights()                             -> {neox_lab parameter name: tensor} or None
     recast(dtype)                         -> the same model in another dtype (measured floors), or None
     step(ids, mask, past)                 -> (logits, past): one decoding call with a KV cache (can_step)
-    generate(ids, mask, n)                -> ids [batch prompt+n], greedy (can_generate)
+    generate(ids, mask, n)                -> ids [batch prompt+n], greedy (a port without step)
     variants()                            -> other settings of the same model, to find one that works
 """
 
@@ -98,7 +98,8 @@ class Side(abc.ABC):
             return self
         return self.recast(torch.float64)
 
-    #: whether `step` (one decoding call with a KV cache) and `generate` (greedy tokens) work on this side
+    #: whether `step` (one decoding call with a KV cache) works on this side, and whether it can give greedy
+    #: tokens at all (with `step`, or with its own `generate`)
     can_step = False
     can_generate = False
 

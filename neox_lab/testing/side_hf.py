@@ -157,16 +157,6 @@ class HFSide(Side):
         cache = getattr(out, "cache", None)
         return out.logits, (cache if cache is not None else out.past_key_values)
 
-    def generate(self, ids, mask, n):
-        ids = ids.to(self.device)
-        mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
-        pad = self.model.config.pad_token_id
-        with eval_mode(self.model), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # min_new_tokens = max_new_tokens: no end-of-text stops a row early (neox_lab's eos_token_id=None).
-            return self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                       pad_token_id=0 if pad is None else pad)
-
     def variants(self):
         flag = self.label[-1]
         impl = str(self.model.config._attn_implementation)

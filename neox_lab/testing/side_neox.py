@@ -71,12 +71,6 @@ class NeoxSide(Side):
                              past_key_values=past, use_cache=True)
         return out.logits, out.past_key_values
 
-    def generate(self, ids, mask, n):
-        with eval_mode(self.model):
-            mask = None if mask is None else mask.to(self.device)
-            return self.model.generate(ids.to(self.device), attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                       eos_token_id=None)
-
     def variants(self):
         flag = "--dtype-" + self.label[-1]
         out = []

@@ -92,10 +92,6 @@ class WeightEntry:
     layer: int | None
 
 
-def is_port_like(obj) -> bool:
-    return isinstance(obj, (Port, torch.nn.Module)) or callable(obj)
-
-
 def qkv_part(part: str, n_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """A weight-map transform: the "query", "key" or "value" rows of the fused QKV weight or bias
     (transformers' layout, per head (n_heads qkv d_head)), as a separate projection stores them."""
@@ -238,24 +234,10 @@ class PortSide(Side):
         if mask is not None:
             raise TypeError(f"{self.label}: a port's generate takes no attention_mask")
         ids = ids.to(self.device)
-        if self._generate is None:
-            return greedy_with_step(self, ids, n)
         with eval_mode(self.model), torch.no_grad():
             out = torch.as_tensor(self._generate(ids, n))
         # A generate that returns only the new tokens is accepted too.
         return out if out.shape[1] == ids.shape[1] + n else torch.cat((ids, out.to(ids.device)), dim=1)
-
-
-def greedy_with_step(side: Side, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """`n` greedy tokens after `ids` with the side's `step` (prefill, then one token per call)."""
-    logits, past = side.step(ids, None, None)
-    out = ids
-    for i in range(n):
-        nxt = logits[:, -1].argmax(-1, keepdim=True).to(ids.device)
-        out = torch.cat((out, nxt), dim=1)
-        if i + 1 < n:
-            logits, past = side.step(nxt, None, past)
-    return out
 
 
 def _takes_mask(fn) -> bool:

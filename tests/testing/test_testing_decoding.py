@@ -74,3 +74,21 @@ def test_decoding_is_skipped_with_the_reason_where_a_side_cannot_decode(ref):
     assert "model_a cannot decode with a KV cache" in report.decoding.skipped["model_a"]
     assert "greedy generation not compared: model_a cannot generate" == report.decoding.skipped["greedy"]
     assert compare(ref, ref, decode_steps=0).decoding is None
+
+
+def test_a_port_with_only_generate_is_compared_by_its_tokens(ref):
+    plain = PlainNeoX.from_neox(ref)
+
+    def generate(ids, n):
+        """The port's own greedy loop (no step exposed): returns only the new tokens."""
+        logits, past = plain.step(ids, None)
+        out = []
+        for _ in range(n):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(token)
+            logits, past = plain.step(token, past)
+        return torch.cat(out, dim=1)
+
+    report = compare(port(plain, step=None, generate=generate), ref)
+    assert report.equivalent and "model_a" not in report.decoding.consistency
+    assert all(g.first_difference is None for g in report.decoding.greedy)

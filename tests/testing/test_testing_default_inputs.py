@@ -35,7 +35,7 @@ def test_attending_to_pad_keys_fails_at_defaults(ref, cli_ids):
     assert not report.equivalent and named_place(report, expected), report.table()
     first = report.first_divergence
     assert (first.name, first.batch) == ("blocks.0.attn.hook_attn_scores", "left-padded")
-    assert first.positions and first.positions[0] > 0  # the unpadded row 0 is right; padded rows are not
+    assert first.n_failing_positions == 48  # every real position of the 3 padded rows (8 + 16 + 24 pads of 32)
     assert "model_a attends" in first.nonfinite and "model_b masks (-inf)" in first.nonfinite
     assert not report.padded_logits.passed
     assert report.verdict == "not equivalent"  # the reference's -inf is a mask, not a broken reference
