@@ -198,16 +198,19 @@ def _weights(a: Side, b: Side, enabled: bool, notes: list[str]):
 
 
 def _run_batch(a: Side, b: Side, batch: Batch, names: list[str], floors: Floors, report: EquivalenceReport,
-               stop_at_layer: int | None = None):
+               stop_at_layer: int | None = None, want_logits: bool = True):
     """Run both sides on `batch` and compare every stream and the logits. Returns (hook results, logits
     result or None, the candidate's MLP streams for the activation check)."""
     cfg = b.cfg
     ids, mask, real = batch.ids, batch.mask, batch.real
     store_a, logits_a = a.run(ids, mask, names, stop_at_layer)
     store_b, logits_b = b.run(ids, mask, names, stop_at_layer)
+    if not want_logits:
+        logits_a = logits_b = None
     floors.plan()
     own = (store_b, logits_b) if floors.measurer is b else (store_a, logits_a)
-    floors.measure(batch, names, own)
+    # the measurer is a neox_lab or transformers side: it can stop where no logits are wanted
+    floors.measure(batch, names, own, stop_at_layer if want_logits else cfg.num_hidden_layers)
     registry = hook_names(cfg)
     seq = ids.shape[-1]
     results = []
@@ -299,10 +302,11 @@ def _probe(a, b, names, floors, report, probe_len, seed, main_len):
     if not wanted and both_stop:
         return
     probe = Batch("probe", random_ids(cfg, 1, length, seed), None)
-    # Stopping after the last block skips the unembedding ([length vocab], the largest tensor here), which
-    # only a port without the streams needs.
+    # Stopping after the last block skips the unembedding ([length vocab], the largest tensor here): only a
+    # port without the streams needs the probe's logits compared.
     stop = cfg.num_hidden_layers if both_stop else None
-    report.probe, report.probe_logits, _ = _run_batch(a, b, probe, wanted, floors, report, stop_at_layer=stop)
+    report.probe, report.probe_logits, _ = _run_batch(a, b, probe, wanted, floors, report, stop_at_layer=stop,
+                                                      want_logits=not wanted)
     report.probe_shape = [1, length]
 
 

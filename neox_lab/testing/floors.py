@@ -95,24 +95,25 @@ class Floors:
             exact = side.exact_copy()
             if exact is None:
                 continue
-            self.measurer = side
             own = "float64" if exact is side else precision(side)
-            if exact is not side:
-                self.copies["float64"] = exact
+            copies = {} if exact is side else {"float64": exact}
             for fmt in wanted:
                 if fmt != own:
                     dtype = next(s.dtype for s in (self.a, self.b) if precision(s) == fmt)
-                    self.copies[fmt] = side.recast(dtype)
-            self.own = own
+                    copies[fmt] = side.recast(dtype)
+            if any(c is None for c in copies.values()):
+                continue  # (a port in fp64 is its own exact copy, but cannot be recast to the other dtype)
+            self.measurer, self.own, self.copies, self.wanted = side, own, copies, wanted
             role = "the reference" if side is self.b else "the candidate (the reference cannot be re-run)"
             self.note = (f"measured: {K:g} x the rounding of {role} in {', '.join(wanted)} against float64, "
                          f"stream by stream")
-            self.wanted = wanted
             return
         self.note = "analytic (neither side can be re-run in float64 to measure its rounding)"
 
-    def measure(self, batch, names: list[str], own: tuple[dict, torch.Tensor | None]) -> None:
-        """Noise of each stream (and the logits) on `batch`; `own` is the measurer's run in its own dtype."""
+    def measure(self, batch, names: list[str], own: tuple[dict, torch.Tensor | None],
+                stop_at_layer: int | None = None) -> None:
+        """Noise of each stream (and the logits) on `batch`; `own` is the measurer's run in its own dtype;
+        `stop_at_layer` as in `Side.run` (no logits then)."""
         self.plan()
         if self.measurer is None:
             return
@@ -120,7 +121,7 @@ class Floors:
         real = batch.real
 
         def run(fmt):
-            return own if fmt == self.own else self.copies[fmt].run(batch.ids, batch.mask, names)
+            return own if fmt == self.own else self.copies[fmt].run(batch.ids, batch.mask, names, stop_at_layer)
         s64, l64 = run("float64")
         out = self.noise.setdefault(batch.label, {})
         for fmt in self.wanted:

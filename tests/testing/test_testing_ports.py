@@ -125,3 +125,13 @@ def test_a_transformers_model_with_a_replaced_mlp_compares_without_crashing():
     assert "blocks.1.hook_mlp_out" in {h.name for h in report.hooks}  # the module's output is still read
     diff = compare(nx, hf).weights
     assert diff.passed and "blocks.1.mlp.w_in" in diff.unmatched and "blocks.1.mlp.fc_in.weight" in diff.unmatched
+
+
+def test_a_port_as_the_reference_and_two_ports(ref, plain):
+    """A port cannot be re-run in another dtype: with one as the reference the candidate's rounding is
+    measured instead; with ports on both sides the analytic floor applies, and the report says which."""
+    plain64 = port(copy.deepcopy(plain).double())
+    as_reference = compare(ref, plain64)
+    assert as_reference.equivalent and as_reference.floors.startswith("measured: 4 x the rounding of the candidate")
+    both = compare(port(plain), plain64)
+    assert both.equivalent and both.floors.startswith("analytic (neither side can be re-run")
