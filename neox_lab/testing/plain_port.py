@@ -102,6 +102,8 @@ class PlainNeoX(nn.Module):
     def from_neox(cls, model) -> PlainNeoX:
         """A PlainNeoX computing what the neox_lab (or transformers) `model` computes, loaded through
         `weight_map`: each port tensor is the map's transform of the model's tensors."""
+        if hasattr(model, "hook_dict"):
+            model = model.hf()  # a HookedTransformer: its transformers-convention view (cfg a NeoXConfig)
         cfg = model.cfg if hasattr(model, "cfg") else NeoXConfig.from_hf(model.config.to_dict())
         plain = cls(cfg)
         source = named_weights(model)

@@ -26,6 +26,8 @@ class NeoxSide(Side):
         return is_neox(model)
 
     def __init__(self, model, label: str):
+        # A HookedTransformer runs through its transformers-convention view: the same modules and hooks.
+        model = model.hf()
         super().__init__(model, label)
         param = next(model.parameters())
         # A model placed across devices (device_map) takes its inputs where it embeds, which an

@@ -20,7 +20,7 @@ FACTORY = '''
 import copy, types
 import torch
 import torch.nn.functional as F
-from neox_lab import NeoXForCausalLM
+from neox_lab import HookedTransformer, NeoXForCausalLM
 from neox_lab.testing.plain_port import PlainNeoX, port
 
 def build():
@@ -34,7 +34,7 @@ def build_buggy():
 
 def folded():
     """A model after TransformerLens' weight processing (it cannot be saved as a transformers checkpoint)."""
-    return NeoXForCausalLM.from_pretrained({path!r}, dtype=torch.float64).process_weights_()
+    return HookedTransformer(NeoXForCausalLM.from_pretrained({path!r}, dtype=torch.float64)).process_weights_()
 
 def logits_only():
     plain = PlainNeoX.from_neox(NeoXForCausalLM.from_pretrained({path!r}))

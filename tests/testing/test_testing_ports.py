@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neox_lab import NeoXForCausalLM
+from neox_lab import HookedTransformer, NeoXForCausalLM
 from neox_lab.testing import Port, compare
 from neox_lab.testing.pairs import build_pair, make_trained_like, tiny_config
 from neox_lab.testing.plain_port import PlainNeoX, hook_map, port, weight_map
@@ -135,3 +135,15 @@ def test_a_port_as_the_reference_and_two_ports(ref, plain):
     assert as_reference.equivalent and as_reference.floors.startswith("measured: 4 x the rounding of the candidate")
     both = compare(port(plain), plain64)
     assert both.equivalent and both.floors.startswith("analytic (neither side can be re-run")
+
+
+def test_a_hooked_transformer_is_a_side_through_its_view(ref, plain):
+    """TransformerLens' front door is the same model: compare runs its transformers-convention view
+    (`.hf()`), as candidate or reference, and a port can be built from it."""
+    hooked = HookedTransformer(ref)
+    for report in (compare(hooked, ref), compare(ref, hooked)):
+        assert report.equivalent and report.sides["model_a"]["library"] == "neox_lab", report.table()
+        assert report.weights.passed and "blocks.2.attn.hook_rot_q" in {h.name for h in report.hooks}
+    from_hooked = PlainNeoX.from_neox(hooked)
+    assert torch.equal(from_hooked.layers[1].mlp.fc2.bias, plain.layers[1].mlp.fc2.bias)
+    assert not compare(_drop_fc2_bias(from_hooked, 1), hooked, hook_map=hook_map()).equivalent

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from neox_lab import NeoXForCausalLM
+from neox_lab import HookedTransformer, NeoXForCausalLM
 from neox_lab.testing import EXIT_STATUS, REFERENCE_UNUSABLE, REPARAMETRISED, assert_equivalent, compare
 from neox_lab.testing.pairs import build_pair, make_trained_like, tiny_config
 
@@ -63,7 +63,8 @@ def test_a_nan_candidate_names_its_side_and_positions(ref64):
 
 
 def test_a_processed_side_is_same_function_different_parametrisation(ref64):
-    processed = copy.deepcopy(ref64).process_weights_()  # TransformerLens' defaults
+    # TransformerLens' defaults, through its front door; compare runs the HookedTransformer's view of it.
+    processed = HookedTransformer(copy.deepcopy(ref64)).process_weights_()
     report = compare(processed, ref64)
     assert report.verdict == REPARAMETRISED and report.exit_status == 3 and not report.equivalent
     assert report.summary().startswith("SAME FUNCTION, DIFFERENT PARAMETRISATION (center_unembed, "
@@ -76,7 +77,7 @@ def test_a_processed_side_is_same_function_different_parametrisation(ref64):
         assert_equivalent(report)
     # Without the record (a processed checkpoint saved and reloaded), the evidence alone says the same:
     # streams far past their bounds, outputs within rounding.
-    processed.weights_processed = set()
+    processed.hf().weights_processed = set()
     assert compare(processed, ref64).verdict == REPARAMETRISED
 
 
