@@ -64,7 +64,8 @@ def compare(model_a, model_b, inputs=None, *, hooks="all", tolerance: Tolerance 
             step: Callable | None = None, generate: Callable | None = None, config=None) -> EquivalenceReport:
     """Compare `model_a` against the reference `model_b`; returns an `EquivalenceReport` (`.verdict`).
 
-    model_a, model_b: a neox_lab model, a transformers GPTNeoX model, an `nn.Module`, a callable
+    model_a, model_b: a neox_lab model (a `HookedTransformer` runs as its `.hf()` view), a transformers
+    GPTNeoX model, an `nn.Module`, a callable
     `f(input_ids, attention_mask) -> logits [batch pos vocab]`, or a `Port` (a module with its maps).
     inputs: token ids [batch pos], a `TokenBatch`, or a mapping with "input_ids" (and optionally
     "attention_mask"); None: random ids [4 32] (seed `probe_seed`). `attention_mask` overrides.
