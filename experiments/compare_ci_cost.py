@@ -6,7 +6,8 @@ and of three variants (fp32 with its measured floors, neox_lab against itself, a
     python experiments/compare_ci_cost.py [--preset pythia-160m] [--dir DIR]
 
 Each command runs in a fresh interpreter; peak memory is that child's maximum resident set size; the
-load average at the start of each run is printed beside it (a shared machine slows every row).
+load average at the start of each run is printed beside it (a shared machine slows every row's wall
+time; its CPU time, user + system, is what the run itself costs).
 """
 
 from __future__ import annotations
@@ -25,18 +26,20 @@ from neox_lab.config import PRESETS
 from neox_lab.testing.pairs import make_trained_like
 
 
-def measure(cmd: list[str]) -> tuple[int, float, float]:
-    """(exit code, seconds, peak RSS in GiB) of one child process."""
+def measure(cmd: list[str]) -> tuple[int, float, float, float]:
+    """(exit code, wall seconds, CPU seconds, peak RSS in GiB) of one child process. The CPU time (user +
+    system) is what the run costs whatever else shares the machine; the wall time grows with the load."""
     code = (
         "import resource, subprocess, sys, time\n"
         "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
-        "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(r.returncode, time.perf_counter() - t, u.ru_utime + u.ru_stime, u.ru_maxrss)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                              str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
-    rc, secs, kib = out.stdout.split()
-    return int(rc), float(secs), int(kib) / 2**20
+    rc, secs, cpu, kib = out.stdout.split()
+    return int(rc), float(secs), float(cpu), int(kib) / 2**20
 
 
 PORT_FACTORY = """
@@ -71,8 +74,9 @@ def main(argv=None):
         json_out = root / "report.json"
         load = os.getloadavg()[0]
         os.chdir(root)  # the py: side is imported from the current directory
-        rc, secs, gib = measure(cli + extra + ["--json", str(json_out)])
-        print(f"{label:<46} exit {rc}  {secs:6.1f} s  peak RSS {gib:5.2f} GiB  (load {load:.1f})", flush=True)
+        rc, secs, cpu, gib = measure(cli + extra + ["--json", str(json_out)])
+        print(f"{label:<46} exit {rc}  {secs:6.1f} s wall  {cpu:6.1f} s CPU  peak RSS {gib:5.2f} GiB  "
+              f"(load {load:.1f})", flush=True)
 
 
 if __name__ == "__main__":
