@@ -23,13 +23,15 @@ all shards). The manifest is JSON with sorted keys and no timestamps, so equal r
                          manifest also has "rank")
   n_tokens, n_documents  cached so far (documents read, skipped ones included)
   next_offset            tokens of document doc_range[0] + n_documents already stored (packing only)
-  stats                  optional, per hook: mean and mean norm (`ActivationStore.normalization_stats`)
   shards                 in document order: file (relative path), first_token, n_tokens, first_doc,
                          n_docs, bytes, sha256, backend ("attn_backend@device" of the run that wrote it)
   completed              false until every document is on disk
 
 Each shard holds, for its token range, one [token ...] tensor per hook plus int64 "token_ids",
 "doc_ids" (index in the source) and "positions" (position in the document) [token].
+
+Only the writer writes the manifest. Readers keep their normalisation statistics in ``stats.json``
+(store/stats.py); a "stats" entry in manifests of older versions is ignored.
 
 The manifest is trusted only after `check_manifest`: shard files are plain names inside the store (no
 absolute paths, no ".."), token and document counts add up, and a completed store covers every document.
@@ -50,6 +52,9 @@ import torch
 FORMAT = "neox_lab.activation_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+#: The tensor dtypes of safetensors files, by their header code.
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32}
 
 #: Manifest fields that must agree before a run may resume or reuse a store ("source.path" may differ).
 IDENTITY = (
@@ -258,14 +263,42 @@ def read_manifest(directory: Path) -> dict | None:
     return manifest
 
 
+def _field(manifest: dict, key: tuple) -> Any:
+    for part in key:
+        manifest = manifest.get(part) if isinstance(manifest, dict) else None
+    return manifest
+
+
+def identity_sha256(manifest: dict, extra: tuple = ()) -> str:
+    """A digest of the identity fields (`IDENTITY` and `extra`): equal exactly when `check_compatible`
+    would accept one manifest for the other. Each shard records it, so a shard can be told apart from
+    one written for another store."""
+    fields = {".".join(key): _field(manifest, key) for key in IDENTITY + tuple(extra)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def read_safetensors_header(fh, path: Path) -> tuple[dict, int]:
+    """The JSON header of an open safetensors file and where its data starts; `CacheIntegrityError`
+    naming `path` when it is not one."""
+    head = fh.read(8)
+    if len(head) != 8:
+        raise CacheIntegrityError(f"{path} is too short to be a safetensors file")
+    n = int.from_bytes(head, "little")
+    raw = fh.read(n) if n <= 100_000_000 else b""
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        header = None
+    if len(raw) != n or not isinstance(header, dict):
+        raise CacheIntegrityError(f"{path}: the safetensors header is damaged")
+    return header, 8 + n
+
+
 def check_compatible(existing: dict, expected: dict, where: Path, extra: tuple = ()) -> None:
     """Raise `CacheMismatchError` naming every identity field that differs between two manifests."""
     diffs = []
     for key in IDENTITY + tuple(extra):
-        old, new = existing, expected
-        for part in key:
-            old = old.get(part) if isinstance(old, dict) else None
-            new = new.get(part) if isinstance(new, dict) else None
+        old, new = _field(existing, key), _field(expected, key)
         if old != new:
             diffs.append(f"{'.'.join(key)}: cache has {old!r}, this run {new!r}")
     if diffs:

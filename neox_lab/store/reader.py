@@ -31,7 +31,8 @@ from .manifest import (
     read_manifest,
     shard_path,
 )
-from .stream import ActivationStream, normalization_stats
+from .stats import normalization_stats
+from .stream import ActivationStream
 
 #: Per-token tensors every shard holds next to the hook activations.
 META = ("token_ids", "doc_ids", "positions")
@@ -134,6 +135,7 @@ class ActivationStore:
         self._starts = [s["first_token"] for s in self.shards]
         self._handles: dict[int, Any] = {}
         self._verified: set[int] = set()
+        self._stats: dict[str, dict] = {}
         if check == "open":
             self.verify()
 
@@ -216,8 +218,11 @@ class ActivationStore:
         return ActivationStream(self, hooks, **kwargs)
 
     def normalization_stats(self, hook: str) -> dict:
-        """Mean and mean norm of `hook` over the store (computed once, then read from the manifest)."""
-        return normalization_stats(self, hook)
+        """Mean [per-token shape], mean L2 norm ("norm") and mean centred norm ("centered_norm") of `hook`
+        over the store, in float64. Computed once, then kept in ``stats.json`` (bound to the shards and
+        hashed; saved only for a completed store, never into the manifest): see store/stats.py."""
+        self[hook]  # noqa: B018 -- raises KeyError naming the cached hooks
+        return normalization_stats(self, hook, self._stats)
 
     def __getstate__(self) -> dict:
         # Open shard handles cannot be pickled (DataLoader workers); each process reopens its own.

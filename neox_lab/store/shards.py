@@ -1,23 +1,34 @@
 """`ShardWriter`: appends activation shards to one directory so that no kill or write error loses data.
 
 Every shard is written under a temporary name, fsynced and renamed; the manifest is rewritten atomically
-after each shard. On restart, the manifest says which documents are safely on disk; stray files from the
-interrupted shard are deleted and work resumes at the next document, which is always a batch boundary.
-A resume re-hashes the shards already written, so it never builds on a damaged or swapped one.
+after each shard. On restart, the manifest says which documents are safely on disk, and work resumes at
+the next document, which is always a batch boundary. A resume re-hashes the shards already written, so
+it never builds on a damaged or swapped one.
+
+Each shard also describes itself: its safetensors metadata holds its manifest entry and a digest of the
+store's identity (`SHARD_RECORD`). So a finished shard the manifest does not list (a run killed between
+renaming the shard and recording it, or a manifest replaced by an older copy) is checked, hashed and
+taken back on resume rather than recomputed, and nothing a run did not write is ever deleted: temporary
+files are, and a finished-named shard only when its file is provably damaged (not a readable
+safetensors file); one from another store stops the run with an error naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import warnings
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
+from .lock import StoreLock
 from .manifest import (
     MANIFEST,
-    CacheBusyError,
+    SAFETENSORS_DTYPES,
+    CacheIntegrityError,
     CacheMismatchError,
     CacheWriteError,
     atomic_write_json,
@@ -26,47 +37,58 @@ from .manifest import (
     check_shard_file,
     file_sha256,
     fsync_dir,
+    identity_sha256,
     read_manifest,
+    read_safetensors_header,
     shard_path,
 )
 
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors(\.tmp)?$")
 # safetensors >= 0.5 itself writes through a ".tmpXXXXXX" file next to the target; a kill can leave one.
 LIBRARY_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+#: The safetensors metadata key of a shard's own record: its manifest entry (without its size and
+#: sha256, which are of the file itself), the cursor after it, the hooks' axes and the store's identity.
+SHARD_RECORD = "neox_lab.shard"
+
+
+def write_shard_file(path: Path, tensors: dict[str, list[torch.Tensor]], metadata: dict[str, str]) -> str:
+    """Write a safetensors file of the concatenation of each name's parts, fsync it, and return its sha256.
+
+    The parts are written and hashed where they lie: no concatenated copy, and no second read of the
+    file for its hash. The layout is safetensors' own (an 8-byte header length, the JSON header padded
+    to 8 bytes, the tensors in order of decreasing item size then name), so `safe_open` reads it; the
+    header's keys are in a fixed order, so equal shards are equal bytes.
+    """
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+    names = sorted(tensors, key=lambda name: (-tensors[name][0].element_size(), name))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        parts = tensors[name]
+        size = sum(p.numel() for p in parts) * parts[0].element_size()
+        shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
+        header[name] = {"dtype": codes[parts[0].dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for block in (len(raw).to_bytes(8, "little"), raw):
+            digest.update(block)
+            fh.write(block)
+        for name in names:
+            for part in tensors[name]:
+                if part.numel():
+                    data = memoryview(part.contiguous().reshape(-1).view(torch.uint8).numpy())
+                    digest.update(data)  # hashlib and write release the GIL on large buffers
+                    fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return digest.hexdigest()
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-class _Lock:
-    """An exclusive advisory flock on `directory/.lock`, held from the start of a run to its end and
-    released by the OS if the process dies.
-
-    The file is never deleted: unlinking it while a second process has it open but not yet locked would
-    let that process lock the orphaned inode while a third locks a fresh file, two holders at once.
-    """
-
-    def __init__(self, directory: Path):
-        self.path, self.fd = directory / ".lock", None
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: run unguarded
-            return
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            msg = f"another process is writing the cache in {directory} (it holds {self.path})"
-            raise CacheBusyError(msg) from None
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        os.close(self.fd)  # closing the last descriptor drops the flock
-        self.fd = None
 
 
 class ShardWriter:
@@ -77,7 +99,8 @@ class ShardWriter:
         self.dir, self.backend, self.allow_backend_change = Path(directory), backend, allow_backend_change
         self.dir.mkdir(parents=True, exist_ok=True)
         self.header = header
-        self.lock = _Lock(self.dir)
+        self.identity = identity_sha256(header, extra_identity)
+        self.lock = StoreLock(self.dir)
         try:
             self._open(extra_identity)
         except BaseException:
@@ -115,18 +138,83 @@ class ShardWriter:
         # flipped byte or a swapped shard found now is cheaper than a store that fails when read.
         for shard in self.manifest["shards"]:
             check_shard_file(shard_path(self.dir, shard["file"], self.dir / MANIFEST), shard, hashed=True)
+        if not self.completed:
+            self._adopt()
         self._clean()
 
+    def _record(self, path: Path) -> dict | None:
+        """The self-description of a shard file, {} when it has none, None when it is not a readable
+        safetensors file of its own size (damaged: a finished name is given only after fsync)."""
+        try:
+            with open(path, "rb") as fh:
+                header, data_start = read_safetensors_header(fh, path)
+            ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+            if data_start + max(ends, default=0) != path.stat().st_size:
+                return None
+            raw = (header.get("__metadata__") or {}).get(SHARD_RECORD)
+            record = json.loads(raw) if raw is not None else {}
+        except (OSError, ValueError, TypeError, KeyError, IndexError, CacheIntegrityError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        lengths = {tuple(info["shape"][:1]) for name, info in header.items() if name != "__metadata__"}
+        if record and lengths != {(record.get("n_tokens"),)}:
+            return None  # tensors disagree with the record: not a shard as it was written
+        return record
+
+    def _adopt(self) -> None:
+        """Take back the finished shards that continue the manifest's list but are not in it: a run killed
+        after renaming a shard and before recording it, or a manifest replaced by an older copy. Each is
+        checked against its own record (this store's identity, the next index, token and document) and
+        hashed now; the manifest is rewritten once."""
+        m, adopted = self.manifest, 0
+        while True:
+            index = len(m["shards"])
+            path = self.dir / shard_name(index)
+            record = self._record(path) if path.is_file() else None
+            if not record or record.get("identity") != self.identity or record.get("index") != index or \
+                    record.get("first_token") != m["n_tokens"] or record.get("first_doc") != self.next_doc:
+                break
+            m["shards"].append({"file": path.name, "first_token": record["first_token"],
+                                "n_tokens": record["n_tokens"], "first_doc": record["first_doc"],
+                                "n_docs": record["n_docs"], "bytes": path.stat().st_size,
+                                "sha256": file_sha256(path), "backend": record["backend"]})
+            m["n_tokens"] += record["n_tokens"]
+            m["n_documents"] += record["n_docs"]
+            m["next_offset"] = record["next_offset"]
+            m["hooks"] = m["hooks"] or record["hooks"]
+            adopted += 1
+        if adopted:
+            atomic_write_json(self.dir / MANIFEST, m)
+            warnings.warn(f"{self.dir}: {adopted} finished shard(s) were on disk but not in {MANIFEST} (a run "
+                          "killed while recording them, or the manifest was replaced by an older copy); they "
+                          "match this store and were checked, hashed and kept", stacklevel=4)
+
     def _clean(self, ours: bool = True) -> None:
-        """Delete temporary files and shards the manifest does not list (a run killed mid-shard).
+        """Delete the temporary files of an interrupted run; deal with finished-named shards the manifest
+        does not list: a damaged one is deleted, one this store wrote later in its run (past a gap) is left
+        to be rewritten with the same bytes, and any other stops the run.
 
         Before this directory holds a manifest only our own temporary names are touched.
         """
         listed = {s["file"] for s in self.manifest["shards"]}
-        for path in self.dir.iterdir():
-            stray = SHARD_RE.match(path.name) and path.name not in listed
-            if stray or path.name == MANIFEST + ".tmp" or (ours and LIBRARY_TMP_RE.match(path.name)):
+        foreign = []
+        for path in sorted(self.dir.iterdir()):
+            match = SHARD_RE.match(path.name)
+            if match and not match.group(2) and path.name not in listed:
+                record = self._record(path)
+                if record is None:
+                    path.unlink()  # provably damaged
+                elif record.get("identity") != self.identity:
+                    foreign.append(path.name)
+            elif (match and match.group(2)) or path.name == MANIFEST + ".tmp" or \
+                    (ours and LIBRARY_TMP_RE.match(path.name)):
                 path.unlink()
+        if foreign:
+            raise CacheIntegrityError(
+                f"{self.dir} holds shard files its {MANIFEST} does not list and that were not written for "
+                f"this store ({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}); refusing to "
+                "delete them: move them out of the directory, then rerun to resume")
 
     @property
     def completed(self) -> bool:
@@ -157,29 +245,30 @@ class ShardWriter:
         """Write the queued batches as the next shard (a no-op when nothing is queued)."""
         if not self.pending:
             return
-        tensors = {name: torch.cat(parts).contiguous() for name, parts in self.pending.items()}
         index = len(self.manifest["shards"])
         final = self.dir / shard_name(index)
         tmp = final.with_name(final.name + ".tmp")
+        m = self.manifest
+        if not m["hooks"]:
+            m["hooks"] = {name: {"axes": axes[name], "shape": list(self.pending[name][0].shape[1:])}
+                          for name in axes}
+        entry = {"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
+                 "first_doc": self.next_doc, "n_docs": self.pending_docs, "backend": self.backend}
+        record = {**entry, "index": index, "next_offset": self.pending_offset, "hooks": m["hooks"],
+                  "identity": self.identity}
+        metadata = {"format": "pt", SHARD_RECORD: json.dumps(record, sort_keys=True)}
         try:
-            safetensors.torch.save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            digest, size = file_sha256(tmp), tmp.stat().st_size
+            digest = write_shard_file(tmp, self.pending, metadata)
+            size = tmp.stat().st_size
             os.replace(tmp, final)
-        except Exception as err:  # safetensors reports I/O errors as SafetensorError, not OSError
+        except Exception as err:
             tmp.unlink(missing_ok=True)
             msg = (f"writing shard {final} failed ({err}); {index} complete shard(s) and the manifest in "
                    f"{self.dir} are intact: free space and rerun to resume")
             code = getattr(err, "errno", None)
             raise (CacheWriteError(code, msg) if code is not None else CacheWriteError(msg)) from err
         fsync_dir(self.dir)
-        m = self.manifest
-        if not m["hooks"]:
-            m["hooks"] = {name: {"axes": axes[name], "shape": list(tensors[name].shape[1:])} for name in axes}
-        self._commit({"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
-                      "first_doc": self.next_doc, "n_docs": self.pending_docs, "bytes": size, "sha256": digest,
-                      "backend": self.backend})
+        self._commit({**entry, "bytes": size, "sha256": digest})
 
     def _commit(self, shard: dict) -> None:
         """Record the queued shard and progress in the manifest."""

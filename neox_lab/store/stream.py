@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,44 +36,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .manifest import atomic_write_json
+from .manifest import SAFETENSORS_DTYPES
 
 NORMALIZE = (None, "center", "scale", "center_scale")
 META_NAMES = ("token_ids", "doc_ids", "positions")
-
-
-def normalization_stats(store: Any, hook: str, *, chunk_tokens: int = 8192) -> dict:
-    """Mean [per-token shape] and mean L2 norm (raw and centred) of one hook over the whole store, in
-    float64; computed once (two passes over the hook) and kept in the manifest under ``stats``."""
-    stats = store.manifest.get("stats", {}).get(hook)
-    if stats is not None and stats.get("n_tokens") == len(store):
-        return stats
-    view = store[hook]
-    n, total = len(store), None
-    if n == 0:
-        raise ValueError(f"the store in {store.dir} holds no tokens; no statistics for {hook!r}")
-    for a in range(0, n, chunk_tokens):
-        block = view[a : a + chunk_tokens].to(torch.float64)
-        part = block.sum(0)
-        total = part if total is None else total + part
-    mean = total / n
-    norm = centred = 0.0
-    for a in range(0, n, chunk_tokens):
-        block = view[a : a + chunk_tokens].to(torch.float64).reshape(-1, mean.numel())
-        norm += float(block.norm(dim=1).sum())
-        centred += float((block - mean.reshape(1, -1)).norm(dim=1).sum())
-    stats = {"mean": mean.tolist(), "norm": norm / n, "centered_norm": centred / n, "n_tokens": n}
-    store.manifest.setdefault("stats", {})[hook] = stats
-    try:
-        atomic_write_json(store.dir / "manifest.json", store.manifest)
-    except OSError as err:  # a read-only store: keep them for this process only
-        warnings.warn(f"normalisation statistics of {hook!r} could not be saved in {store.dir} ({err}); "
-                      "they will be computed again next time", stacklevel=2)
-    return stats
-
-
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32}
 
 
 class _ShardRows:
@@ -106,7 +71,7 @@ class _ShardRows:
             self._checked.add((i, name))
         fd, base, header = self._layout(i)
         entry = header[name]
-        if _SAFETENSORS_DTYPES.get(entry["dtype"]) != out.dtype or list(out.shape[1:]) != entry["shape"][1:]:
+        if SAFETENSORS_DTYPES.get(entry["dtype"]) != out.dtype or list(out.shape[1:]) != entry["shape"][1:]:
             raise ValueError(f"shard {self.store.shards[i]['file']}: {name!r} is {entry['dtype']} "
                              f"{entry['shape']}, expected {out.dtype} [token {list(out.shape[1:])}]")
         row = out[0].numel() * out.element_size() if len(out) else 0
@@ -156,7 +121,7 @@ class ActivationStream(IterableDataset):
     order (`set_epoch` between epochs, as with `DistributedSampler`). shuffle=False streams the chunks
     in store order (still sharded). rank/world_size: default from `torch.distributed`. normalize:
     None, "center" (x - mean), "scale" (x * sqrt(d) / E||x||) or "center_scale" (both, with the
-    centred norm), from `normalization_stats`; the result is float32. meta: also yield "token_ids",
+    centred norm), from the store's `normalization_stats`; the result is float32. meta: also yield "token_ids",
     "doc_ids", "positions". start_batch: resume this epoch after that many batches of this process.
     """
 
@@ -191,7 +156,7 @@ class ActivationStream(IterableDataset):
         self._norm = {name: self._normalizer(name) for name in self.hooks} if normalize else {}
 
     def _normalizer(self, name: str) -> tuple[torch.Tensor, float]:
-        stats = normalization_stats(self.store, name)
+        stats = self.store.normalization_stats(name)
         shape = self.store[name].shape[1:]
         mean = torch.tensor(stats["mean"], dtype=torch.float32).reshape(shape)
         centre = self.normalize in ("center", "center_scale")

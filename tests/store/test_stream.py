@@ -138,8 +138,8 @@ def test_normalisation_statistics_are_computed_once_and_applied(store, tmp_path)
     torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), x.mean(0), rtol=1e-12, atol=1e-12)
     assert stats["norm"] == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-12)
     assert stats["centered_norm"] == pytest.approx(float((x - x.mean(0)).norm(dim=1).mean()), rel=1e-12)
-    on_disk = json.loads((store.dir / "manifest.json").read_text())["stats"]["blocks.0.hook_resid_post"]
-    assert on_disk == stats
+    on_disk = json.loads((store.dir / "stats.json").read_text())["hooks"]["blocks.0.hook_resid_post"]
+    assert {k: on_disk[k] for k in stats} == stats
     assert ActivationStore(store.dir).normalization_stats("blocks.0.hook_resid_post") == stats
     batch = next(iter(store.stream("blocks.0.hook_resid_post", batch_size=len(store), shuffle=False,
                                    normalize="center_scale")))["blocks.0.hook_resid_post"]
@@ -158,18 +158,23 @@ def test_bad_stream_arguments_are_named(store):
         store.stream(HOOKS, normalize="zscore")
 
 
-def test_statistics_of_a_read_only_store_are_kept_in_memory(store, monkeypatch):
-    import neox_lab.store.stream as stream_module
+def test_statistics_of_a_read_only_store_are_kept_in_memory(store, tmp_path, monkeypatch):
+    import shutil
+
+    import neox_lab.store.stats as stats_module
 
     def read_only(path, obj):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(stream_module, "atomic_write_json", read_only)
-    fresh = ActivationStore(store.dir)
-    fresh.manifest.pop("stats", None)
+    copy = tmp_path / "copy"
+    shutil.copytree(store.dir, copy)
+    (copy / "stats.json").unlink(missing_ok=True)
+    monkeypatch.setattr(stats_module, "atomic_write_json", read_only)
+    fresh = ActivationStore(copy)
     with pytest.warns(UserWarning, match="could not be saved"):
         stats = fresh.normalization_stats("hook_embed")
-    assert stats["n_tokens"] == len(store) and fresh.manifest["stats"]["hook_embed"] == stats
+    assert stats["n_tokens"] == len(store) and fresh.normalization_stats("hook_embed") is stats
+    assert not (copy / "stats.json").exists()
 
 
 def test_a_damaged_shard_is_refused_by_the_stream(store, tmp_path):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab.store import shards
 from neox_lab.store.manifest import CacheMismatchError, CacheWriteError
 from neox_lab.store.sources import Documents
 from neox_lab.store.windows import WindowSpec, count_docs, iter_batches, iter_windows, sample_positions
@@ -149,21 +149,21 @@ def test_packed_run_killed_mid_document_resumes_byte_identical(model, tmp_path, 
     docs = texts(n=30)
     names = ["blocks.0.hook_resid_post"]
     cache_dataset(model, docs, names, tmp_path / "clean", **PACKED)
-    real_save, calls = safetensors.torch.save_file, []
+    real_save, calls = shards.write_shard_file, []
 
-    def fail_third(tensors, filename, metadata=None):
+    def fail_third(filename, tensors, metadata):
         calls.append(filename)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, filename, metadata=metadata)
+        return real_save(filename, tensors, metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail_third)
+    monkeypatch.setattr(shards, "write_shard_file", fail_third)
     with pytest.raises(CacheWriteError):
         cache_dataset(model, docs, names, tmp_path / "broken", **PACKED)
     manifest = json.loads((tmp_path / "broken" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 2
     assert manifest["next_offset"] > 0  # the kill fell inside a document: resuming needs the offset
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(shards, "write_shard_file", real_save)
     cache_dataset(model, docs, names, tmp_path / "broken", **PACKED)
     files = lambda d: {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
     assert files(tmp_path / "broken") == files(tmp_path / "clean")
