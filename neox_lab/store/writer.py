@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -47,7 +46,16 @@ from .manifest import (
 from .reader import ActivationStore
 from .shards import ShardWriter
 from .sources import Documents, DocumentStream, load_documents, pad_right, tokenizer_fingerprint
-from .windows import Batch, Prefetcher, WindowSpec, count_docs, iter_batches, iter_windows, sample_positions
+from .windows import (
+    Batch,
+    Prefetcher,
+    WindowSpec,
+    count_docs,
+    iter_batches,
+    iter_windows,
+    sample_positions,
+    selected_positions,
+)
 
 DEFAULT_SHARD_TOKENS = 16384
 _PART_IDENTITY = (("world_size",), ("doc_range",))
@@ -235,6 +243,8 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     specials = _special_ids(tokenizer, spec)
     rank, world, group = _world(rank, world_size)
     docs = load_documents(source, text_field)
+    if docs.n_documents == 0 and docs.kind == "iterator":
+        raise ValueError("the iterator yields no documents (is it already exhausted?); nothing to cache")
     if docs.n_documents == 0:
         raise ValueError(f"the source {source if isinstance(source, (str, Path)) else 'given'} holds no "
                          "documents; nothing to cache")
@@ -399,8 +409,7 @@ def _forward(model, batch: Batch, names, shapes, spec: WindowSpec, pos_slice, dt
     keep = torch.zeros(ids.shape, dtype=torch.bool)
     doc_ids = torch.zeros(ids.shape, dtype=torch.long)
     for i, w in enumerate(batch.windows):
-        allowed = np.arange(len(w.tokens))[pos_slice]
-        keep[i, torch.from_numpy(sample_positions(allowed, spec, w.start))] = True
+        keep[i, torch.from_numpy(sample_positions(selected_positions(w, pos_slice), spec, w.start))] = True
         doc_ids[i, : len(w.tokens)] = torch.tensor(w.doc_ids, dtype=torch.long)
     _, acts = model.run_with_cache(ids.to(device), attention_mask=mask.to(device), names_filter=names,
                                    device="cpu", dtype=dtype, stop_at_layer=stop)
