@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from ..dtypes import DTYPES
+
 # The format name predates the store's own name; stores on disk carry it, so it stays.
 FORMAT = "neox_lab.activation_cache"
 VERSION = 1
@@ -170,6 +172,14 @@ def check_manifest(manifest: dict, directory: Path) -> None:
     confined to `directory`, shards are contiguous in tokens and documents, their counts sum to
     ``n_tokens`` / ``n_documents``, and a completed store covers every document of its range."""
     where = Path(directory) / MANIFEST
+    settings = manifest.get("settings")
+    dtype = settings.get("dtype") if isinstance(settings, dict) else None
+    if dtype not in DTYPES:
+        raise CacheIntegrityError(f"{where}: settings.dtype is {dtype!r}, not one of {sorted(DTYPES)}; the "
+                                  "manifest was edited or damaged")
+    if not isinstance(settings.get("hook_names"), list) or not all(isinstance(h, str) for h in settings["hook_names"]):
+        raise CacheIntegrityError(f"{where}: settings.hook_names is {settings.get('hook_names')!r}, not a list of "
+                                  "hook names; the manifest was edited or damaged")
     try:
         shards, doc_range = manifest["shards"], manifest["doc_range"]
         n_tokens, n_docs = manifest["n_tokens"], manifest["n_documents"]

@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,6 +141,8 @@ def test_truncated_and_zeroed_header_shards_name_the_file(clean, tmp_path):
     (lambda m: m.update(shards=m["shards"][:4], n_tokens=72, n_documents=12), "marked completed but covers"),
     (lambda m: m["shards"][3].update(file="shard-00002.safetensors"), "listed twice"),
     (lambda m: m.pop("shards"), "lacks or garbles a field"),
+    (lambda m: m["settings"].update(dtype="int8"), r"settings\.dtype is 'int8', not one of"),
+    (lambda m: m["settings"].update(hook_names="blocks.0.hook_resid_post"), "settings.hook_names is"),
 ])
 def test_an_edited_manifest_is_refused_on_open(clean, tmp_path, change, message):
     out = copy_of(clean, tmp_path)
@@ -156,6 +159,16 @@ def test_a_wrong_length_boolean_mask_raises(clean):
     for bad in (mask[:10], torch.ones(len(view) + 1, dtype=torch.bool), [True, False]):
         with pytest.raises(IndexError, match=r"one entry per cached token"):
             view[bad]
+
+
+def test_integer_indices_of_any_width_are_positions_and_a_torch_uint8_index_is_refused(clean):
+    view = ActivationStore(clean)["blocks.0.hook_resid_post"]
+    want = view[[1, 0, 1]]
+    for index in (np.array([1, 0, 1], dtype=np.uint8), np.array([1, 0, 1], dtype=np.int16),
+                  torch.tensor([1, 0, 1], dtype=torch.int32)):
+        assert torch.equal(view[index], want)
+    with pytest.raises(TypeError, match=r"torch\.uint8 index is ambiguous .*index\.bool\(\).*index\.long\(\)"):
+        view[torch.tensor([1, 0, 1], dtype=torch.uint8)]
 
 
 # ------------------------------------------------------------------ the store's identity
