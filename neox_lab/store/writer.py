@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..axes import POSITIONS, find_axis
 from ..dtypes import DTYPES, dtype_name, nonfinite_count
+from .hook_identity import HookIdentityError, hook_fingerprint
 from .manifest import (
     FORMAT,
     VERSION,
@@ -137,16 +138,44 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
     return rank, world_size, bool(group and world_size > 1 and dist.get_world_size() == world_size)
 
 
-def attached_hooks(model) -> dict[str, list[str]]:
+def attached_hooks(model) -> dict[str, list]:
     """Forward hook functions attached to the model right now, by hook point or module name: a permanent
     ablation changes every activation, so a store must not mix runs with and without it."""
-    name_of = lambda fn: getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    found = {hp.name: [name_of(fn) for fn, _ in hp.fwd_fns] for hp in model.resolve_hooks(None) if hp.fwd_fns}
+    found = {hp.name: [fn for fn, _ in hp.fwd_fns] for hp in model.resolve_hooks(None) if hp.fwd_fns}
     for name, module in model.named_modules():
         fns = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
         if fns:
-            found[f"module {name or '(root)'}"] = [name_of(fn) for fn in fns]
+            found[f"module {name or '(root)'}"] = fns
     return found
+
+
+def _name_of(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", None) or \
+        type(fn).__qualname__
+
+
+def hooks_identity(model, found: dict[str, list], allow_hooks: bool | str) -> dict:
+    """The manifest's record of the attached hooks, part of the store's identity: each function's name and
+    fingerprint (`hook_fingerprint`: code, closure values, partial arguments, globals), or, when
+    `allow_hooks` is a string, that string as the identity the user vouches for."""
+    if not found:
+        return {}
+    if isinstance(allow_hooks, str):
+        names = {where: [_name_of(fn) for fn in fns] for where, fns in found.items()}
+        return {"identity": allow_hooks, "functions": names}
+    record = {}
+    for where, fns in found.items():
+        entries = []
+        for fn in fns:
+            try:
+                fingerprint = hook_fingerprint(fn, model, f"hook {_name_of(fn)} on {where}")
+            except HookIdentityError as err:
+                raise HookIdentityError(f"{err}, so a resumed store could not tell it from another hook; pass "
+                                        "allow_hooks='<a string naming what the hooks do>' to vouch for their "
+                                        "identity yourself") from None
+            entries.append({"function": _name_of(fn), "fingerprint": fingerprint})
+        record[where] = entries
+    return record
 
 
 def _runtime(model) -> dict:
@@ -173,7 +202,7 @@ def _header(model, docs: Documents | DocumentStream, tokenizer, names, dtype, po
 def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, max_length: int = 128,
                   dtype: torch.dtype | str = torch.float16, positions: str | slice = "all", tokenizer=None,
                   text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
-                  rank: int | None = None, world_size: int | None = None, allow_hooks: bool = False,
+                  rank: int | None = None, world_size: int | None = None, allow_hooks: bool | str = False,
                   allow_backend_change: bool = False, context_size: int | None = None, packing: bool = False,
                   prepend_bos: bool = False, min_tokens: int | None = None, every_k_documents: int = 1,
                   sample_tokens: int | None = None, seed: int = 0) -> ActivationStore | None:
@@ -202,10 +231,13 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     raise a warning naming the hook.
 
     Hook functions attached to the model (e.g. a permanent ablation) would change what is stored, so
-    they are refused unless ``allow_hooks=True``, which records them (by qualified name, part of the
-    store's identity) in the manifest. The weights are fingerprinted byte for byte. A resume with another
-    attention backend or device than the one that started the store is refused unless
-    ``allow_backend_change=True``; each shard records the backend that wrote it.
+    they are refused unless ``allow_hooks=True``, which records each by name and fingerprint (its code,
+    closure values, `functools.partial` arguments and the globals it names; store/hook_identity.py) as
+    part of the store's identity, so "ablate head 0" never resumes a store made with "ablate head 3". A
+    hook holding a value that cannot be fingerprinted is refused; ``allow_hooks="<text>"`` records that
+    text as the hooks' identity instead, for you to keep unique. The weights are fingerprinted byte for
+    byte. A resume with another attention backend or device than the one that started the store is
+    refused unless ``allow_backend_change=True``; each shard records the backend that wrote it.
 
     A rerun into the same `out_dir` resumes an unfinished store (and returns a finished one at once);
     a store made by another model, dataset or settings raises `CacheMismatchError`, a damaged one
@@ -233,12 +265,15 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     dtype_str, pos_spec = dtype_name(dtype), positions_spec(positions)
     spec = WindowSpec(max_length, packing=packing, prepend_bos=prepend_bos, min_tokens=min_tokens,
                       every_k_documents=every_k_documents, sample_tokens=sample_tokens, seed=seed)
-    hooks = attached_hooks(model)
-    if hooks and not allow_hooks:
-        listed = "; ".join(f"{where}: {', '.join(fns)}" for where, fns in hooks.items())
+    found = attached_hooks(model)
+    if found and (allow_hooks is False or allow_hooks == ""):
+        listed = "; ".join(f"{where}: {', '.join(map(_name_of, fns))}" for where, fns in found.items())
         raise ValueError(f"the model has hook functions attached ({listed}); they would change the stored "
                          "activations. Remove them (model.reset_hooks(including_permanent=True)) or pass "
                          "allow_hooks=True to cache with them and record them in the manifest")
+    if not isinstance(allow_hooks, (bool, str)):
+        raise TypeError(f"allow_hooks must be True, False or a string naming the hooks, got {allow_hooks!r}")
+    hooks = hooks_identity(model, found, allow_hooks)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     specials = _special_ids(tokenizer, spec)
     rank, world, group = _world(rank, world_size)

@@ -2,6 +2,7 @@
 attached hooks, empty documents, fp16 overflow, the lock, and a fault-injection run over all of them."""
 
 import fcntl
+import functools
 import json
 import os
 import random
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -364,3 +366,91 @@ def test_fault_injection_never_serves_a_wrong_read(model, clean, tmp_path):
                 continue
             for name in want:  # served: then it must be exactly the clean store
                 assert torch.equal(got[name], want[name]), f"{fault.__name__} (trial {trial}) served {name}"
+
+
+# ------------------------------------------------------------------ what identifies an attached hook
+def head_ablation(head):
+    def ablate(z, hook):
+        z[:, :, head] = 0
+        return z
+    return ablate
+
+
+def scale_heads(z, hook, head, by=0.0):
+    z[:, :, head] = z[:, :, head] * by
+    return z
+
+
+SCALE = 0.0
+
+
+def scale_by_global(z, hook):
+    return z * SCALE
+
+
+def unfinished(out: Path) -> None:
+    """What a killed run leaves: two shards done, the rest never written."""
+    edit_manifest(out, lambda m: m.update(completed=False, n_tokens=36, n_documents=6, shards=m["shards"][:2]))
+    for later in sorted(out.glob("shard-*"))[2:]:
+        later.unlink()
+
+
+@pytest.mark.parametrize("first, second", [
+    (lambda: head_ablation(0), lambda: head_ablation(3)),  # a closure value
+    (lambda: functools.partial(scale_heads, head=0), lambda: functools.partial(scale_heads, head=3)),
+    (lambda: functools.partial(scale_heads, head=0), lambda: functools.partial(scale_heads, head=0, by=0.5)),
+], ids=["closure", "partial", "partial-keyword"])
+def test_a_resume_with_the_same_hook_function_on_other_arguments_is_refused(model, tmp_path, first, second):
+    """Hooks were identified by qualified name only: "ablate head 0" resumed with "ablate head 3" mixed
+    both in one store."""
+    out = tmp_path / "store"
+
+    def run(fn):
+        model.add_hook("blocks.1.attn.hook_z", fn, permanent=True)
+        try:
+            return cache_dataset(model, equal_docs(), NAMES, out, allow_hooks=True, **SMALL)
+        finally:
+            model.reset_hooks(including_permanent=True)
+
+    reference = run(first())
+    want = read_all(reference)
+    unfinished(out)
+    with pytest.raises(CacheMismatchError, match=r"model\.hooks"):
+        run(second())
+    resumed = run(first())  # the same behaviour in a new function object: resumed
+    for name, t in read_all(resumed).items():
+        assert torch.equal(t, want[name]), name
+
+
+def test_a_changed_global_changes_the_identity_and_unhashable_values_need_a_name(model, tmp_path):
+    global SCALE
+    model.add_hook("blocks.0.hook_resid_post", scale_by_global, permanent=True)
+    try:
+        cache_dataset(model, equal_docs(), NAMES, tmp_path / "a", allow_hooks=True, **SMALL)
+        unfinished(tmp_path / "a")
+        SCALE = 0.5
+        with pytest.raises(CacheMismatchError, match=r"model\.hooks"):
+            cache_dataset(model, equal_docs(), NAMES, tmp_path / "a", allow_hooks=True, **SMALL)
+    finally:
+        SCALE = 0.0
+        model.reset_hooks(including_permanent=True)
+    lock = threading.Lock()
+
+    def guarded(t, hook):
+        with lock:
+            return t
+
+    model.add_hook("blocks.0.hook_resid_post", guarded, permanent=True)
+    try:
+        with pytest.raises(ValueError, match=r"closure variable 'lock' is a _thread\.lock.*allow_hooks='<a string"):
+            cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks=True, **SMALL)
+        assert not (tmp_path / "b").exists()
+        store = cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks="identity, guarded v1",
+                              **SMALL)
+        assert store.manifest["model"]["hooks"]["identity"] == "identity, guarded v1"
+        unfinished(tmp_path / "b")
+        with pytest.raises(CacheMismatchError, match=r"model\.hooks"):
+            cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks="identity, guarded v2", **SMALL)
+        cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks="identity, guarded v1", **SMALL)
+    finally:
+        model.reset_hooks(including_permanent=True)
