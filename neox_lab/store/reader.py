@@ -20,7 +20,6 @@ check that preceded it is the remaining blind spot.)
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from ..dtypes import DTYPES
+from ..files import file_identity
 from .manifest import (
     MANIFEST,
     CacheIntegrityError,
@@ -43,13 +43,6 @@ from .stream import ActivationStream
 
 #: Per-token tensors every shard holds next to the hook activations.
 META = ("token_ids", "doc_ids", "positions")
-
-
-def file_identity(path: Path | str | int) -> tuple[int, int, int, int, int]:
-    """(device, inode, size, modification and change times in ns) of a file (or an open descriptor). The
-    change time moves on every write and cannot be set back by a user (`touch -d` sets only the others)."""
-    st = os.fstat(path) if isinstance(path, int) else os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class HookView:
