@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from ..config import NeoXConfig, read_json_object
 from ..dtypes import DTYPES, nonfinite_count
 from ..tokenizer import NeoXTokenizer
+from .memory import check_fits
 from .shipped import DEFAULT_MODEL_ID, attach_default_tokenizer, default_model_dir, package_model_dir
 from .tensor_files import CheckpointError, owned, stored_tensors
 
@@ -239,6 +240,13 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
     dtype = resolve_dtype(dtype)
     directory = resolve_checkpoint(path_or_repo_id, revision)
     cfg = NeoXConfig.from_hf(directory)
+    files = _weight_files(directory)
+    # The weights' dtype, from the safetensors headers (a .bin file says it only once read), to refuse a
+    # model that cannot fit before anything is read.
+    stored = next((t.dtype for f in files if f.suffix == ".safetensors" for t in stored_tensors(f)
+                   if t.dtype.is_floating_point), None)
+    if dtype or stored:
+        check_fits(cfg, dtype or stored, torch.device(device) if device is not None else torch.device("cpu"))
     with torch.device("meta"):
         model = cls(cfg, attn_backend=attn_backend)
     expected = {k: v for k, v in model.state_dict().items()}
@@ -249,7 +257,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
         expected.pop("unembed.weight")
     loaded, unexpected, misshaped, shaped_wrong = {}, [], [], set()
     head_in_file = None
-    for hf_key, tensor in read_tensors(_weight_files(directory), dtype, device):
+    for hf_key, tensor in read_tensors(files, dtype, device):
         if _LEGACY.search(hf_key):
             continue
         key = hf_to_neox_key(hf_key, bare)
