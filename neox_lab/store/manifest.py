@@ -129,17 +129,18 @@ def _tensor_digest(t: torch.Tensor) -> bytes:
     return hashlib.sha256(memoryview(raw)).digest()
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
+def weights_sha256(model: torch.nn.Module, workers: int | None = None) -> str:
     """A digest of every byte of every tensor in the model's state_dict, with names, shapes and dtypes.
 
     Two checkpoints that differ anywhere (another training step, one edited weight) differ here. Tensors
-    are hashed in parallel threads (hashlib releases the GIL); sha256 reads 0.5-1.5 GiB/s per core, so
-    pythia-1.4b in fp16 takes a few seconds once per run (experiments/bench_store_integrity.py).
+    are hashed in `workers` parallel threads (default: the cores, up to 8; hashlib releases the GIL);
+    sha256 reads 0.5-1.5 GiB/s per core, so pythia-1.4b in fp16 takes a few seconds once per run
+    (experiments/bench_store_integrity.py).
     """
     # A model placed with device_map holds offloaded weights as meta placeholders: hash the stored values.
     state = model.stored_state_dict() if hasattr(model, "stored_state_dict") else model.state_dict()
     items = list(state.items())
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda item: _tensor_digest(item[1]), items))
     h = hashlib.sha256()
     for (name, t), digest in zip(items, digests):
@@ -154,6 +155,43 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+#: How a shard's "sha256" is taken when its entry says ``"digest": "tensors"`` (every shard this version
+#: writes): the writer hashes each tensor while the run goes on, so closing a shard costs no pass over its
+#: data; any changed byte of the header or of a tensor changes it. Entries without "digest" hold the
+#: plain sha256 of the file (earlier versions).
+TENSOR_DIGEST = "tensors"
+
+
+def tensors_sha256(header_block: bytes, tensor_digests: list[bytes]) -> str:
+    """sha256 of a safetensors file's header block (length + JSON) followed by the sha256 of each tensor's
+    bytes, in the order the tensors lie in the file."""
+    h = hashlib.sha256(header_block)
+    for digest in tensor_digests:
+        h.update(digest)
+    return h.hexdigest()
+
+
+def shard_sha256(path: Path) -> str:
+    """The `tensors_sha256` of a shard file, read from disk (what the writer recorded, if undamaged)."""
+    with open(path, "rb") as fh:
+        header, start = read_safetensors_header(fh, path)
+        fh.seek(0)
+        header_block = fh.read(start)
+        spans = sorted(info["data_offsets"] for name, info in header.items() if name != "__metadata__")
+        digests = []
+        for begin, end in spans:
+            fh.seek(start + begin)
+            h, left = hashlib.sha256(), end - begin
+            while left:
+                block = fh.read(min(left, 1 << 22))
+                if not block:
+                    raise CacheIntegrityError(f"shard {path} ends inside a tensor; it was truncated")
+                h.update(block)
+                left -= len(block)
+            digests.append(h.digest())
+    return tensors_sha256(header_block, digests)
 
 
 def shard_path(directory: Path, file: Any, where: Path) -> Path:
@@ -220,7 +258,8 @@ def check_shard_file(path: Path, shard: dict, hashed: bool) -> None:
     if size != shard["bytes"]:
         raise CacheIntegrityError(f"shard {path} has {size} bytes, the manifest says {shard['bytes']}: it was "
                                   "truncated or replaced (delete the directory and cache again)")
-    if hashed and file_sha256(path) != shard["sha256"]:
+    digest = shard_sha256 if shard.get("digest") == TENSOR_DIGEST else file_sha256
+    if hashed and digest(path) != shard["sha256"]:
         raise CacheIntegrityError(f"shard {path} does not match its sha256 in the manifest: its bytes were "
                                   "changed or shards were swapped (delete the directory and cache again)")
 

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from .lock import StoreLock
 from .manifest import (
     MANIFEST,
     SAFETENSORS_DTYPES,
+    TENSOR_DIGEST,
     CacheIntegrityError,
     CacheMismatchError,
     CacheWriteError,
@@ -35,12 +37,13 @@ from .manifest import (
     check_compatible,
     check_manifest,
     check_shard_file,
-    file_sha256,
     fsync_dir,
     identity_sha256,
     read_manifest,
     read_safetensors_header,
     shard_path,
+    shard_sha256,
+    tensors_sha256,
 )
 
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors(\.tmp)?$")
@@ -51,13 +54,15 @@ LIBRARY_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 SHARD_RECORD = "neox_lab.shard"
 
 
-def write_shard_file(path: Path, tensors: dict[str, list[torch.Tensor]], metadata: dict[str, str]) -> str:
-    """Write a safetensors file of the concatenation of each name's parts, fsync it, and return its sha256.
+def write_shard_file(path: Path, tensors: dict[str, list[torch.Tensor]], metadata: dict[str, str],
+                     digests: dict[str, bytes]) -> str:
+    """Write a safetensors file of the concatenation of each name's parts, fsync it, and return its
+    `tensors_sha256` from `digests` (each name's sha256, taken as the parts arrived).
 
-    The parts are written and hashed where they lie: no concatenated copy, and no second read of the
-    file for its hash. The layout is safetensors' own (an 8-byte header length, the JSON header padded
-    to 8 bytes, the tensors in order of decreasing item size then name), so `safe_open` reads it; the
-    header's keys are in a fixed order, so equal shards are equal bytes.
+    The parts are written where they lie: no concatenated copy, and no pass over the data for its hash.
+    The layout is safetensors' own (an 8-byte header length, the JSON header padded to 8 bytes, the tensors
+    in order of decreasing item size then name), so `safe_open` reads it; the header's keys are in a
+    fixed order, so equal shards are equal bytes.
     """
     codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
     names = sorted(tensors, key=lambda name: (-tensors[name][0].element_size(), name))
@@ -71,20 +76,20 @@ def write_shard_file(path: Path, tensors: dict[str, list[torch.Tensor]], metadat
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    digest = hashlib.sha256()
+    block = len(raw).to_bytes(8, "little") + raw
     with open(path, "wb") as fh:
-        for block in (len(raw).to_bytes(8, "little"), raw):
-            digest.update(block)
-            fh.write(block)
+        fh.write(block)
         for name in names:
             for part in tensors[name]:
                 if part.numel():
-                    data = memoryview(part.contiguous().reshape(-1).view(torch.uint8).numpy())
-                    digest.update(data)  # hashlib and write release the GIL on large buffers
-                    fh.write(data)
+                    fh.write(_bytes(part))  # write releases the GIL: the next forward runs meanwhile
         fh.flush()
         os.fsync(fh.fileno())
-    return digest.hexdigest()
+    return tensors_sha256(block, [digests[name] for name in names])
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def shard_name(index: int) -> str:
@@ -95,11 +100,15 @@ class ShardWriter:
     """Writes the shards of documents ``doc_range`` to `directory`, under the identity in `header`."""
 
     def __init__(self, directory: Path, header: dict, extra_identity: tuple = (), backend: str = "",
-                 allow_backend_change: bool = False):
+                 allow_backend_change: bool = False, fill_header: Callable[[dict], None] | None = None):
+        """`fill_header`, when given, completes `header` (with fields slow to compute, e.g. the weights'
+        fingerprint): called before the directory's manifest is first read against it or written, so a
+        fresh directory's manifest is written with the first shard and the call overlaps the first batches."""
         self.dir, self.backend, self.allow_backend_change = Path(directory), backend, allow_backend_change
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.header = header
-        self.identity = identity_sha256(header, extra_identity)
+        self.header, self.extra_identity, self._fill = header, extra_identity, fill_header
+        self._unwritten = False  # a fresh manifest waiting for `fill_header`
+        self.identity: str | None = None  # identity_sha256 of the complete header
         self.lock = StoreLock(self.dir)
         try:
             self._open(extra_identity)
@@ -107,10 +116,22 @@ class ShardWriter:
             self.lock.release()
             raise
         self.pending: dict[str, list[torch.Tensor]] = {}
+        self.hashes: dict[str, hashlib._Hash] = {}  # sha256 of each pending tensor, taken as parts arrive
         self.pending_tokens = self.pending_docs = 0
         self.pending_offset = self.manifest["next_offset"]
 
     # ------------------------------------------------------------------ start / resume
+    def _complete_header(self) -> None:
+        """Run `fill_header` once; write a fresh manifest that waited for it."""
+        if self._fill is not None:
+            self._fill(self.header)
+            self._fill = None
+            if self._unwritten:
+                self.manifest["model"] = self.header["model"]
+                atomic_write_json(self.dir / MANIFEST, self.manifest)
+                self._unwritten = False
+        self.identity = identity_sha256(self.header, self.extra_identity)
+
     def _open(self, extra_identity: tuple) -> None:
         existing = read_manifest(self.dir)
         if existing is None:
@@ -120,8 +141,13 @@ class ShardWriter:
             self.manifest = {**self.header, "hooks": {}, "shards": [], "n_tokens": 0, "n_documents": 0,
                              "next_offset": 0, "completed": False}
             self._clean(ours=False)
+            self._unwritten = self._fill is not None
+            if self._unwritten:
+                return  # written with the first shard, once the header is complete
             atomic_write_json(self.dir / MANIFEST, self.manifest)
+            self._complete_header()
             return
+        self._complete_header()
         check_compatible(existing, self.header, self.dir, extra_identity)
         check_manifest(existing, self.dir)
         old, new = existing.get("runtime"), self.header.get("runtime")
@@ -178,7 +204,8 @@ class ShardWriter:
             m["shards"].append({"file": path.name, "first_token": record["first_token"],
                                 "n_tokens": record["n_tokens"], "first_doc": record["first_doc"],
                                 "n_docs": record["n_docs"], "bytes": path.stat().st_size,
-                                "sha256": file_sha256(path), "backend": record["backend"]})
+                                "sha256": shard_sha256(path), "digest": TENSOR_DIGEST,
+                                "backend": record["backend"]})
             m["n_tokens"] += record["n_tokens"]
             m["n_documents"] += record["n_docs"]
             m["next_offset"] = record["next_offset"]
@@ -237,6 +264,9 @@ class ShardWriter:
         and ending `offset` tokens into the next one."""
         for name, t in tensors.items():
             self.pending.setdefault(name, []).append(t)
+            digest = self.hashes.setdefault(name, hashlib.sha256())
+            if t.numel():
+                digest.update(_bytes(t))  # releases the GIL: hashed while the next forward runs
         self.pending_tokens += int(tensors["token_ids"].shape[0])
         self.pending_docs += n_docs
         self.pending_offset = offset
@@ -245,6 +275,7 @@ class ShardWriter:
         """Write the queued batches as the next shard (a no-op when nothing is queued)."""
         if not self.pending:
             return
+        self._complete_header()
         index = len(self.manifest["shards"])
         final = self.dir / shard_name(index)
         tmp = final.with_name(final.name + ".tmp")
@@ -258,7 +289,7 @@ class ShardWriter:
                   "identity": self.identity}
         metadata = {"format": "pt", SHARD_RECORD: json.dumps(record, sort_keys=True)}
         try:
-            digest = write_shard_file(tmp, self.pending, metadata)
+            digest = write_shard_file(tmp, self.pending, metadata, {n: h.digest() for n, h in self.hashes.items()})
             size = tmp.stat().st_size
             os.replace(tmp, final)
         except Exception as err:
@@ -268,7 +299,7 @@ class ShardWriter:
             code = getattr(err, "errno", None)
             raise (CacheWriteError(code, msg) if code is not None else CacheWriteError(msg)) from err
         fsync_dir(self.dir)
-        self._commit({**entry, "bytes": size, "sha256": digest})
+        self._commit({**entry, "bytes": size, "sha256": digest, "digest": TENSOR_DIGEST})
 
     def _commit(self, shard: dict) -> None:
         """Record the queued shard and progress in the manifest."""
@@ -285,10 +316,11 @@ class ShardWriter:
             m["shards"].pop()
             m["n_tokens"], m["n_documents"], m["next_offset"] = saved
             raise
-        self.pending, self.pending_tokens, self.pending_docs = {}, 0, 0
+        self.pending, self.hashes, self.pending_tokens, self.pending_docs = {}, {}, 0, 0
 
     def finish(self) -> dict:
         """Mark this directory's part complete; returns its manifest."""
+        self._complete_header()
         self.manifest["completed"] = True
         atomic_write_json(self.dir / MANIFEST, self.manifest)
         return self.manifest

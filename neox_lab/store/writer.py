@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,8 @@ def _flatten(t: torch.Tensor, shape: str, keep: torch.Tensor, max_length: int) -
         causal = torch.ones(width, width, dtype=torch.bool).tril().view(view)
         t = t.masked_fill(~causal, 0).movedim(k, -1)
         t = F.pad(t, (0, max_length - width)).movedim(-1, k)
+    if keep.all():  # every position kept (no padding, no selection): a view, not a second copy
+        return t.reshape(-1, *t.shape[2:]).contiguous()
     return t[keep].contiguous()
 
 
@@ -188,7 +191,7 @@ def _header(model, docs: Documents | DocumentStream, tokenizer, names, dtype, po
     return {
         "format": FORMAT, "version": VERSION,
         "model": {"class": type(model).__name__, "config": model.cfg.to_hf(),
-                  "config_sha256": config_sha256(model.cfg), "weights_sha256": weights_sha256(model),
+                  "config_sha256": config_sha256(model.cfg), "weights_sha256": None,  # filled in later
                   "weights_fingerprint": WEIGHTS_FINGERPRINT, "hooks": hooks,
                   "param_dtype": str(param.dtype).removeprefix("torch.")},
         "runtime": _runtime(model),
@@ -290,9 +293,19 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
                          "processes; pass a file, a folder or a dataset")
     header = _header(model, docs, tokenizer, hook_list, dtype_str, pos_spec, max_length, batch_size,
                      shard_tokens, spec, hooks)
-    out = Path(out_dir)
+    # Hashing every weight byte takes a second or more; a fresh store needs the digest only when its first
+    # shard is recorded, so it is taken in a thread (one core) while the first batches run.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neox-lab-fingerprint")
+    fingerprint = pool.submit(weights_sha256, model, workers=1)
+    pool.shutdown(wait=False)
 
+    def fill_header(h: dict = header) -> None:
+        h["model"]["weights_sha256"] = fingerprint.result()
+
+    out = Path(out_dir)
     top = read_manifest(out)
+    if top is not None or world > 1:
+        fill_header()  # an existing store (or part) is checked against the full identity before any work
     if top is not None and docs.n_documents is None:
         raise CacheMismatchError(f"{out} already holds a cache, and a one-shot {docs.kind} source cannot be "
                                  "checked against it or resumed; use another output directory, or pass a "
@@ -321,7 +334,8 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     runtime = header["runtime"]
     writer = ShardWriter(out if world == 1 else out / part_dir_name(rank, world), part_header, _PART_IDENTITY,
                          backend=f"{runtime['attn_backend']}@{runtime['device']}",
-                         allow_backend_change=allow_backend_change)
+                         allow_backend_change=allow_backend_change,
+                         fill_header=None if header["model"]["weights_sha256"] else fill_header)
     try:
         if not writer.completed:
             desc = "caching" if world == 1 else f"caching (rank 0 of {world})"

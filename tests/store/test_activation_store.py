@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
 from neox_lab.store import shards
-from neox_lab.store.manifest import CacheMismatchError, CacheWriteError, file_sha256
+from neox_lab.store.manifest import CacheMismatchError, CacheWriteError, shard_sha256
 from neox_lab.store.reader import CachedActivations
 from neox_lab.store.writer import cache_dataset, expand_hook_patterns, rank_doc_range
 from neox_lab.tokenizer import NeoXTokenizer
@@ -187,7 +187,7 @@ def test_shards_end_on_batch_boundaries_and_runs_are_byte_identical(model, tmp_p
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["completed"] and manifest["n_tokens"] == len(a) and manifest["n_documents"] == 17
     assert manifest["settings"]["dtype"] == "float16" and manifest["model"]["config"]["hidden_size"] == 32
-    assert all(file_sha256(tmp_path / "a" / s["file"]) == s["sha256"] for s in manifest["shards"])
+    assert all(shard_sha256(tmp_path / "a" / s["file"]) == s["sha256"] for s in manifest["shards"])
 
 
 def test_finished_cache_is_returned_without_work(model, tmp_path):
@@ -269,12 +269,12 @@ def test_write_error_keeps_complete_shards_and_resumes_byte_identical(model, tmp
     cache_dataset(model, docs, names, tmp_path / "clean", **SMALL)
     real_save, calls = shards.write_shard_file, []
 
-    def disk_full(filename, tensors, metadata):
+    def disk_full(filename, *rest):
         calls.append(filename)
         if len(calls) == 3:
             Path(filename).write_bytes(b"\0" * 100)  # a partial write, then the disk is full
             raise error
-        return real_save(filename, tensors, metadata)
+        return real_save(filename, *rest)
 
     monkeypatch.setattr(shards, "write_shard_file", disk_full)
     broken = tmp_path / "broken"

@@ -454,3 +454,18 @@ def test_a_changed_global_changes_the_identity_and_unhashable_values_need_a_name
         cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks="identity, guarded v1", **SMALL)
     finally:
         model.reset_hooks(including_permanent=True)
+
+
+def test_shards_hashed_whole_by_earlier_versions_still_verify(clean, tmp_path):
+    """Shards are hashed tensor by tensor as they are written (no pass over a finished shard); entries
+    without "digest" hold the plain file sha256 of earlier versions, and still verify."""
+    from neox_lab.store.manifest import file_sha256
+
+    out = copy_of(clean, tmp_path)
+    assert {s["digest"] for s in ActivationStore(out).shards} == {"tensors"}
+    edit_manifest(out, lambda m: [s.update(sha256=file_sha256(out / s["file"])) or s.pop("digest")
+                                  for s in m["shards"]])
+    ActivationStore(out).verify()
+    flip(out / "shard-00003.safetensors", -3)
+    with pytest.raises(CacheIntegrityError, match=r"shard-00003\.safetensors does not match its sha256"):
+        ActivationStore(out, check="open")

@@ -155,11 +155,11 @@ def test_packed_run_killed_mid_document_resumes_byte_identical(model, tmp_path, 
     cache_dataset(model, docs, names, tmp_path / "clean", **PACKED)
     real_save, calls = shards.write_shard_file, []
 
-    def fail_third(filename, tensors, metadata):
+    def fail_third(filename, *rest):
         calls.append(filename)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(filename, tensors, metadata)
+        return real_save(filename, *rest)
 
     monkeypatch.setattr(shards, "write_shard_file", fail_third)
     with pytest.raises(CacheWriteError):
