@@ -56,13 +56,14 @@ class _ZstdFrames(io.RawIOBase):
         self.zstandard = optional_import("zstandard", f"reading {path}")
         self.path, self.raw = path, open(path, "rb")  # noqa: SIM115 -- closed by close()
         self.pos = 0  # offset in the file of `self.input`'s first byte
-        self.input, self.out, self.frame, self.frame_start = b"", b"", None, 0
+        self.input, self.frame, self.frame_start = b"", None, 0
+        self.out, self.taken = memoryview(b""), 0  # decompressed bytes, and how many were handed on
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self.out:
+        while self.taken == len(self.out):
             if not self.input:
                 self.input = self.raw.read(1 << 16)  # bounded: decompressed output grows with the ratio
                 if not self.input:
@@ -75,7 +76,7 @@ class _ZstdFrames(io.RawIOBase):
                 self.frame, self.frame_start = self.zstandard.ZstdDecompressor().decompressobj(), self.pos
             data, self.input = self.input, b""
             try:
-                self.out = self.frame.decompress(data)
+                self.out, self.taken = memoryview(self.frame.decompress(data)), 0
             except self.zstandard.ZstdError as err:
                 raise DamagedCorpusError(f"data file {self.path} is corrupt: zstd cannot decode the frame that "
                                          f"starts at byte {self.frame_start} ({err})") from None
@@ -84,9 +85,9 @@ class _ZstdFrames(io.RawIOBase):
                 self.input = self.frame.unused_data
                 self.pos -= len(self.input)
                 self.frame = None
-        n = min(len(buffer), len(self.out))
-        buffer[:n] = self.out[:n]
-        self.out = self.out[n:]
+        n = min(len(buffer), len(self.out) - self.taken)
+        buffer[:n] = self.out[self.taken : self.taken + n]
+        self.taken += n
         return n
 
     def close(self) -> None:
@@ -102,7 +103,7 @@ def open_text(path: Path) -> io.TextIOBase:
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     if name.endswith(".zst"):
         # Many frames per file is the norm: the Pile's files and `zstd --rsyncable` output hold many.
-        return io.TextIOWrapper(io.BufferedReader(_ZstdFrames(path)), encoding="utf-8")
+        return io.TextIOWrapper(io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 16), encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
