@@ -1,5 +1,6 @@
 """What a hook function does, as a digest: so that a store started with "ablate head 0" is not resumed
-with "ablate head 3", the same function with another argument.
+with "ablate head 3", the same function with another argument. Also which hooks are attached to a model
+(`attached_hooks`) and the manifest's record of them (`hooks_identity`).
 
 A function's fingerprint covers its code (bytecode, constants and names, nested code included, but not
 its file or line numbers), its default arguments, the values in its closure and the module globals its
@@ -184,3 +185,44 @@ def hook_fingerprint(fn: Any, model: Any = None, where: str = "hook") -> str:
     fingerprint = _Fingerprint(model)
     fingerprint.value(fn, where)
     return fingerprint.h.hexdigest()
+
+
+def attached_hooks(model) -> dict[str, list]:
+    """Forward hook functions attached to the model right now, by hook point or module name: a permanent
+    ablation changes every activation, so a store must not mix runs with and without it."""
+    found = {hp.name: [fn for fn, _ in hp.fwd_fns] for hp in model.resolve_hooks(None) if hp.fwd_fns}
+    for name, module in model.named_modules():
+        fns = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        if fns:
+            found[f"module {name or '(root)'}"] = fns
+    return found
+
+
+def hook_name(fn) -> str:
+    """A hook function's name for messages and the manifest (a partial's function's, an object's class)."""
+    return getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", None) or \
+        type(fn).__qualname__
+
+
+def hooks_identity(model, found: dict[str, list], allow_hooks: bool | str) -> dict:
+    """The manifest's record of the attached hooks, part of the store's identity: each function's name and
+    fingerprint (`hook_fingerprint`: code, closure values, partial arguments, globals), or, when
+    `allow_hooks` is a string, that string as the identity the user vouches for."""
+    if not found:
+        return {}
+    if isinstance(allow_hooks, str):
+        names = {where: [hook_name(fn) for fn in fns] for where, fns in found.items()}
+        return {"identity": allow_hooks, "functions": names}
+    record = {}
+    for where, fns in found.items():
+        entries = []
+        for fn in fns:
+            try:
+                fingerprint = hook_fingerprint(fn, model, f"hook {hook_name(fn)} on {where}")
+            except HookIdentityError as err:
+                raise HookIdentityError(f"{err}, so a resumed store could not tell it from another hook; pass "
+                                        "allow_hooks='<a string naming what the hooks do>' to vouch for their "
+                                        "identity yourself") from None
+            entries.append({"function": hook_name(fn), "fingerprint": fingerprint})
+        record[where] = entries
+    return record

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..axes import POSITIONS, find_axis
 from ..dtypes import DTYPES, dtype_name, nonfinite_count
-from .hook_identity import HookIdentityError, hook_fingerprint
+from .hook_identity import attached_hooks, hook_name, hooks_identity
 from .manifest import (
     FORMAT,
     VERSION,
@@ -141,46 +141,6 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
     return rank, world_size, bool(group and world_size > 1 and dist.get_world_size() == world_size)
 
 
-def attached_hooks(model) -> dict[str, list]:
-    """Forward hook functions attached to the model right now, by hook point or module name: a permanent
-    ablation changes every activation, so a store must not mix runs with and without it."""
-    found = {hp.name: [fn for fn, _ in hp.fwd_fns] for hp in model.resolve_hooks(None) if hp.fwd_fns}
-    for name, module in model.named_modules():
-        fns = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-        if fns:
-            found[f"module {name or '(root)'}"] = fns
-    return found
-
-
-def _name_of(fn) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", None) or \
-        type(fn).__qualname__
-
-
-def hooks_identity(model, found: dict[str, list], allow_hooks: bool | str) -> dict:
-    """The manifest's record of the attached hooks, part of the store's identity: each function's name and
-    fingerprint (`hook_fingerprint`: code, closure values, partial arguments, globals), or, when
-    `allow_hooks` is a string, that string as the identity the user vouches for."""
-    if not found:
-        return {}
-    if isinstance(allow_hooks, str):
-        names = {where: [_name_of(fn) for fn in fns] for where, fns in found.items()}
-        return {"identity": allow_hooks, "functions": names}
-    record = {}
-    for where, fns in found.items():
-        entries = []
-        for fn in fns:
-            try:
-                fingerprint = hook_fingerprint(fn, model, f"hook {_name_of(fn)} on {where}")
-            except HookIdentityError as err:
-                raise HookIdentityError(f"{err}, so a resumed store could not tell it from another hook; pass "
-                                        "allow_hooks='<a string naming what the hooks do>' to vouch for their "
-                                        "identity yourself") from None
-            entries.append({"function": _name_of(fn), "fingerprint": fingerprint})
-        record[where] = entries
-    return record
-
-
 def _runtime(model) -> dict:
     return {"attn_backend": getattr(model, "attn_backend", None), "device": model.input_device.type}
 
@@ -270,7 +230,7 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
                       every_k_documents=every_k_documents, sample_tokens=sample_tokens, seed=seed)
     found = attached_hooks(model)
     if found and (allow_hooks is False or allow_hooks == ""):
-        listed = "; ".join(f"{where}: {', '.join(map(_name_of, fns))}" for where, fns in found.items())
+        listed = "; ".join(f"{where}: {', '.join(map(hook_name, fns))}" for where, fns in found.items())
         raise ValueError(f"the model has hook functions attached ({listed}); they would change the stored "
                          "activations. Remove them (model.reset_hooks(including_permanent=True)) or pass "
                          "allow_hooks=True to cache with them and record them in the manifest")
