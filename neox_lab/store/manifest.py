@@ -173,15 +173,15 @@ def tensors_sha256(header_block: bytes, tensor_digests: list[bytes]) -> str:
     return h.hexdigest()
 
 
-def shard_sha256(path: Path) -> str:
-    """The `tensors_sha256` of a shard file, read from disk (what the writer recorded, if undamaged)."""
+def shard_digests(path: Path) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A shard file's header block and each tensor's (name, sha256), in the order they lie in the file."""
     with open(path, "rb") as fh:
         header, start = read_safetensors_header(fh, path)
         fh.seek(0)
         header_block = fh.read(start)
-        spans = sorted(info["data_offsets"] for name, info in header.items() if name != "__metadata__")
+        spans = sorted((info["data_offsets"], name) for name, info in header.items() if name != "__metadata__")
         digests = []
-        for begin, end in spans:
+        for (begin, end), name in spans:
             fh.seek(start + begin)
             h, left = hashlib.sha256(), end - begin
             while left:
@@ -190,8 +190,14 @@ def shard_sha256(path: Path) -> str:
                     raise CacheIntegrityError(f"shard {path} ends inside a tensor; it was truncated")
                 h.update(block)
                 left -= len(block)
-            digests.append(h.digest())
-    return tensors_sha256(header_block, digests)
+            digests.append((name, h.digest()))
+    return header_block, digests
+
+
+def shard_sha256(path: Path) -> str:
+    """The `tensors_sha256` of a shard file, read from disk (what the writer recorded, if undamaged)."""
+    header_block, digests = shard_digests(path)
+    return tensors_sha256(header_block, [digest for _, digest in digests])
 
 
 def shard_path(directory: Path, file: Any, where: Path) -> Path:

@@ -5,12 +5,14 @@ after each shard. On restart, the manifest says which documents are safely on di
 the next document, which is always a batch boundary. A resume re-hashes the shards already written, so
 it never builds on a damaged or swapped one.
 
-Each shard also describes itself: its safetensors metadata holds its manifest entry and a digest of the
-store's identity (`SHARD_RECORD`). So a finished shard the manifest does not list (a run killed between
-renaming the shard and recording it, or a manifest replaced by an older copy) is checked, hashed and
-taken back on resume rather than recomputed, and nothing a run did not write is ever deleted: temporary
-files are, and a finished-named shard only when its file is provably damaged (not a readable
-safetensors file); one from another store stops the run with an error naming it.
+Each shard also describes itself: its safetensors metadata holds its manifest entry, each tensor's
+sha256 (taken before the file was written) and a digest of the store's identity (`SHARD_RECORD`). So a
+finished shard the manifest does not list (a run killed between renaming the shard and recording it, or
+a manifest replaced by an older copy) is checked against its own digests and taken back on resume
+rather than recomputed, and nothing a run did not write is ever deleted: temporary files are, and a
+finished-named shard only when it is provably damaged (not a readable safetensors file of its own
+size, or bytes that differ from the digests it was written with); one from another store stops the
+run with an error naming it.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from .manifest import (
     identity_sha256,
     read_manifest,
     read_safetensors_header,
+    shard_digests,
     shard_path,
-    shard_sha256,
     tensors_sha256,
 )
 
@@ -50,7 +52,8 @@ SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors(\.tmp)?$")
 # safetensors >= 0.5 itself writes through a ".tmpXXXXXX" file next to the target; a kill can leave one.
 LIBRARY_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 #: The safetensors metadata key of a shard's own record: its manifest entry (without its size and
-#: sha256, which are of the file itself), the cursor after it, the hooks' axes and the store's identity.
+#: sha256, which are of the file itself), the cursor after it, the hooks' axes, each tensor's sha256 and
+#: the store's identity.
 SHARD_RECORD = "neox_lab.shard"
 
 
@@ -201,11 +204,15 @@ class ShardWriter:
             if not record or record.get("identity") != self.identity or record.get("index") != index or \
                     record.get("first_token") != m["n_tokens"] or record.get("first_doc") != self.next_doc:
                 break
+            header_block, digests = shard_digests(path)
+            if {name: d.hex() for name, d in digests} != record.get("tensors_sha256"):
+                path.unlink()  # its bytes differ from what was hashed when it was written: damaged
+                break
             m["shards"].append({"file": path.name, "first_token": record["first_token"],
                                 "n_tokens": record["n_tokens"], "first_doc": record["first_doc"],
                                 "n_docs": record["n_docs"], "bytes": path.stat().st_size,
-                                "sha256": shard_sha256(path), "digest": TENSOR_DIGEST,
-                                "backend": record["backend"]})
+                                "sha256": tensors_sha256(header_block, [d for _, d in digests]),
+                                "digest": TENSOR_DIGEST, "backend": record["backend"]})
             m["n_tokens"] += record["n_tokens"]
             m["n_documents"] += record["n_docs"]
             m["next_offset"] = record["next_offset"]
@@ -285,11 +292,12 @@ class ShardWriter:
                           for name in axes}
         entry = {"file": final.name, "first_token": m["n_tokens"], "n_tokens": self.pending_tokens,
                  "first_doc": self.next_doc, "n_docs": self.pending_docs, "backend": self.backend}
+        digests = {name: h.digest() for name, h in self.hashes.items()}
         record = {**entry, "index": index, "next_offset": self.pending_offset, "hooks": m["hooks"],
-                  "identity": self.identity}
+                  "identity": self.identity, "tensors_sha256": {name: d.hex() for name, d in digests.items()}}
         metadata = {"format": "pt", SHARD_RECORD: json.dumps(record, sort_keys=True)}
         try:
-            digest = write_shard_file(tmp, self.pending, metadata, {n: h.digest() for n, h in self.hashes.items()})
+            digest = write_shard_file(tmp, self.pending, metadata, digests)
             size = tmp.stat().st_size
             os.replace(tmp, final)
         except Exception as err:

@@ -130,16 +130,23 @@ def test_a_manifest_replaced_by_an_older_copy_loses_no_shard(model, reference, t
     assert dir_bytes(out) == dir_bytes(reference)
 
 
-def test_unlisted_shards_are_kept_unless_damaged_and_foreign_ones_stop_the_run(model, reference, tmp_path):
+@pytest.mark.parametrize("damage", ["cut short", "a flipped byte"])
+def test_unlisted_shards_are_kept_unless_damaged_and_foreign_ones_stop_the_run(model, reference, tmp_path, damage):
     out = tmp_path / "store"
     shutil.copytree(reference, out)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest.update(completed=False, shards=manifest["shards"][:2], n_tokens=36, n_documents=6)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    # shard 2 is provably damaged (cut short: not the size its header says), so the chain stops there;
-    # shards 3.. are this store's and are rewritten with the same bytes when the run reaches them.
+    # shard 2 is provably damaged (not the size its header says, or bytes that differ from the digests it
+    # was written with), so the chain stops there; shards 3.. are this store's and are rewritten with the
+    # same bytes when the run reaches them.
     shard2 = out / "shard-00002.safetensors"
-    shard2.write_bytes(shard2.read_bytes()[:-7])
+    data = bytearray(shard2.read_bytes())
+    if damage == "cut short":
+        del data[-7:]
+    else:
+        data[-3] ^= 0x10
+    shard2.write_bytes(bytes(data))
     foreign = tmp_path / "foreign"
     cache_dataset(make_model(), docs(9), NAMES, foreign, **{**SMALL, "max_length": 6})
     shutil.copy(foreign / "shard-00001.safetensors", out / "shard-00030.safetensors")
