@@ -52,6 +52,10 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "neox_lab" / "data" / "default"
 EOT = 0  # <|endoftext|> in the GPT-NeoX tokenizer: separates files in the token stream
 
+#: How training windows begin: the shipped model's reason for tokenizing without a BOS by default.
+BOS_NOTE = ("none: corpus windows are slices of the token stream starting anywhere (files separated by "
+            "<|endoftext|>), and repeated-span sequences start with the span; no BOS is put in front")
+
 MODEL = dict(vocab_size=50304, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
              intermediate_size=384, rotary_pct=0.25, max_position_embeddings=2048, tie_word_embeddings=True,
              use_parallel_residual=True, bos_token_id=EOT, eos_token_id=EOT)
@@ -293,6 +297,8 @@ def main(argv=None) -> int:
                      f"{args.core_vocab} most frequent train ids for the first {args.core_steps}, then those "
                      f"plus {words.numel()} ' word' tokens), then beside {args.batch} corpus windows of "
                      f"{args.seq_len}",
+        # What HookedTransformer's cfg.default_prepend_bos (False, TransformerLens' GPT-NeoX setting) rests on.
+        "prepend_bos": BOS_NOTE,
         "heldout_loss": round(heldout, 4), "unigram_loss": round(unigram, 4),
         "heldout_tokens_scored": int(windows[:, 1:].numel()),
         "induction": induction,

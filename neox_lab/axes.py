@@ -21,6 +21,7 @@ RESID = "batch pos d_model"  # the residual stream and everything written into i
 LN_SCALE = "batch pos 1"  # a LayerNorm's sqrt(var + eps)
 HEADS = "batch pos n_heads d_head"  # q, k, v (before and after rotary) and z
 HEAD_WRITES = "batch pos n_heads d_model"  # each head's write into the residual stream
+HEAD_READS = "batch pos n_heads d_model"  # each head's own copy of what it reads (TransformerLens' split inputs)
 PATTERN = "batch n_heads query_pos key_pos"  # attention scores and pattern
 MLP_ACTS = "batch pos d_mlp"
 LOGITS = "batch pos d_vocab"  # a head's output per position (num_labels or 2 wide for classifiers and QA)
@@ -51,6 +52,10 @@ W_O_PER_HEAD = "d_model (n_heads d_head) -> n_heads d_head d_model"
 # The fused qkv weight and bias in TransformerLens' per-head layout (W_Q: [n_heads d_model d_head]).
 QKV_WEIGHT_PER_HEAD = "(n_heads qkv d_head) d_model -> qkv n_heads d_model d_head"
 QKV_BIAS_PER_HEAD = "(n_heads qkv d_head) -> qkv n_heads d_head"
+# A projection of per-head inputs (each head reads its own copy of the stream): q, k or v of each head.
+HEAD_PROJECT = "batch pos n_heads d_model, n_heads d_model d_head -> batch pos n_heads d_head"
+# One stream copied to every head (TransformerLens' `repeat_along_head_dimension`).
+REPEAT_HEADS = "batch pos d_model -> batch pos n_heads d_model"
 HEAD_RESULT = "batch pos n_heads d_head, n_heads d_head d_model -> batch pos n_heads d_model"
 # The same with or without the batch axis (a cache after remove_batch_dim).
 HEAD_RESULT_ANY = "... n_heads d_head, n_heads d_head d_model -> ... n_heads d_model"

@@ -112,3 +112,14 @@ def test_bench_placement_quick():
     out = run_script("bench_placement", "--preset", "pythia-14m", "--tokens", "4", "--repeats", "1",
                      "--threads", "1", timeout=300)
     assert "ratio to shard" in out and "| every block on disk |" in out
+
+
+def test_circuit_scripts_quick():
+    # --memory off: the peak-memory children re-import torch (tens of seconds on a shared CPU)
+    out = run_script("bench_circuits", "--quick", "--threads", "1", "--memory", "off")
+    for line in ("EAP / forward", "EAP-IG (m=5) / fwd+bwd", "split fwd+bwd / forward"):
+        assert line in out
+    out = run_script("circuit_discovery", "--quick", "--threads", "1")
+    for method in ("exact", "EAP", "EAP-IG", "EAP-IG-activations"):
+        assert f" {method} " in out
+    assert "recovered" in out

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..axes import POSITIONS, find_axis
+from ..dtypes import widen
 from ..hooks.registry import block_hook
 from . import interventions
 from .metrics import kl_to_clean, logit_diff, loss, prob
@@ -263,6 +264,7 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, targ
     (``logit_diff(..., pos=-1)``), ``logits_to_keep=1`` skips nearly all of the unembedding, which
     otherwise costs more than the blocks. 0 (default) keeps every position.
     """
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     fwd = _forward_kwargs(logits_to_keep)
     clean, corrupted, clean_mask, corrupted_mask = _inputs(
         model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask, corrupted_attention_mask)
@@ -316,6 +318,7 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
     gives each row its own gradient). Parameter gradients are neither needed nor touched: only the
     activations' gradients are taken, so frozen models work and `.grad` fields stay as they were.
     """
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     fwd = _forward_kwargs(logits_to_keep)
     clean, corrupted, clean_mask, corrupted_mask = _inputs(
         model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask, corrupted_attention_mask)
@@ -345,16 +348,17 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 
     per_layer = []
     for name, grad in zip(plan.names, grads, strict=True):
-        corrupted_act = acts[name].detach().float()
-        grad = torch.zeros_like(corrupted_act) if grad is None else grad.float()
-        contrib = (clean_acts[name].float() - corrupted_act) * grad
+        # In at least fp32 (fp64 models stay fp64 until the grid is stored as activation_patch stores it).
+        corrupted_act = widen(acts[name].detach())
+        grad = torch.zeros_like(corrupted_act) if grad is None else widen(grad)
+        contrib = (widen(clean_acts[name]) - corrupted_act) * grad
         keep_axes = [0] + [plan.hook_axes[a] for a in plan.cell_axes]
         summed = contrib.sum(dim=[d for d in range(contrib.dim()) if d not in keep_axes])
         # `summed` keeps its axes in tensor order; put them in (batch, *cell axes) order.
         summed = summed.permute([sorted(keep_axes).index(a) for a in keep_axes])
         for k, chosen in enumerate(plan.choices):
             summed = summed.index_select(k + 1, torch.tensor(chosen, device=summed.device))
-        per_layer.append(summed.sum(0) if value.dim() == 0 else summed.movedim(0, -1))
+        per_layer.append((summed.sum(0) if value.dim() == 0 else summed.movedim(0, -1)).float())
 
     with torch.no_grad():
         clean_value = torch.as_tensor(metric(clean_logits))
@@ -369,6 +373,7 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 def _from_cache(model, corrupted_tokens, clean_cache, metric: Metric, target: str, batch_size: int = 64):
     """TransformerLens' patching call: clean activations from `clean_cache` (a `run_with_cache` of the
     clean input, with its batch axis and every position), corrupted run on `corrupted_tokens`."""
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     device = model.input_device  # a placed model's first parameter may be an offloaded (meta) placeholder
     corrupted = _as_batch(corrupted_tokens, "corrupted_tokens").to(device)
     plan = _plan(model, target, corrupted.shape[1], None, None, None)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..analysis.plotting import format_token
+from .circuits import circuit_summary
 
 #: A head whose mean attention to the induction target exceeds this is called an induction head (on the
 #: demo's 31-token sequences a head attending uniformly to every earlier token scores about 0.05).
@@ -75,6 +76,10 @@ def summarize(res, tok) -> str:
             f"{label} {_nanmean(lens.target_probs[d, 0, 1 + pr.span:]):.2f}"
             for d, label in enumerate(lens.labels)),
         "",
+    ]
+    if res.circuit is not None:
+        lines += circuit_summary(res.circuit, 4)
+    lines += [
         f"Wall time: {res.wall_s:.1f} s. Figures: "
         + ", ".join(p.name for k, p in res.files.items() if k != "summary"),
     ]

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .. import axes
 from ..config import NeoXConfig
 from ..version import __version__
-from .registry import LN_STREAMS, block_hook, expand_shorthand, hook_names, unknown_hook_message
+from .registry import LN_STREAMS, block_hook, expand_shorthand, flag_of, hook_names, unknown_hook_message
 
 PosSlice = int | slice | list | torch.Tensor | None
 
@@ -55,7 +55,8 @@ def slice_dim(t: torch.Tensor, sel: PosSlice, dim: int) -> torch.Tensor:
     index = torch.as_tensor(sel, device=t.device, dtype=torch.long)
     if index.dim() == 0:
         return t.select(dim, int(index))
-    return t.index_select(dim, index)
+    # Negative indices count from the end, as in t[..., [-1]]; out-of-range ones still raise.
+    return t.index_select(dim, torch.where(index < 0, index + t.shape[dim], index))
 
 
 def slice_pos(t: torch.Tensor, pos_slice: PosSlice, dim: int = -2) -> torch.Tensor:
@@ -106,9 +107,9 @@ class ActivationCache(Mapping):
 
     @model.setter
     def model(self, model) -> None:
-        if self.cfg is not None and model.cfg != self.cfg:
+        if self.cfg is not None and model.config != self.cfg:
             raise ValueError("this model's config differs from the config the cache was made with")
-        self.cfg = model.cfg
+        self.cfg = model.config
         self._model_ref = weakref.ref(model)
 
     def _body(self):
@@ -150,10 +151,13 @@ class ActivationCache(Mapping):
         if name in self._store:
             return self._store[name]
         base = name[: -len("_grad")] if name.endswith("_grad") else name
-        known = hook_names(self.cfg)
+        known = hook_names(self.cfg, flags=None)
         if base in known:
+            flag = flag_of(base)
             why = (f"hook {name!r} exists but was not cached (check run_with_cache's names_filter"
-                   + (" and incl_bwd=True" if name != base else "") + ")")
+                   + (" and incl_bwd=True" if name != base else "") + ")"
+                   + (f"; it is behind a stream flag: call model.set_{flag}(True) before run_with_cache"
+                      if flag else ""))
         else:
             why = unknown_hook_message(base, list(known), bool(self.cfg.use_parallel_residual))
         raise KeyError(f"{why}; {self._holds()}")
@@ -214,7 +218,7 @@ class ActivationCache(Mapping):
             keys = json.loads(meta["neox_lab.keys"])
             store = {k: fh.get_tensor(k) for k in keys}
         cfg = NeoXConfig.from_hf(json.loads(meta["neox_lab.config"]))
-        if model is not None and _config_hash(model.cfg) != meta.get("neox_lab.config_hash"):
+        if model is not None and _config_hash(model.config) != meta.get("neox_lab.config_hash"):
             raise ValueError(f"{path}: the cache was made by a model with another config than the one given")
         return cls(store, model, cfg=cfg, has_batch_dim=meta.get("neox_lab.has_batch_dim", "True") == "True")
 

@@ -39,6 +39,9 @@ class HookPoint(nn.Module):
         #: The block this hook point is in (`LayerIndex`, so ``hook.layer()`` works too), None outside blocks.
         self.layer: LayerIndex | None = None
         self.ctx: dict = {}
+        #: Why this stream does not exist right now (a stream flag is off, see registry.FLAG_HOOKS), or
+        #: None when it does. An unavailable hook point accepts no hooks and is left out of `hook_dict`.
+        self.unavailable: str | None = None
         self.fwd_fns: list[tuple[HookFn, bool]] = []
         self.bwd_fns: list[tuple[HookFn, bool]] = []
 
@@ -49,9 +52,16 @@ class HookPoint(nn.Module):
     def active(self) -> bool:
         return bool(self.fwd_fns or self.bwd_fns)
 
+    @property
+    def available(self) -> bool:
+        """Whether the stream exists on this model now (False while its stream flag is off)."""
+        return self.unavailable is None
+
     def add(self, fn: HookFn, dir: str = "fwd", permanent: bool = False) -> None:
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"hook {self.name!r}: dir must be 'fwd' or 'bwd', got {dir!r}")
+        if self.unavailable is not None:
+            raise HookError(f"hook point {self.name!r} is off: {self.unavailable}")
         (self.fwd_fns if dir == "fwd" else self.bwd_fns).append((fn, permanent))
 
     def remove(self, including_permanent: bool = False, dir: str = "both") -> None:

@@ -2,13 +2,20 @@
 
 `hook_names(cfg)` lists every hook point a model built from `cfg` has; a test checks it against the
 hook points actually present on the module tree.
+
+Stream flags. TransformerLens hides a few streams behind config flags; neox_lab has the same flags,
+as model methods (`model.set_use_split_qkv_input(True)`, ...). A flagged hook point is listed (by
+`hook_names(cfg, flags=...)`, `model.hook_names()`, `model.hook_dict`, `run_with_cache()`) only while
+its flag is on; naming it while the flag is off raises, saying which flag turns it on, so a hook behind
+a flag can never silently not fire (TransformerLens' hooks behind flags do).
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 
-from ..axes import HEAD_WRITES, HEADS, LN_SCALE, LOGITS, MLP_ACTS, PATTERN, RESID
+from ..axes import HEAD_READS, HEAD_WRITES, HEADS, LN_SCALE, LOGITS, MLP_ACTS, PATTERN, RESID
 from ..config import NeoXConfig
 
 #: Hooks on the whole model (before/after the blocks).
@@ -50,6 +57,24 @@ BLOCK_HOOKS = {
 #: Only sequential-residual blocks have a stream between attention and MLP.
 SEQUENTIAL_ONLY = {"hook_resid_mid": RESID}
 
+#: TransformerLens' stream flags (the names of its config fields and of the models' setters without
+#: `set_`) -> the block hook points each one turns on, relative to `blocks.{L}.`, with their shapes:
+#: use_attn_in          hook_attn_in   the block's input (resid_pre) copied to every head, before ln1;
+#:                                     each head's q, k and v are computed from its own copy
+#: use_split_qkv_input  hook_q_input, hook_k_input, hook_v_input: the same per head and per stream
+#:                                     (q, k, v each read their own copy), before ln1
+#: use_hook_mlp_in      hook_mlp_in    the MLP's input before ln2: resid_pre on a parallel block,
+#:                                     resid_mid on a sequential one
+FLAG_HOOKS = {
+    "use_attn_in": {"hook_attn_in": HEAD_READS},
+    "use_split_qkv_input": {"hook_q_input": HEAD_READS, "hook_k_input": HEAD_READS, "hook_v_input": HEAD_READS},
+    "use_hook_mlp_in": {"hook_mlp_in": RESID},
+}
+#: The flags under which ln1 normalises each head's input separately ([batch pos n_heads d_model]), so
+#: its single-stream hook points (ln1.hook_scale, ...) do not exist: TransformerLens fires them three
+#: times per forward there, with per-head shapes.
+PER_HEAD_LN1 = ("use_attn_in", "use_split_qkv_input")
+
 #: Hooks of the task heads (the unembedding / classifier output, per position).
 HEAD_HOOKS = {"hook_logits": LOGITS}
 
@@ -65,21 +90,67 @@ def layer_of(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blocks" else None
 
 
-def block_hook_names(cfg: NeoXConfig) -> dict[str, str]:
-    """Hook names (relative to the block) and shapes of one block of this config."""
+def check_flags(flags: Collection[str]) -> None:
+    """Raise for a name in `flags` that is not one of TransformerLens' stream flags."""
+    unknown = sorted(set(flags) - set(FLAG_HOOKS))
+    if unknown:
+        raise ValueError(f"unknown stream flag(s) {unknown}; the flags are {sorted(FLAG_HOOKS)}")
+
+
+def flag_of(hook: str) -> str | None:
+    """The stream flag that turns hook `hook` (a full or block-relative name) on; None for the rest."""
+    key = hook.split(".", 2)[2] if hook.startswith("blocks.") else hook
+    return next((flag for flag, names in FLAG_HOOKS.items() if key in names), None)
+
+
+def unavailable_reason(name: str, flags: Collection[str]) -> str | None:
+    """Why hook point `name` (full or block-relative) does not exist while exactly the stream flags in
+    `flags` are on, or None when it does."""
+    key = name.split(".", 2)[2] if name.startswith("blocks.") else name
+    flag = flag_of(key)
+    if flag is not None and flag not in flags:
+        return (f"it exists only while the stream flag {flag} is on: call model.set_{flag}(True) first "
+                "(off by default, as in TransformerLens)")
+    per_head = [f for f in PER_HEAD_LN1 if f in flags]
+    if key.startswith("ln1.") and per_head:
+        verb = "are" if len(per_head) > 1 else "is"
+        return (f"while {' and '.join(per_head)} {verb} on, ln1 normalises each head's input separately, so its "
+                "single-stream hook points do not exist; hook the per-head inputs (hook_q_input, hook_k_input, "
+                f"hook_v_input or hook_attn_in) instead, or call model.set_{per_head[0]}(False)")
+    return None
+
+
+def block_hook_names(cfg: NeoXConfig, flags: Collection[str] | None = ()) -> dict[str, str]:
+    """Hook names (relative to the block) and shapes of one block of this config, in forward order,
+    with the stream flags in `flags` on. `flags=None`: every hook point a block holds, whatever the
+    flags (what the module tree has)."""
+    if flags is not None:
+        check_flags(flags)
+    on = set(FLAG_HOOKS) if flags is None else set(flags)
     names = {}
     for key, shape in BLOCK_HOOKS.items():
+        # Where TransformerLens calls them: the per-head inputs before ln1, mlp_in before ln2.
+        if key == "ln1.hook_scale":
+            for flag in ("use_attn_in", "use_split_qkv_input"):
+                if flag in on:
+                    names.update(FLAG_HOOKS[flag])
+        if key == "ln2.hook_scale" and "use_hook_mlp_in" in on:
+            names.update(FLAG_HOOKS["use_hook_mlp_in"])
+        if key.startswith("ln1.") and flags is not None and on & set(PER_HEAD_LN1):
+            continue
         names[key] = shape
         if key == "hook_attn_out" and not cfg.use_parallel_residual:
             names.update(SEQUENTIAL_ONLY)
     return names
 
 
-def hook_names(cfg: NeoXConfig, *, head: bool = True) -> dict[str, str]:
-    """Every hook name of a model built from `cfg`, mapped to its shape in the axis vocabulary."""
+def hook_names(cfg: NeoXConfig, *, head: bool = True, flags: Collection[str] | None = ()) -> dict[str, str]:
+    """Every hook name of a model built from `cfg`, mapped to its shape in the axis vocabulary, in forward
+    order, with the stream flags in `flags` on (`FLAG_HOOKS`; None: every hook point, flagged or not)."""
     names = {"hook_embed": MODEL_HOOKS["hook_embed"]}
+    block = block_hook_names(cfg, flags)
     for layer in range(cfg.num_hidden_layers):
-        names.update({block_hook(layer, k): v for k, v in block_hook_names(cfg).items()})
+        names.update({block_hook(layer, k): v for k, v in block.items()})
     names.update({k: v for k, v in MODEL_HOOKS.items() if k.startswith("ln_final")})
     if head:
         names.update(HEAD_HOOKS)
@@ -88,6 +159,8 @@ def hook_names(cfg: NeoXConfig, *, head: bool = True) -> dict[str, str]:
 
 def unknown_hook_message(name: str, known: list[str], parallel: bool) -> str:
     """An error message for a hook name that does not exist, with the closest matches."""
+    if flag_of(name) is not None and name.startswith("blocks."):
+        return f"no hook point {name!r}: {unavailable_reason(name, ())}"
     if parallel and name.endswith("hook_resid_mid"):
         return (
             f"no hook point {name!r}: this model uses the parallel residual "
@@ -119,6 +192,12 @@ BLOCK_SHORTHAND = {  # short name -> hook name relative to its block
     "result": "attn.hook_result",
     "pre": "mlp.hook_pre",
     "post": "mlp.hook_post",
+    # behind stream flags (FLAG_HOOKS)
+    "attn_in": "hook_attn_in",
+    "q_input": "hook_q_input",
+    "k_input": "hook_k_input",
+    "v_input": "hook_v_input",
+    "mlp_in": "hook_mlp_in",
     # TransformerLens' long aliases (its get_act_name lookup)
     "attn": "attn.hook_pattern",
     "attn_logits": "attn.hook_attn_scores",

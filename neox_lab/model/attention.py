@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from einops import einsum, rearrange
 from torch import nn
 
@@ -51,17 +52,39 @@ class Attention(nn.Module, AttentionWeights):
         self._fallback_reported = True
         return True
 
+    def project_per_head(self, x) -> list[torch.Tensor]:
+        """q, k, v [batch pos n_heads d_head] from per-head inputs [batch pos n_heads d_model], one for all
+        three or a (q, k, v) triple: head h's q reads only head h's copy (TransformerLens' split inputs)."""
+        inputs = x if isinstance(x, tuple) else (x, x, x)
+        weights = rearrange(self.qkv.weight, axes.QKV_WEIGHT_PER_HEAD, qkv=3, n_heads=self.n_heads)
+        out = [einsum(inp, w, axes.HEAD_PROJECT) for inp, w in zip(inputs, weights, strict=True)]
+        if self.qkv.bias is not None:
+            biases = rearrange(self.qkv.bias, axes.QKV_BIAS_PER_HEAD, qkv=3, n_heads=self.n_heads)
+            out = [o + b.to(o.dtype) for o, b in zip(out, biases, strict=True)]  # autocast: o may be half
+        return out
+
     def forward(self, x, rotary: Rotary, cos, sin, mask: AttnMask, *, backend: str, kv_cache=None,
                 head_mask=None, output_attentions: bool = False):
-        """x [batch pos d_model] -> (attn_out [batch pos d_model], pattern or None)."""
-        qkv = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
-        # Three separate views (not `unbind`, whose outputs autograd forbids editing in place).
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        """x -> (attn_out [batch pos d_model], pattern or None).
+
+        x is ln1's output [batch pos d_model], or per head (the stream flags, see Block.per_head_inputs):
+        one [batch pos n_heads d_model] read by q, k and v alike, or a (q, k, v) triple of them."""
+        if isinstance(x, tuple) or x.dim() == 4:
+            q, k, v = self.project_per_head(x)
+        else:
+            qkv = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
+            # Three separate views (not `unbind`, whose outputs autograd forbids editing in place).
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        # With no hook on these five streams, q and k are views of the projection output that nothing else
+        # holds: rotate them there (Rotary.rotate says why). A hooked stream may be cached, replaced or
+        # watched backward, and autograd drops a tensor hook registered on a view once its base is written
+        # in place, even through another view (q's write would silence a backward hook on v): then every
+        # stream is rotated into a new tensor.
+        in_place = not (self.hook_q.active or self.hook_k.active or self.hook_v.active
+                        or self.hook_rot_q.active or self.hook_rot_k.active)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        # Unhooked q and k are still views of the projection output that nothing else holds: rotate them
-        # there. A hooked one may be cached or replaced, so it is rotated into a new tensor.
-        q = self.hook_rot_q(rotary.rotate(q, cos, sin, in_place=not self.hook_q.active))
-        k = self.hook_rot_k(rotary.rotate(k, cos, sin, in_place=not self.hook_k.active))
+        q = self.hook_rot_q(rotary.rotate(q, cos, sin, in_place=in_place))
+        k = self.hook_rot_k(rotary.rotate(k, cos, sin, in_place=in_place))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.cfg.attention_dropout if self.training else 0.0

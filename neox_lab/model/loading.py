@@ -375,11 +375,11 @@ def save_pretrained(model, directory, state: dict[str, torch.Tensor] | None = No
         layout = type(model)(model.cfg, attn_backend="eager").state_dict()
     extra = sorted(set(state) - set(layout))
     if extra:
-        # process_weights_(fold_ln=True) can add biases (the final LayerNorm's bias into the unembedding)
+        # TransformerLens' fold_ln (neox_lab.lens) can add biases (the final LayerNorm's bias into the unembedding)
         # that a transformers GPTNeoX has no place for: writing the file without them would be silently wrong.
         raise CheckpointError(f"cannot save {type(model).__name__} as a transformers checkpoint: it has tensors "
                               f"transformers' GPTNeoX has no place for ({', '.join(extra)}), added by weight "
-                              "processing (process_weights_ / from_pretrained(fold_ln=True)); save the "
+                              "processing (HookedTransformer.from_pretrained / process_weights_); save the "
                               "unprocessed model, or torch.save(model.state_dict()) to keep processed weights")
     bare = not any(k.startswith("model.") for k in state)
     # transformers' bare GPTNeoXModel names its tensors without the `gpt_neox.` prefix.

@@ -18,7 +18,8 @@ from neox_lab.demo.study import PatchingPrompts, make_patching_prompts, run_demo
 from neox_lab.demo.summary import INDUCTION_THRESHOLD, induction_heads
 
 PNG = b"\x89PNG\r\n\x1a\n"
-FIGURES = ("induction_scores", "induction_heads", "patching_resid", "patching_heads", "logit_lens")
+FIGURES = ("induction_scores", "induction_heads", "patching_resid", "patching_heads", "logit_lens", "circuit_graph",
+           "circuit_faithfulness")
 
 
 @pytest.fixture(scope="module")

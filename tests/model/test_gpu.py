@@ -237,6 +237,36 @@ def test_every_hook_but_scores_and_pattern_fires_on_flash(dtype):
         assert rel(cache[name].float(), ref_cache[name]) < 2 * REL_U * U[dtype], name
 
 
+@HALVES
+def test_stream_flags_on_flash(dtype):
+    """TransformerLens' per-head input streams on the flash path (left padding, so the unpadded kernel
+    runs): flagged hooks hold the fp32 reference's values, an edit of one head's copy gives its logits,
+    and nothing falls back to eager."""
+    cfg = PRESETS["pythia-14m"].replace(num_hidden_layers=2, vocab_size=512)
+    ref, half = models(cfg, 3, dtype)
+    for model in (ref, half):
+        for flag in ("use_attn_in", "use_split_qkv_input", "use_hook_mlp_in"):
+            getattr(model, f"set_{flag}")(True)
+    ids = torch.randint(0, 512, (2, 40), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    flagged = [n for n in half.hook_names() if n.endswith(("_input", "attn_in", "mlp_in"))]
+    _, cache = half.run_with_cache(ids, attention_mask=mask, names_filter=flagged)
+    _, ref_cache = ref.run_with_cache(ids, attention_mask=mask, names_filter=flagged)
+    assert all(k in FLASH_KERNELS for k in half.attn_kernels())
+    live = mask.bool()
+    for name in flagged:
+        assert rel(cache[name][live].float(), ref_cache[name][live]) < 2 * REL_U * U[dtype], name
+
+    def edit(x, *, hook):
+        x[:, :, 1, ::2] *= -2.0
+
+    hooks = [("blocks.1.hook_q_input", edit), ("blocks.0.hook_v_input", edit)]
+    got = half.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks).logits
+    expected = ref.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks).logits
+    check_logits(got[live], expected[live], dtype)
+
+
 # ----------------------------------------------------------------------------------- numerics, kernels
 @pytest.mark.parametrize("preset", ["pythia-410m", "pythia-1.4b"])
 def test_no_nan_or_inf_at_2048_tokens_in_fp16(preset):

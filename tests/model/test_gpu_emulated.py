@@ -27,6 +27,7 @@ from test_gpu import (  # noqa: F401 - collected here as the emulated runs
     test_left_padded_rows_equal_the_rows_alone,
     test_pattern_hook_falls_back_to_eager_for_that_layer_and_matches_eager,
     test_scores_hook_emptying_a_row_attends_to_nothing_on_flash,
+    test_stream_flags_on_flash,
 )
 
 from neox_lab.dtypes import HALF

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from neox_lab import CheckpointError, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
+from neox_lab import CheckpointError, HookedTransformer, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
 from neox_lab.analysis.patching import activation_patch, attribution_patch
 from neox_lab.model.placement import placement_units
 from neox_lab.store.manifest import weights_sha256
@@ -111,6 +111,33 @@ def test_device_map_is_reported_in_neox_names(tmp_path):
     assert model.input_device == torch.device("cpu")
     # Offloaded weights wait on the meta device between forwards.
     assert model.model.blocks[0].attn.qkv.weight.is_meta and not model.model.blocks[1].attn.qkv.weight.is_meta
+
+
+def test_stream_flags_on_a_placed_model(tmp_path):
+    """The per-head inputs (ln1 applied to each copy, the per-head projection) and hook_mlp_in run inside
+    offloaded blocks exactly as in the whole model, hooks and edits included."""
+    cfg = tiny_config(num_hidden_layers=3)
+    path = save_random(cfg, tmp_path)
+    ref = NeoXForCausalLM.from_pretrained(path, attn_backend="eager")
+    placed = NeoXForCausalLM.from_pretrained(
+        path, attn_backend="eager", device_map={"": "cpu", "model.blocks.0": "disk", "model.blocks.2": "disk"})
+    for model in (ref, placed):
+        for flag in ("use_attn_in", "use_split_qkv_input", "use_hook_mlp_in"):
+            getattr(model, f"set_{flag}")(True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+
+    def edit(x, *, hook):
+        x[..., 0, :3] += 1.0
+
+    every = lambda name: True  # noqa: E731
+    hooks = [("blocks.2.hook_k_input", edit), ("blocks.0.hook_attn_in", edit)]
+    for fwd in ([], hooks):
+        with ref.hooks(fwd_hooks=fwd), placed.hooks(fwd_hooks=fwd):
+            ref_logits, ref_cache = ref.run_with_cache(ids, names_filter=every)
+            logits, cache = placed.run_with_cache(ids, names_filter=every)
+        assert torch.equal(logits, ref_logits)
+        assert sorted(cache.keys()) == sorted(ref_cache.keys()) == sorted(ref.hook_names())
+        assert all(torch.equal(cache[name], ref_cache[name]) for name in ref_cache.keys())
 
 
 def test_planned_map_offloads_blocks_but_not_the_embedding_or_head(tmp_path):
@@ -313,7 +340,7 @@ def test_placed_model_saves_refuses_processing_and_runs_tl_patching(tmp_path):
 
     before = weights_sha256(placed)
     with pytest.raises(ValueError, match="load it without device_map"):
-        placed.process_weights_()
+        HookedTransformer(placed).process_weights_()
     assert weights_sha256(placed) == before and not placed.weights_processed
 
     clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[4, 3, 2, 1]])
