@@ -24,9 +24,20 @@ the target): 256-token repeated sequences mixed 3:5 with code gave no induction 
 one at ~225 steps at a constant learning rate, but not over all 20k train ids by step 250 with a
 decaying one; and a head formed on some ids does not copy tokens never seen in the spans (so phase 2).
 
+Training history. The weights at --keep-steps (0 is the initialisation) are kept in OUT/checkpoints/stepN
+as compact checkpoints (neox_lab.model.compact: int8 matrices with a bfloat16 scale per row, the tied
+embedding, 90% of the values, int4 with a scale per 32: ~3.2 MB each, so the package stays under 40 MB);
+the shipped model is the last step. Each is measured as stored
+and at full precision with the demo's measurement (neox_lab.demo.dynamics), recorded in training.json.
+Keeping and measuring reads the weights only. `--measure-kept` trains nothing: it measures the kept
+checkpoints and the model already in OUT and rewrites that record. The shipped history (steps 0-250)
+came from a rerun of this script that matched the shipped run's loss curve through step 275 and was
+stopped there: see training.json, checkpoints.note.
+
 Deterministic on CPU: fixed seed, 2 threads, sorted files, every random draw from one seeded
 generator; `torch.use_deterministic_algorithms` guards the kernels. Writes config.json,
-model.safetensors (fp16) and training.json (metrics, loss curve, the exact command, corpus digest).
+model.safetensors (fp16), checkpoints/ and training.json (metrics, loss curve, kept checkpoints, the
+exact command, corpus digest).
 """
 
 from __future__ import annotations
@@ -36,8 +47,8 @@ import hashlib
 import json
 import math
 import platform
+import shutil
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -46,15 +57,32 @@ import torch.nn.functional as F
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
 from neox_lab.analysis.induction import measure_induction, repeated_tokens, word_token_ids
+from neox_lab.default_model import corpus_files, split_heldout
+from neox_lab.demo.dynamics import history_measurement
+from neox_lab.model.loading import save_pretrained
 from neox_lab.tokenizer import NeoXTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "neox_lab" / "data" / "default"
 EOT = 0  # <|endoftext|> in the GPT-NeoX tokenizer: separates files in the token stream
 
+#: How training windows begin: the shipped model's reason for tokenizing without a BOS by default.
+BOS_NOTE = ("none: corpus windows are slices of the token stream starting anywhere (files separated by "
+            "<|endoftext|>), and repeated-span sequences start with the span; no BOS is put in front")
+
 MODEL = dict(vocab_size=50304, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
              intermediate_size=384, rotary_pct=0.25, max_position_embeddings=2048, tie_word_embeddings=True,
              use_parallel_residual=True, bos_token_id=EOT, eos_token_id=EOT)
+
+
+#: The checkpoints kept during training (weights after that many optimizer steps; 0 is the initialisation).
+#: Before (0, 150), during (200: the best code-token induction head at ~0.3) and after (250: ~0.7) the
+#: induction phase change; the shipped model (step 800) is the history's last point.
+KEEP_STEPS = [0, 150, 200, 250]
+
+
+def _steps(text: str) -> list[int]:
+    return sorted({int(s) for s in text.split(",") if s.strip()})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,36 +104,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-files", type=int, default=None, help="use only the first N corpus files")
+    p.add_argument("--keep-steps", type=_steps, default=KEEP_STEPS,
+                   help="training checkpoints to keep (comma-separated steps before --steps; the shipped model "
+                        "is the last): written compactly to OUT/checkpoints/step{N}")
+    p.add_argument("--keep-bits", type=int, default=8, choices=(4, 8), help="bits per kept weight value")
+    p.add_argument("--keep-group", type=int, default=None,
+                   help="values per quantisation scale in kept checkpoints (default: one per row)")
+    p.add_argument("--keep-embed-bits", type=int, default=4, choices=(4, 8),
+                   help="bits per value of the kept embedding (most of this model's values)")
+    p.add_argument("--keep-embed-group", type=int, default=32, help="embedding values per scale")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 12 files, short sequences")
+    p.add_argument("--measure-kept", action="store_true",
+                   help="train nothing: measure the checkpoints already in OUT/checkpoints and the model in OUT "
+                        "as stored, and rewrite the 'checkpoints' record of OUT/training.json")
+    p.add_argument("--note", default=None, help="with --measure-kept: where the kept checkpoints came from")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.seq_len, args.syn_batch, args.syn_len, args.warmup = 3, 2, 64, 4, 32, 1
         args.eval_windows, args.max_files, args.copy_warmup, args.core_steps = 4, args.max_files or 12, 1, 1
+        args.keep_steps = [0, 2]
+    if any(not 0 <= s < args.steps for s in args.keep_steps):
+        p.error(f"--keep-steps must lie in [0, --steps={args.steps}); the last step is the shipped model itself")
     return args
 
 
 # ------------------------------------------------------------------------------------------ corpus
-def corpus_files(max_files: int | None = None) -> list[Path]:
-    """The standard library's .py files, sorted; tests and third-party packages left out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests"}
-    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
-    if not files:
-        raise SystemExit(f"no .py files under {root}: cannot build the corpus")
-    return files[:max_files] if max_files else files
-
-
 def tokenize(files: list[Path], tok: NeoXTokenizer) -> torch.Tensor:
     """One stream: each file's tokens followed by <|endoftext|>."""
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     ids = [i for enc in encodings for i in [*enc.ids, EOT]]
     return torch.tensor(ids, dtype=torch.long)
-
-
-def split(files: list[Path]) -> tuple[list[Path], list[Path]]:
-    """Held-out split by file: every 10th file (by sorted position) is held out."""
-    return [f for i, f in enumerate(files) if i % 10 != 9], [f for i, f in enumerate(files) if i % 10 == 9]
 
 
 def _shown(path: Path) -> str:
@@ -197,16 +226,91 @@ def induction_report(model, tokenizer, corpus_ids: torch.Tensor, seed: int) -> d
     return out
 
 
+# ------------------------------------------------------------------------------------------ kept checkpoints
+def _numbers(values: dict) -> dict:
+    """A measurement's result for training.json: tensors as (nested) lists, every float kept exactly."""
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in values.items()
+            if k != "loss_per_token"}
+
+
+def keep_checkpoint(model, step: int, directory: Path, args, measure) -> dict:
+    """Write the training model's weights as a compact checkpoint; measure it as stored (what a sweep
+    reads) and the full-precision weights it came from (what compression cost)."""
+    embedding = {"gpt_neox.embed_in.weight": {"bits": args.keep_embed_bits, "group": args.keep_embed_group}}
+    save_pretrained(model, directory, compact={"bits": args.keep_bits, "group": args.keep_group,
+                                               "overrides": embedding})
+    stored = NeoXForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    live = model.state_dict()
+    error = max(float((t.double() - live[k].double()).norm() / live[k].double().norm().clamp(min=1e-30))
+                for k, t in stored.state_dict().items())
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        full = measure(model)
+    model.train(was_training)
+    return {"step": step, "max_relative_error": error, "stored": _numbers(measure(stored)),
+            "full_precision": _numbers(full)}
+
+
+def history_block(args, kept_dir: Path, records: list[dict], final_step: int) -> dict:
+    """training.json's record of the kept checkpoints."""
+    return {
+        "directory": "checkpoints", "steps": [r["step"] for r in records[:-1]], "final_step": final_step,
+        "storage": f"int{args.keep_bits} weight matrices with one bfloat16 scale per "
+                   f"{'row' if args.keep_group is None else f'{args.keep_group} values'}, the (tied) "
+                   f"embedding int{args.keep_embed_bits} with a scale per {args.keep_embed_group} values, "
+                   "other tensors float32 (neox_lab.model.compact); the final step is the shipped model (fp16)",
+        "bytes": sum(f.stat().st_size for f in kept_dir.rglob("*") if f.is_file()),
+        "measurement": "neox_lab.demo.dynamics.history_measurement: induction score per head on held-out code "
+                       "tokens and on ' word' tokens (15 random tokens repeated, 8 sequences, seed 0) and the "
+                       "ICL score on held-out code; 'stored' measures the checkpoint as kept, 'full_precision' "
+                       "(written by a training run only) the fp32 training weights",
+        "records": records,
+    }
+
+
+def measure_kept(args) -> int:
+    """--measure-kept: measure OUT/checkpoints/step*/ and the model in OUT as stored; rewrite the record."""
+    torch.set_num_threads(args.threads)
+    report_path = args.out / "training.json"
+    report = json.loads(report_path.read_text())
+    measure = history_measurement(NeoXTokenizer.default())
+    kept_dir = args.out / "checkpoints"
+    dirs = sorted((d for d in kept_dir.glob("step*") if (d / "config.json").is_file()),
+                  key=lambda d: int(d.name.removeprefix("step")))
+    if not dirs:
+        raise SystemExit(f"no kept checkpoints (step*/ with a config.json) in {kept_dir}")
+    final_step = report["hyperparameters"]["steps"]
+    records = [{"step": int(d.name.removeprefix("step")),
+                "stored": _numbers(measure(NeoXForCausalLM.from_pretrained(d, dtype=torch.float32)))} for d in dirs]
+    records.append({"step": final_step,
+                    "stored": _numbers(measure(NeoXForCausalLM.from_pretrained(args.out, dtype=torch.float32)))})
+    block = history_block(args, kept_dir, records, final_step)
+    if args.note:
+        block["note"] = args.note
+    block["measured_by"] = "python experiments/train_default.py --measure-kept"
+    report["checkpoints"] = block
+    report["model_sha256"] = hashlib.sha256((args.out / "model.safetensors").read_bytes()).hexdigest()
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    for rec in records:
+        best = max(map(max, rec["stored"]["induction_score"]))
+        print(f"step {rec['step']}: best induction head {best:.2f}, ICL score {rec['stored']['icl_score']:.3f}")
+    print(f"wrote the 'checkpoints' record of {report_path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.measure_kept:
+        return measure_kept(args)
     t0 = time.time()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     tokenizer = NeoXTokenizer.default()
     files = corpus_files(args.max_files)
-    train_files, held_files = split(files)
+    train_files, held_files = split_heldout(files)
     train, held = tokenize(train_files, tokenizer), tokenize(held_files, tokenizer)
     vocab_ids = torch.unique(train)  # sorted: deterministic
     counts = torch.bincount(train, minlength=MODEL["vocab_size"])
@@ -228,8 +332,18 @@ def main(argv=None) -> int:
     probes = {name: repeated_tokens(ids, 30, batch=4, bos_token_id=EOT,
                                     generator=torch.Generator().manual_seed(args.seed + 2))
               for name, ids in (("core", core_ids), ("words", words))}
+    # The demo's measurement of the kept checkpoints (neox_lab.demo.dynamics): recorded here to check it by.
+    measure = history_measurement(tokenizer)
+    kept_dir = args.out / "checkpoints"
+    if kept_dir.exists():
+        shutil.rmtree(kept_dir)  # a previous run's checkpoints would join this run's history
+    kept = []
     curve, tokens_seen, t_train = [], 0, time.time()
     for step in range(args.steps):
+        if step in args.keep_steps:
+            kept.append(keep_checkpoint(model, step, kept_dir / f"step{step}", args, measure))
+            print(f"kept step {step}: best induction head {max(map(max, kept[-1]['stored']['induction_score'])):.2f},"
+                  f" ICL score {kept[-1]['stored']['icl_score']:.3f}", flush=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         corpus, synthetic = make_batch(train, core_ids if step < args.core_steps else wide_ids, args, gen)
@@ -275,6 +389,8 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.half().save_pretrained(args.out)  # no tokenizer: load_default attaches the package's own
+    shipped = NeoXForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+    kept.append({"step": args.steps, "stored": _numbers(measure(shipped))})
     command = "python experiments/train_default.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {
         "command": command.strip(),
@@ -293,9 +409,14 @@ def main(argv=None) -> int:
                      f"{args.core_vocab} most frequent train ids for the first {args.core_steps}, then those "
                      f"plus {words.numel()} ' word' tokens), then beside {args.batch} corpus windows of "
                      f"{args.seq_len}",
+        # What HookedTransformer's cfg.default_prepend_bos (False, TransformerLens' GPT-NeoX setting) rests on.
+        "prepend_bos": BOS_NOTE,
+        # What reproducing this run must give, byte for byte (training is deterministic on CPU).
+        "model_sha256": hashlib.sha256((args.out / "model.safetensors").read_bytes()).hexdigest(),
         "heldout_loss": round(heldout, 4), "unigram_loss": round(unigram, 4),
         "heldout_tokens_scored": int(windows[:, 1:].numel()),
         "induction": induction,
+        "checkpoints": history_block(args, kept_dir, kept, args.steps),
         "loss_curve": curve,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
         "torch": torch.__version__, "threads": args.threads,

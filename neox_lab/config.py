@@ -53,6 +53,16 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
     return data
 
 
+#: TransformerLens' config names for NeoXConfig's fields (they live on `HookedTransformer.cfg`).
+LENS_NAMES = {"n_layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
+              "d_head": "head_dim", "d_mlp": "intermediate_size", "d_vocab": "vocab_size",
+              "d_vocab_out": "vocab_size", "n_ctx": "max_position_embeddings", "act_fn": "hidden_act",
+              "eps": "layer_norm_eps", "parallel_attn_mlp": "use_parallel_residual", "rotary_base": "rotary_emb_base",
+              "normalization_type": "a LayerNorm with weight and bias", "positional_embedding_type": "rotary",
+              "default_prepend_bos": "a TransformerLens tokenization setting", "device": "the model's input_device",
+              "original_architecture": "GPTNeoXForCausalLM"}
+
+
 def _refuse_if(cond: bool, key: str, why: str) -> None:
     if cond:
         raise ValueError(f"config key {key!r}: {why}; neox_lab cannot build this model")
@@ -110,57 +120,19 @@ class NeoXConfig:
         """`int(head_dim * rotary_pct)`, as transformers computes it."""
         return int(self.head_dim * self.rotary_pct)
 
-    # TransformerLens' names for the same numbers (its HookedTransformerConfig), read-only aliases.
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def d_head(self) -> int:
-        return self.head_dim
-
-    @property
-    def d_mlp(self) -> int:
-        return self.intermediate_size
-
-    @property
-    def d_vocab(self) -> int:
-        return self.vocab_size
-
-    @property
-    def n_ctx(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def act_fn(self) -> str:
-        return self.hidden_act
-
-    @property
-    def normalization_type(self) -> str:
-        """"LN": LayerNorm with weight and bias (TransformerLens says "LNPre" only after fold_ln)."""
-        return "LN"
-
-    @property
-    def positional_embedding_type(self) -> str:
-        return "rotary"
-
-    @property
-    def parallel_attn_mlp(self) -> bool:
-        return self.use_parallel_residual
-
     @property
     def rotary_channels(self) -> int:
         """Channels actually rotated: the frequency table has ceil(rotary_dim / 2) entries and
         transformers 5.x rotates twice that many, so an odd rotary_dim rotates one extra channel."""
         return 2 * math.ceil(self.rotary_dim / 2)
+
+    def __getattr__(self, name: str):
+        # Only reached for a missing attribute: a TransformerLens config name says where it lives.
+        if name in LENS_NAMES:
+            raise AttributeError(f"NeoXConfig.{name}: NeoXConfig has transformers' field names ({name} is "
+                                 f"{LENS_NAMES[name]}); TransformerLens' names are on HookedTransformer's cfg "
+                                 "(HookedTransformer(model).cfg)")
+        raise AttributeError(f"'NeoXConfig' object has no attribute {name!r}")
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:

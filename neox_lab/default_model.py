@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import sysconfig
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,7 @@ from .model.base import NeoXPreTrained
 from .model.loading import resolve_checkpoint
 from .model.shipped import attach_default_tokenizer, default_model_dir
 from .model.tasks import NeoXForCausalLM, model_class
+from .tokenizer import NeoXTokenizer
 
 
 def load_default(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
@@ -68,3 +71,40 @@ def training_report() -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; rebuild with `python experiments/train_default.py`")
     return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------ its corpus
+def corpus_files(max_files: int | None = None) -> list[Path]:
+    """The shipped model's corpus: the Python standard library's .py files, sorted; `test`/`tests`
+    directories and third-party packages left out (every install has them, offline)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests"}
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]  # pruned, not walked: site-packages can be huge
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    files.sort()
+    if not files:
+        raise FileNotFoundError(f"no .py files under {root}: cannot build the corpus")
+    return files[:max_files] if max_files else files
+
+
+def split_heldout(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(train, held out): every 10th file (by sorted position) is held out, as in training."""
+    return [f for i, f in enumerate(files) if i % 10 != 9], [f for i, f in enumerate(files) if i % 10 == 9]
+
+
+def heldout_windows(tokenizer: NeoXTokenizer, n: int = 8, seq_len: int = 256) -> torch.Tensor:
+    """[n seq_len] held-out text: the first `seq_len` tokens of each of the first `n` held-out files
+    that long, so that every late token has its own file's beginning as context (what an
+    in-context-learning score measures). The text is this Python's standard library, so the numbers
+    move a little between Python versions."""
+    windows = []
+    for path in split_heldout(corpus_files())[1]:
+        ids = tokenizer.backend_tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"),
+                                                 add_special_tokens=False).ids
+        if len(ids) >= seq_len:
+            windows.append(ids[:seq_len])
+        if len(windows) == n:
+            return torch.tensor(windows, dtype=torch.long)
+    raise ValueError(f"fewer than {n} held-out standard-library files have {seq_len} tokens")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from neox_lab import NeoXForCausalLM, load_default
+from neox_lab import HookedTransformer, NeoXForCausalLM, load_default
 from neox_lab.analysis.induction import measure_induction, repeated_tokens, word_token_ids
 from neox_lab.default_model import default_model_dir, training_report
 from neox_lab.model import shipped
@@ -107,3 +107,12 @@ def test_load_or_default_loads_the_class_a_checkpoint_names(tmp_path):
         load_or_default(tmp_path / "clf", cls=NeoXForCausalLM)
     with pytest.raises(FileNotFoundError, match="no checkpoint directory .*no config.json"):
         load_or_default(tmp_path / "nowhere")
+
+
+def test_the_shipped_model_was_trained_without_a_bos_and_loads_so():
+    """TransformerLens' GPT-NeoX default (no BOS) fits the shipped model: its training windows start
+    anywhere in the token stream (experiments/train_default.py's make_batch), as its report says."""
+    assert training_report()["prepend_bos"].startswith("none")
+    model = HookedTransformer.from_pretrained("neox-lab/default")
+    assert model.cfg.default_prepend_bos is False and model.cfg.normalization_type == "LNPre"
+    assert model.to_str_tokens("import os") == ["import", " os"]

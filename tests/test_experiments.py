@@ -54,14 +54,28 @@ def test_train_default_quick(tmp_path):
 
     out = run_script("train_default", "--quick", "--out", str(tmp_path))
     assert "held-out loss" in out and "induction" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "training.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "training.json", "checkpoints"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step0", "step2"]
     report = json.loads((tmp_path / "training.json").read_text())
+    kept = report["checkpoints"]
+    assert kept["steps"] == [0, 2] and kept["final_step"] == 3
+    assert [r["step"] for r in kept["records"]] == [0, 2, 3]
+    # The largest error is the int4 embedding's (a scale per 32 values): the step is absmax / 7, about
+    # 0.36 sigma for 32 Gaussian values, and the rounding error's rms step / sqrt(12) ~ 10% of sigma.
+    assert 0.05 < kept["records"][0]["max_relative_error"] < 0.15
     assert report["command"].startswith("python experiments/train_default.py --quick")
     assert report["hyperparameters"]["steps"] == 3 and len(report["loss_curve"]) == 2
     for key in ("heldout_loss", "unigram_loss"):
         assert report[key] > 0
     scores = report["induction"]["word_tokens"]["scores"]
     assert len(scores) == report["model"]["num_hidden_layers"]
+
+    # --measure-kept records the kept checkpoints again without training: the same numbers as stored.
+    out = run_script("train_default", "--quick", "--out", str(tmp_path), "--measure-kept", "--note", "again")
+    again = json.loads((tmp_path / "training.json").read_text())
+    assert again["checkpoints"]["note"] == "again" and again["loss_curve"] == report["loss_curve"]
+    assert [r["stored"] for r in again["checkpoints"]["records"]] == [r["stored"] for r in kept["records"]]
+    assert again["model_sha256"] == report["model_sha256"]
 
 
 def test_induction_heads_script(tmp_path):
@@ -122,3 +136,19 @@ def test_bench_placement_quick():
     out = run_script("bench_placement", "--preset", "pythia-14m", "--tokens", "4", "--repeats", "1",
                      "--threads", "1", timeout=300)
     assert "ratio to shard" in out and "| every block on disk |" in out
+
+
+def test_bench_sweep_quick():
+    out = run_script("bench_sweep", "--quick", "--threads", "1")
+    assert "in-place load" in out and "records equal to the fresh loop's: yes" in out
+
+
+def test_circuit_scripts_quick():
+    # --memory off: the peak-memory children re-import torch (tens of seconds on a shared CPU)
+    out = run_script("bench_circuits", "--quick", "--threads", "1", "--memory", "off")
+    for line in ("EAP / forward", "EAP-IG (m=5) / fwd+bwd", "split fwd+bwd / forward"):
+        assert line in out
+    out = run_script("circuit_discovery", "--quick", "--threads", "1")
+    for method in ("exact", "EAP", "EAP-IG", "EAP-IG-activations"):
+        assert f" {method} " in out
+    assert "recovered" in out

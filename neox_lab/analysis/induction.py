@@ -108,7 +108,9 @@ class InductionResult:
 
 @torch.no_grad()
 def measure_induction(model, tokens: torch.Tensor, n: int) -> InductionResult:
-    """Run `model` on repeated tokens once; return induction scores, patterns and per-copy loss."""
+    """Run `model` (either convention's class) on repeated tokens once; return induction scores, patterns and
+    per-copy loss."""
+    model = model.hf()  # run through the transformers view: the same modules, its output convention
     offset = _offset(tokens, n)
     n_layers = model.cfg.num_hidden_layers
     names = [block_hook(layer, "attn.hook_pattern") for layer in range(n_layers)]

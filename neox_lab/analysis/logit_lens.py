@@ -35,7 +35,8 @@ def lens_names(n_layers: int) -> list[str]:
 
 @torch.no_grad()
 def logit_lens(model, tokens: torch.Tensor) -> LogitLens:
-    """Logit lens of a `NeoXForCausalLM` on tokens [batch pos]."""
+    """Logit lens of a causal LM (`NeoXForCausalLM` or `HookedTransformer`) on tokens [batch pos]."""
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     n_layers = model.cfg.num_hidden_layers
     names = lens_names(n_layers)
     device = model.input_device

@@ -264,6 +264,7 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: Metric, targ
     (``logit_diff(..., pos=-1)``), ``logits_to_keep=1`` skips nearly all of the unembedding, which
     otherwise costs more than the blocks. 0 (default) keeps every position.
     """
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     fwd = _forward_kwargs(logits_to_keep)
     clean, corrupted, clean_mask, corrupted_mask = _inputs(
         model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask, corrupted_attention_mask)
@@ -317,6 +318,7 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
     gives each row its own gradient). Parameter gradients are neither needed nor touched: only the
     activations' gradients are taken, so frozen models work and `.grad` fields stay as they were.
     """
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     fwd = _forward_kwargs(logits_to_keep)
     clean, corrupted, clean_mask, corrupted_mask = _inputs(
         model, clean_tokens, corrupted_tokens, attention_mask, clean_attention_mask, corrupted_attention_mask)
@@ -371,6 +373,7 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: Metric, tar
 def _from_cache(model, corrupted_tokens, clean_cache, metric: Metric, target: str, batch_size: int = 64):
     """TransformerLens' patching call: clean activations from `clean_cache` (a `run_with_cache` of the
     clean input, with its batch axis and every position), corrupted run on `corrupted_tokens`."""
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     device = model.input_device  # a placed model's first parameter may be an offloaded (meta) placeholder
     corrupted = _as_batch(corrupted_tokens, "corrupted_tokens").to(device)
     plan = _plan(model, target, corrupted.shape[1], None, None, None)

@@ -1,4 +1,5 @@
-"""Matplotlib figures for attention patterns, activation patching, logit lens and induction scores.
+"""Matplotlib figures for attention patterns, activation patching, logit lens, induction scores, and a
+measurement over training checkpoints.
 
 Every function builds a ``matplotlib.figure.Figure`` directly (no pyplot), so it works headless
 without selecting a backend, and returns it; pass ``save=`` to also write a PNG.
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.ticker
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
@@ -19,7 +22,7 @@ from matplotlib.figure import Figure
 
 __all__ = [
     "format_token", "attention_pattern", "attention_patterns", "patching_heatmap", "logit_lens",
-    "induction_scores",
+    "induction_scores", "over_training", "save_png",
 ]  # fmt: skip
 
 _DPI = 120
@@ -65,6 +68,12 @@ def _require_ndim(arr: np.ndarray, ndim: int, name: str) -> None:
 def _require_len(labels: Sequence[Any], expected: int, name: str, shape: tuple[int, ...]) -> None:
     if len(labels) != expected:
         raise ValueError(f"{name} has length {len(labels)} but data of shape {shape} needs {expected}")
+
+
+def save_png(fig: Figure, path: str | os.PathLike) -> None:
+    """Write `fig` as a PNG at the resolution every figure here uses, creating the folder (for figures
+    composed from several of these functions' panels)."""
+    _save(fig, path)
 
 
 def _save(fig: Figure, save: str | os.PathLike | None) -> None:
@@ -289,4 +298,93 @@ def induction_scores(
     _annotate(ax, texts, arr, norm)
     _set_ticks(ax, [str(h) for h in range(n_heads)], [str(i) for i in range(n_layers)], rotate_x=False)
     _finish(fig, ax, im, xlabel="head", ylabel="layer", title=title, cbar_label="induction score", save=save)
+    return fig
+
+
+def _line_labels(arr: np.ndarray, labels: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """[n_steps lines] values and a label per line, from [n_steps], [n_steps lines] or [n_steps layer head]."""
+    if arr.ndim == 1:
+        return arr[:, None], list(labels) if labels is not None else [""]
+    if arr.ndim == 3:
+        n_layers, n_heads = arr.shape[1:]
+        default = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
+        arr = arr.reshape(arr.shape[0], -1)
+    elif arr.ndim == 2:
+        default = [str(i) for i in range(arr.shape[1])]
+    else:
+        raise ValueError(f"values must be [n_steps], [n_steps lines] or [n_steps layer head], got shape {arr.shape}")
+    labels = default if labels is None else [str(x) for x in labels]
+    _require_len(labels, arr.shape[1], "labels", tuple(arr.shape))
+    return arr, labels
+
+
+def over_training(
+    steps: Sequence[int],
+    values: Any,
+    *,
+    labels: Sequence[str] | None = None,
+    ylabel: str = "value",
+    title: str | None = None,
+    mark_step: int | None = None,
+    mark_label: str | None = None,
+    ax: Axes | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Plot a measurement against training step: one line per head or layer, the step axis logarithmic.
+
+    ``values`` is ``[n_steps]`` (one line), ``[n_steps, lines]`` or ``[n_steps, layers, heads]`` (a line
+    per head, labelled ``L{layer}H{head}``, coloured by layer). Step 0 stays on the axis: the scale is
+    linear below the first positive step and logarithmic above (matplotlib's symlog). ``mark_step``
+    draws a dashed vertical line there (e.g. where induction heads appear), labelled ``mark_label``.
+    If ``ax`` is given the plot is drawn there and its figure is returned.
+    """
+    steps_arr = np.asarray(list(steps), dtype=float)
+    raw = _to_numpy(values)
+    arr, names = _line_labels(raw, labels)
+    if steps_arr.ndim != 1 or len(steps_arr) != arr.shape[0] or not len(steps_arr):
+        raise ValueError(f"steps ({len(steps_arr)}) must give one step per row of values {tuple(arr.shape)}")
+    if not np.all(np.isfinite(steps_arr)) or (steps_arr < 0).any():
+        raise ValueError("steps must be finite and >= 0 (steps of a sweep whose checkpoints have no step "
+                         "cannot be plotted against step)")
+    if ax is None:
+        fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
+    order = np.argsort(steps_arr, kind="stable")
+    # A line per head is coloured by its layer; other lines each get their own colour.
+    groups, per_group = (raw.shape[1], raw.shape[2]) if raw.ndim == 3 else (arr.shape[1], 1)
+    cmap = matplotlib.colormaps["viridis"]
+    handles, legend = [], []
+    for i, name in enumerate(names):
+        group = i // per_group
+        colour = cmap(group / max(1, groups - 1) * 0.9)
+        (line,) = ax.plot(steps_arr[order], arr[order, i], marker="o", markersize=3, linewidth=1.2, color=colour,
+                          label=name or None, alpha=0.85)
+        # A line per head: the legend names layers (their colours), not every head.
+        if name and (per_group == 1 or i % per_group == 0):
+            handles.append(line)
+            legend.append(name if per_group == 1 else f"layer {group} ({per_group} heads)")
+    positive = steps_arr[steps_arr > 0]
+    if positive.size:
+        if (steps_arr == 0).any():
+            ax.set_xscale("symlog", linthresh=float(positive.min()), linscale=0.5)
+        else:
+            ax.set_xscale("log")
+    if len(set(steps_arr)) <= 12:  # few checkpoints: name each one on the axis (slanted, so close ones fit)
+        ax.set_xticks(sorted(set(steps_arr)), [f"{s:g}" for s in sorted(set(steps_arr))], rotation=45,
+                      fontsize=8)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if mark_step is not None:
+        handles.append(ax.axvline(mark_step, color="crimson", linestyle="--", linewidth=1.2,
+                                  label=mark_label if mark_label is not None else f"step {mark_step}"))
+        legend.append(handles[-1].get_label())
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    if handles:
+        ax.legend(handles, legend, fontsize=7, loc="best")
+    _save(fig, save)
     return fig

@@ -12,6 +12,11 @@
    position) by `neox_lab.analysis.patching.activation_patch`, reported as the fraction of the
    clean-corrupted gap restored.
 3. The logit lens on the clean prompt.
+4. Circuit discovery (`demo/circuits.py`): the induction circuit found by EAP-IG among the graph's edges,
+   checked against exact edge patching and evaluated with every other edge corrupted.
+5. Training dynamics (the shipped model): its kept training checkpoints swept in one model
+   (`neox_lab.sweep_checkpoints`), induction and in-context-learning scores against step, and the step
+   where the induction heads appear (`dynamics.py`).
 Figures go through `neox_lab.plotting`; `summary.txt` says what was found.
 """
 
@@ -29,8 +34,11 @@ from ..analysis.induction import InductionResult, measure_induction, repeated_to
 from ..analysis.logit_lens import LogitLens, logit_lens
 from ..analysis.patching import activation_patch, logit_diff
 from ..default_model import load_or_default
+from ..model.shipped import DEFAULT_MODEL_ID
 from ..model.tasks import NeoXForCausalLM
-from .summary import summarize, token_strs
+from .circuits import CircuitResult, circuit_figures, study_circuit
+from .dynamics import DynamicsResult, run_dynamics
+from .summary import induction_heads, summarize, token_strs
 
 __all__ = ["DemoResult", "PatchingPrompts", "make_patching_prompts", "run_demo"]
 
@@ -61,11 +69,13 @@ class DemoResult:
     resid_patch: torch.Tensor  # [n_layers pos] fraction of the logit difference restored
     head_patch: torch.Tensor  # [n_layers n_heads]
     lens: LogitLens
+    dynamics: DynamicsResult | None = None  # the training-history sweep (shipped model only)
     tokens: dict = field(default_factory=dict)  # labels used in the figures
     figures: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
     summary: str = ""
     wall_s: float = 0.0
+    circuit: CircuitResult | None = None
 
 
 def make_patching_prompts(candidates: torch.Tensor, batch: int, bos: int,
@@ -85,17 +95,25 @@ def _load(model) -> tuple:
     if model is None or isinstance(model, (str, Path)):
         name = "neox-lab/default (shipped)" if model is None else str(model)
         return load_or_default(model, cls=NeoXForCausalLM, dtype=torch.float32), name
-    return model, type(model).__name__
+    # Either convention's class: the study runs the transformers view (the same modules and weights).
+    return model.hf(), type(model).__name__
 
 
 def run_demo(model=None, out_dir: str | Path = "neox_lab_demo", *, progress: bool = True, seed: int = 0,
-             batch: int = 8) -> DemoResult:
+             batch: int = 8, history="auto") -> DemoResult:
     """Run the study on `model` (None: the shipped model; a path: a checkpoint directory; or a loaded
-    `NeoXForCausalLM` with `.tokenizer`), write PNG figures and summary.txt into `out_dir`."""
+    `NeoXForCausalLM` or `HookedTransformer` with `.tokenizer`), write PNG figures and summary.txt into
+    `out_dir`.
+
+    `history`: the training checkpoints section 5 sweeps ("auto": the shipped model's, when `model` is
+    the shipped model, else none; or anything `sweep_checkpoints` takes; None skips the section)."""
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stages = tqdm(total=6, desc="neox-lab demo", disable=not progress, unit="stage")
+    shipped = model is None or (isinstance(model, str) and model == DEFAULT_MODEL_ID)
+    if history == "auto":
+        history = DEFAULT_MODEL_ID if shipped else None
+    stages = tqdm(total=8, desc="neox-lab demo", disable=not progress, unit="stage")
 
     stages.set_postfix_str("loading model")
     model, model_name = _load(model)
@@ -131,10 +149,26 @@ def run_demo(model=None, out_dir: str | Path = "neox_lab_demo", *, progress: boo
     lens = logit_lens(model, prompts.clean[:1])
     stages.update()
 
+    stages.set_postfix_str("circuit discovery")
+    heads = [(layer, head) for layer, head, _ in induction_heads(induction.scores)]
+    circuit = study_circuit(model, candidates, bos, gen, batch=batch, induction_heads=heads)
+    stages.update()
+
+    stages.set_postfix_str("training dynamics")
+    # The shipped history ends with the shipped model, so sweeping it through the shipped model we loaded
+    # leaves that model as it was; any other model is not touched (the sweep makes its own).
+    reuse = model if shipped and history == DEFAULT_MODEL_ID else None
+    dynamics = None if history is None else run_dynamics(history, tok, model=reuse, out_dir=out_dir,
+                                                         progress=False)
+    stages.update()
+
     stages.set_postfix_str("figures")
     result = DemoResult(out_dir, model_name, model.cfg, induction, prompts, clean_diff, corrupted_diff,
-                        resid_patch, head_patch, lens)
+                        resid_patch, head_patch, lens, dynamics, circuit=circuit)
     _figures(result, tok)
+    if dynamics is not None:
+        result.figures["training_dynamics"] = dynamics.figure
+        result.files.update(dynamics.files)
     stages.update()
 
     stages.set_postfix_str("summary")
@@ -181,3 +215,6 @@ def _figures(res: DemoResult, tok) -> None:
         path = res.out_dir / f"{name}.png"
         res.figures[name] = draw(path)
         res.files[name] = path
+    if res.circuit is not None:
+        for name, (fig, path) in circuit_figures(res.circuit, res.out_dir).items():
+            res.figures[name], res.files[name] = fig, path

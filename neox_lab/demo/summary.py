@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..analysis.plotting import format_token
+from .circuits import circuit_summary
 
 #: A head whose mean attention to the induction target exceeds this is called an induction head (on the
 #: demo's 31-token sequences a head attending uniformly to every earlier token scores about 0.05).
@@ -75,10 +76,45 @@ def summarize(res, tok) -> str:
             f"{label} {_nanmean(lens.target_probs[d, 0, 1 + pr.span:]):.2f}"
             for d, label in enumerate(lens.labels)),
         "",
+    ]
+    if res.circuit is not None:
+        lines += circuit_summary(res.circuit, 4)
+    if getattr(res, "dynamics", None) is not None:
+        lines += dynamics_lines(res.dynamics, 5) + [""]
+    lines += [
         f"Wall time: {res.wall_s:.1f} s. Figures: "
         + ", ".join(p.name for k, p in res.files.items() if k != "summary"),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _appearance(steps: list[int], scores: torch.Tensor, step: int | None) -> str:
+    """"at step S (LxHy 0.93; best head 0.12 at step P)", or that no head gets there."""
+    if step is None:
+        return f"no head exceeds {INDUCTION_THRESHOLD} at any kept checkpoint"
+    i = steps.index(step)
+    layer, head = divmod(int(scores[i].argmax()), scores.shape[-1])
+    before = f"; best head {float(scores[i - 1].max()):.2f} at step {steps[i - 1]}" if i else ""
+    return f"at step {step} (L{layer}H{head} {float(scores[i].max()):.2f}{before})"
+
+
+def dynamics_lines(dyn, number: int) -> list[str]:
+    """Section `number` of the summary: the training-history sweep, the phase change, the sweep's cost."""
+    computed = [t for t in dyn.timings if not t["resumed"]]
+    load = sum(t["load_s"] for t in computed) / max(1, len(computed))
+    analysis = sum(t["analysis_s"] for t in computed) / max(1, len(computed))
+    return [
+        f"{number}. Training dynamics (the shipped model's kept training checkpoints, swept in one model)",
+        f"   Checkpoints at steps {', '.join(str(s) for s in dyn.steps)}.",
+        "   Best induction head, held-out code tokens repeated: "
+        + ", ".join(f"{float(b):.2f}" for b in dyn.best(dyn.induction)) + "; random word tokens: "
+        + ", ".join(f"{float(b):.2f}" for b in dyn.best(dyn.words)) + ".",
+        f"   Phase change: induction heads appear {_appearance(dyn.steps, dyn.induction, dyn.appear_step)} on "
+        f"code tokens; on random word tokens {_appearance(dyn.steps, dyn.words, dyn.words_step)}.",
+        "   In-context-learning score (loss of late minus early tokens, nats): "
+        + ", ".join(f"{float(v):+.2f}" for v in dyn.icl) + ".",
+        f"   Per checkpoint: load {load:.2f} s (in place), measurements {analysis:.2f} s.",
+    ]
 
 
 def _nanmean(t: torch.Tensor) -> float:

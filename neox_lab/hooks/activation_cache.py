@@ -42,7 +42,8 @@ def slice_dim(t: torch.Tensor, sel: PosSlice, dim: int) -> torch.Tensor:
     index = torch.as_tensor(sel, device=t.device, dtype=torch.long)
     if index.dim() == 0:
         return t.select(dim, int(index))
-    return t.index_select(dim, index)
+    # Negative indices count from the end, as in t[..., [-1]]; out-of-range ones still raise.
+    return t.index_select(dim, torch.where(index < 0, index + t.shape[dim], index))
 
 
 def slice_pos(t: torch.Tensor, pos_slice: PosSlice, dim: int = -2) -> torch.Tensor:
@@ -93,9 +94,9 @@ class ActivationCache(Mapping):
 
     @model.setter
     def model(self, model) -> None:
-        if self.cfg is not None and model.cfg != self.cfg:
+        if self.cfg is not None and model.config != self.cfg:
             raise ValueError("this model's config differs from the config the cache was made with")
-        self.cfg = model.cfg
+        self.cfg = model.config
         self._model_ref = weakref.ref(model)
 
     def _body(self):
@@ -204,7 +205,7 @@ class ActivationCache(Mapping):
             keys = json.loads(meta["neox_lab.keys"])
             store = {k: fh.get_tensor(k) for k in keys}
         cfg = NeoXConfig.from_hf(json.loads(meta["neox_lab.config"]))
-        if model is not None and _config_hash(model.cfg) != meta.get("neox_lab.config_hash"):
+        if model is not None and _config_hash(model.config) != meta.get("neox_lab.config_hash"):
             raise ValueError(f"{path}: the cache was made by a model with another config than the one given")
         return cls(store, model, cfg=cfg, has_batch_dim=meta.get("neox_lab.has_batch_dim", "True") == "True")
 

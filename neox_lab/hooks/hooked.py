@@ -42,9 +42,10 @@ class HookedMixin:
                 layer = layer_of(name)
                 module.layer = None if layer is None else LayerIndex(layer)
                 points[name] = module
-        order = {name: i for i, name in enumerate(hook_names(self.cfg, flags=None))}  # type: ignore[attr-defined]
+        order = {name: i for i, name in enumerate(hook_names(self.config, flags=None))}  # type: ignore[attr-defined]
         self._hook_points = dict(sorted(points.items(), key=lambda kv: order.get(kv[0], len(order))))
-        self._apply_stream_flags(frozenset())  # every stream flag off, as in TransformerLens
+        # The flags live on the hook points (born off, as in TransformerLens): a view of a model keeps its flags.
+        self._apply_stream_flags(self.stream_flags)
 
     # ------------------------------------------------------------------ stream flags
     @property
@@ -119,7 +120,7 @@ class HookedMixin:
         return [name for name, hp in self._hook_points.items() if hp.available]
 
     def _parallel(self) -> bool:
-        return bool(self.cfg.use_parallel_residual)  # type: ignore[attr-defined]
+        return bool(self.config.use_parallel_residual)  # type: ignore[attr-defined]
 
     def resolve_hooks(self, name_or_filter: NameOrFilter | Iterable[str] | None) -> list[HookPoint]:
         """Hook points named by a name, a list of names, a predicate on names, or None (all)."""
@@ -157,8 +158,11 @@ class HookedMixin:
             hp.remove(including_permanent=including_permanent)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = ()) -> Iterator[HookedMixin]:
-        """Attach hooks for the duration of a `with` block; they are removed however the block ends.
+    def hooks(self, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = (), reset_hooks_end: bool = True,
+              clear_contexts: bool = False) -> Iterator[HookedMixin]:
+        """Attach hooks for the duration of a `with` block; they are removed however the block ends
+        (with `reset_hooks_end=False` they stay, as temporary hooks `reset_hooks()` removes, as in
+        TransformerLens; `clear_contexts=True` also empties the hook points' `ctx` dicts at the end).
 
         Every name is resolved before anything is attached, so a bad name attaches nothing.
         """
@@ -174,38 +178,48 @@ class HookedMixin:
                 added.append((hp, dir, entry))
             yield self
         finally:
-            for hp, dir, entry in added:
+            for hp, dir, entry in added if reset_hooks_end else ():
                 fns = hp.fwd_fns if dir == "fwd" else hp.bwd_fns
                 for i, e in enumerate(fns):
                     if e is entry:
                         del fns[i]
                         break
+            if clear_contexts:
+                for hp in self._hook_points.values():
+                    hp.ctx.clear()
 
-    def run_with_hooks(self, *args: Any, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = (), **kwargs: Any) -> Any:
-        """Forward with temporary hooks; returns what `forward` returns.
+    def run_with_hooks(self, *args: Any, fwd_hooks: HookPairs = (), bwd_hooks: HookPairs = (),
+                       reset_hooks_end: bool = True, clear_contexts: bool = False, **kwargs: Any) -> Any:
+        """Forward with temporary hooks; returns what `forward` returns (`hooks()` says what the two
+        switches do).
 
         Backward hooks are bound to the graph this forward builds, so a later `.backward()` on its
-        output fires them even though the hook points are clean again by then.
+        output fires them even though the hook points are clean again by then (TransformerLens removes
+        them first unless `reset_hooks_end=False`, and warns).
         """
-        with self.hooks(fwd_hooks, bwd_hooks):
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*args, **kwargs)  # type: ignore[operator]
 
     def run_with_cache(self, *args: Any, names_filter: NameOrFilter | Iterable[str] | None = None,
                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                        pos_slice: PosSlice = None, stop_at_layer: int | None = None, incl_bwd: bool = False,
-                       remove_batch_dim: bool = False, **kwargs: Any) -> tuple[Any, ActivationCache]:
-        """Forward once, caching activations; returns ``(output, ActivationCache)``.
+                       remove_batch_dim: bool = False, reset_hooks_end: bool = True, clear_contexts: bool = False,
+                       **kwargs: Any) -> tuple[Any, ActivationCache]:
+        """Forward once, caching activations; returns ``(output, ActivationCache)``, as TransformerLens.
 
-        The output is what `forward` returns for these arguments (logits for TransformerLens-style
-        calls, see `forward`'s `return_type`; None with `stop_at_layer`; the logits for HF-style calls).
-        `names_filter` None caches every hook except each head's write `attn.hook_result` (the
-        largest stream; as TransformerLens, it is cached when named, by a filter function, or after
-        `set_use_attn_result(True)`). Activations are stored detached (on `device`, in `dtype` when
-        given, indexed along their position axis by `pos_slice`: an int drops the axis, as in
-        TransformerLens), under `torch.no_grad()` unless `incl_bwd`, in which case the output's loss
-        (or the logits' sum when there is none) is backpropagated and gradients are cached under
-        "<name>_grad". `stop_at_layer=L` runs blocks 0..L-1 only. `remove_batch_dim=True` (batch 1)
-        drops the batch axis of every cached tensor.
+        The output is the logits (a `HookedTransformer` returns what its forward returns for these
+        arguments, see its `return_type`; a transformers-convention class the logits of its output
+        object), or, with `stop_at_layer=L`, the residual stream entering block L (L < 0 counts from
+        the end: -1 stops before the last block). `names_filter` None caches every hook except each
+        head's write `attn.hook_result` (the largest stream; as TransformerLens, it is cached when
+        named, by a filter function, or after `set_use_attn_result(True)`). Activations are stored
+        detached (on `device`, in `dtype` when given, indexed along their position axis by
+        `pos_slice`: an int keeps the axis with one position, as TransformerLens' `Slice.unwrap`
+        makes it a one-element list; the cache methods' int `pos_slice` drops it), under
+        `torch.no_grad()` unless `incl_bwd`, in which case the output's loss (or the logits' sum when
+        there is none) is backpropagated and gradients are cached under "<name>_grad".
+        `remove_batch_dim=True` (batch 1) drops the batch axis of every cached tensor;
+        `reset_hooks_end` / `clear_contexts` are `hooks()`'s.
         """
         if incl_bwd and stop_at_layer is not None:
             raise ValueError("run_with_cache: incl_bwd=True needs the whole forward (a loss or logits to "
@@ -213,6 +227,8 @@ class HookedMixin:
         points = self.resolve_hooks(names_filter)
         if names_filter is None and not self.use_attn_result:
             points = [hp for hp in points if not hp.name.endswith("attn.hook_result")]
+        if isinstance(pos_slice, int) and not isinstance(pos_slice, bool):
+            pos_slice = [pos_slice]  # TransformerLens' Slice.unwrap: the position axis stays
         store: dict[str, torch.Tensor] = {}
 
         def saver(suffix: str):
@@ -225,7 +241,7 @@ class HookedMixin:
         fwd = [(hp.name, saver("")) for hp in points]
         bwd = [(hp.name, saver("_grad")) for hp in points] if incl_bwd else []
         grad_ctx = contextlib.nullcontext() if incl_bwd else torch.no_grad()
-        with grad_ctx, self.hooks(fwd, bwd):
+        with grad_ctx, self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
             out = self(*args, stop_at_layer=stop_at_layer, **kwargs)  # type: ignore[operator]
             if incl_bwd:
                 target = _backprop_target(out)
@@ -233,9 +249,15 @@ class HookedMixin:
         cache = ActivationCache(store, self)
         if remove_batch_dim:
             cache.remove_batch_dim()
-        if stop_at_layer is not None:
-            return None, cache
-        return (out.logits if hasattr(out, "logits") else out), cache
+        return _model_output(out), cache
+
+
+def _model_output(out: Any) -> Any:
+    """What run_with_cache returns for a forward's output: the logits (or, stopped early, the stream) of a
+    transformers-style output object; anything else (a TransformerLens-style return) as it is."""
+    if hasattr(out, "last_hidden_state"):
+        return out.logits if out.logits is not None else out.last_hidden_state
+    return out
 
 
 def _backprop_target(out: Any) -> torch.Tensor:

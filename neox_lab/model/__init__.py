@@ -1,4 +1,4 @@
-"""The NeoX itself, in the order a forward pass meets it.
+"""The NeoX itself, in the order a forward pass meets it, and its transformers convention.
 
     rotary        rotary position tables and the rotation (rotate-half, partial, scaled)
     kernels       attention masks, the "eager" and "sdpa" kernels, and the backend choice (a *backend*
@@ -7,15 +7,17 @@
     attention     fused QKV, rotary, a kernel, per-head hook points
     mlp, layernorm, block
     base          `NeoXPreTrained` (what every model class shares) and the bare `NeoXModel`
-    tasks         the task models: causal LM, sequence / token classification, question answering
-    weights       TransformerLens' weight names and layout (W_Q, W_O, W_U, QK, OV...) as views
-    factored_matrix  `FactoredMatrix`, the lazy A @ B that QK and OV circuits are
-    processing    TransformerLens' weight processing (fold_ln, centring, fold_value_biases)
-    token_lookup  to_single_token, get_token_position
-    kv_cache, outputs, text (to_tokens / to_string), loading (checkpoints in and out),
+    tasks         the task models in transformers' convention: causal LM, sequence / token
+                  classification, question answering (`model(input_ids=...)` -> an output object)
+    weights       per-module views in TransformerLens' layout (attn.W_Q, W_O, QK, OV, mlp.W_in), which
+                  attention reads and both conventions share
+    conventions   the TransformerLens names these classes refuse, pointing at `HookedTransformer`
+    padding       the left-padding warning
+    kv_cache, outputs, loading (checkpoints in and out),
     placement (device_map: blocks over GPUs, CPU RAM and disk with accelerate),
-    generation, fast_decode (CUDA-graph decoding)
+    generation (transformers' generate and the decoding loop), fast_decode (CUDA-graph decoding)
 
-Builds on `neox_lab.hooks`, `config`, `axes` and `tokenizer` only; analysis, the activation store,
-the demo, testing and the CLI build on it.
+Builds on `neox_lab.hooks`, `config`, `axes`, `dtypes`, `factored_matrix` and `tokenizer` only. The
+TransformerLens convention (`HookedTransformer`, neox_lab/lens/) is a view of these modules one layer
+up; analysis, the activation store, the demo, testing and the CLI build on both.
 """

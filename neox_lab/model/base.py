@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 import os
-import sys
 import warnings
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -16,24 +16,27 @@ from ..hooks.hooked import HookedMixin
 from ..hooks.points import HookPoint
 from .attention import Attention
 from .block import Block
+from .checkpoints import resolve_checkpoint_choice
+from .conventions import LENS_ATTRIBUTES, PROCESSING_ARGS, use_hooked
 from .kernels import BACKENDS, AttnMask, StaticDecodeMask, resolve_backend
 from .kv_cache import KVCache
 from .layernorm import LayerNorm
 from .loading import load_pretrained, save_pretrained
 from .outputs import NeoXOutput
+from .padding import caller_stacklevel, warn_if_left_padded
 from .placement import load_placed, stored_state_dict
-from .processing import PROCESSING_ARGS, TL_DEFAULTS, process_weights
+from .reload import load_in_place
 from .rotary import Rotary
-from .text import TextMixin
-from .token_lookup import TokenLookup
-from .weights import ModelWeights, absent_attribute_message
 
 ModelT = TypeVar("ModelT", bound="NeoXPreTrained")
 
 
-class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeights):
-    """What every neox_lab model class has: a config, an attention backend, hooks, load and save,
-    TransformerLens' weight names (W_Q, QK, ...; weights.py) and its weight processing (`process_weights_`)."""
+class NeoXPreTrained(nn.Module, HookedMixin):
+    """What every transformers-convention class has: a config, an attention backend, hooks, load and save.
+
+    TransformerLens' surface (to_tokens, W_Q, process_weights_, logits from `model(tokens)`, ...) is the
+    other front door's, `neox_lab.HookedTransformer` (neox_lab/lens/), a view of the same modules: asked
+    for here, such a name raises an AttributeError saying so (model/conventions.py)."""
 
     cfg: NeoXConfig
     #: The transformers class a checkpoint of this class is saved as (config.json's `architectures`).
@@ -50,7 +53,8 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
             raise TypeError(f"expected a NeoXConfig, got {type(cfg).__name__}; try NeoXConfig.from_hf(...)")
         self.cfg = cfg
         self.tokenizer = None
-        #: The processing steps applied so far (`process_weights_`), e.g. {"fold_ln"}; empty as loaded.
+        #: The weight-processing steps applied so far, e.g. {"fold_ln"}: empty as loaded; TransformerLens'
+        #: processing (HookedTransformer.from_pretrained / process_weights_) records its steps here.
         self.weights_processed: set[str] = set()
         self.set_attn_backend(attn_backend)
 
@@ -58,11 +62,18 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
         try:
             return super().__getattr__(name)
         except AttributeError:
-            # A TransformerLens name NeoX lacks (W_pos, or W_U on a classifier) says why, not just "no attribute".
-            why = absent_attribute_message(self, name)
-            if why is None:
+            if name not in LENS_ATTRIBUTES:
                 raise
-            raise AttributeError(f"{type(self).__name__}.{name}: {why}") from None
+            # A TransformerLens name says where it lives, not just "no attribute".
+            raise AttributeError(f"{type(self).__name__}.{name}: " + use_hooked(type(self).__name__, f"`{name}`")
+                                 ) from None
+
+    def hf(self: ModelT) -> ModelT:
+        """The transformers-convention view of this model: itself (`HookedTransformer.hf()` returns it too).
+
+        Tools that serve both conventions (neox_lab.analysis, the activation store, testing) run a model
+        through this view, so they give the same numbers for either class."""
+        return self
 
     @property
     def config(self) -> NeoXConfig:
@@ -111,18 +122,14 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
                         device: torch.device | str | None = None, attn_backend: str = "auto",
                         revision: str | None = None, device_map: str | dict | None = None,
                         max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-                        fold_ln: bool = False, center_writing_weights: bool = False,
-                        center_unembed: bool = False, fold_value_biases: bool = False,
-                        refactor_factored_attn_matrices: bool = False) -> ModelT:
+                        checkpoint_index: int | None = None, checkpoint_value: int | None = None,
+                        **unexpected: Any) -> ModelT:
         """Load a transformers GPTNeoX checkpoint (local directory or hub id), in eval mode.
 
         `dtype` None keeps the checkpoint's own; the tokenizer is the checkpoint's tokenizer.json when
-        it has one.
-
-        Weights load **unprocessed** by default: the model computes what transformers computes, weight for
-        weight. This differs from TransformerLens, whose from_pretrained folds and centres by default;
-        pass ``fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True``
-        (or call `process_weights_()` after loading) for TransformerLens' processed weights.
+        it has one. Weights load **unprocessed**: the model computes what transformers computes, weight
+        for weight. TransformerLens' processed weights (fold_ln, centring, fold_value_biases) are
+        `HookedTransformer.from_pretrained`'s default; passing those arguments here raises saying so.
 
         `device_map` spreads a model over several devices with accelerate (``pip install
         neox-lab[big]``): "auto" / "balanced" (blocks evenly over the GPUs, the rest to CPU RAM, then
@@ -133,61 +140,47 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
         needed only when a .bin checkpoint has blocks on "disk" (safetensors files are read in place).
         The result's `device_map` shows the placement (accelerate also sets `hf_device_map`, the same
         dict); README "Bigger than one GPU".
+
+        `checkpoint_index` / `checkpoint_value` pick a training checkpoint as TransformerLens does: of a
+        Pythia hub id (revision "step{value}"), of "neox-lab/default" (the shipped model's training
+        history) or of a local folder of step directories; the value must be one of
+        `get_checkpoint_labels(path_or_repo_id)`, the index indexes that list (model/checkpoints.py).
         """
-        steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-                     fold_value_biases=fold_value_biases,
-                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        processing = sorted(set(unexpected) & set(PROCESSING_ARGS))
+        if processing:
+            raise TypeError(f"{cls.__name__}.from_pretrained loads the weights transformers loads; "
+                            + use_hooked(cls.__name__, f"weight processing ({', '.join(processing)})"))
+        if unexpected:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {sorted(unexpected)}")
+        path_or_repo_id, revision = resolve_checkpoint_choice(path_or_repo_id, revision, checkpoint_index,
+                                                              checkpoint_value)
         if device_map is not None:
             if device is not None:
                 raise ValueError("pass either device= (one device) or device_map= (several), not both")
-            if any(steps.values()):
-                # Offloaded weights are placeholders between forwards: processing would edit those.
-                raise ValueError("weight processing (fold_ln, ...) edits weights in memory, which a model "
-                                 "placed with device_map does not hold for offloaded parts; load without "
-                                 "device_map to process the weights")
             return load_placed(cls, path_or_repo_id, device_map=device_map, max_memory=max_memory,
                                offload_folder=offload_folder, dtype=dtype, attn_backend=attn_backend,
                                revision=revision)
         if max_memory is not None or offload_folder is not None:
             raise ValueError("max_memory and offload_folder apply to a device_map; pass device_map='auto' too")
-        model = load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
-                                revision=revision)
-        if any(steps.values()):
-            model.process_weights_(**steps)
-        return model
+        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, attn_backend=attn_backend,
+                               revision=revision)
 
-    @classmethod
-    def from_pretrained_no_processing(cls: type[ModelT], path_or_repo_id: str | os.PathLike,
-                                      **kwargs) -> ModelT:
-        """TransformerLens' name for loading without weight processing: neox_lab's `from_pretrained` default."""
-        bad = sorted(set(kwargs) & set(PROCESSING_ARGS))
-        if bad:
-            raise TypeError(f"from_pretrained_no_processing loads unprocessed weights; drop {bad} "
-                            "or use from_pretrained")
-        return cls.from_pretrained(path_or_repo_id, **kwargs)
+    def load_checkpoint_(self: ModelT, path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                         checkpoint_index: int | None = None, checkpoint_value: int | None = None) -> ModelT:
+        """Load another checkpoint of this model into it **in place** (the same tensors, new values);
+        returns the model.
 
-    def process_weights_(self: ModelT, fold_ln: bool = TL_DEFAULTS["fold_ln"],
-                         center_writing_weights: bool = TL_DEFAULTS["center_writing_weights"],
-                         center_unembed: bool = TL_DEFAULTS["center_unembed"],
-                         fold_value_biases: bool = TL_DEFAULTS["fold_value_biases"],
-                         refactor_factored_attn_matrices: bool = TL_DEFAULTS["refactor_factored_attn_matrices"],
-                         ) -> ModelT:
-        """TransformerLens' weight processing, in place; returns the model. Defaults are TransformerLens'.
-
-        Next-token probabilities are unchanged (logits move by a per-position constant under
-        `center_unembed`); weights and some hooked streams change as in TransformerLens: see
-        neox_lab/model/processing.py for each step and the NeoX specifics (parallel residual, rotary,
-        no unembedding bias). A processed model whose unembedding gained a bias cannot be saved as a
-        transformers checkpoint (`save_pretrained` says so)."""
-        steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-                     fold_value_biases=fold_value_biases,
-                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
-        if any(p.device.type == "meta" for p in self.parameters()):
-            # Refused before any step: a half-processed model would compute neither function.
-            raise ValueError("process_weights_ edits weights in memory, and this model (placed with device_map) "
-                             "holds offloaded weights as placeholders; load it without device_map to process it")
-        process_weights(self, **steps)
-        self.weights_processed |= {name for name, on in steps.items() if on}
+        For sweeps over training checkpoints: hooks, a `device_map` placement and the attention backend
+        stay, and no parameter is reallocated. Weights processed by a `HookedTransformer` view are
+        reloaded through it (`HookedTransformer.load_checkpoint_` processes them again); here they are
+        refused. Checked as `from_pretrained` checks: the
+        config must match this model's (shapes and everything that changes the computation), every
+        tensor must be there with its shape, finite, nothing left over; a refused checkpoint raises
+        CheckpointError and leaves the model untouched. `revision`, `checkpoint_index` and
+        `checkpoint_value` pick the checkpoint as in `from_pretrained` (model/reload.py)."""
+        path_or_repo_id, revision = resolve_checkpoint_choice(path_or_repo_id, revision, checkpoint_index,
+                                                              checkpoint_value)
+        load_in_place(self, path_or_repo_id, revision=revision)
         return self
 
     def stored_state_dict(self) -> dict[str, torch.Tensor]:
@@ -210,6 +203,13 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
             model.device_map = dict(device_map)
             model._main_device = torch.device(main_device)
 
+    def warn_if_left_padded(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                            past_key_values=None) -> None:
+        """Warn when `input_ids` look left-padded (by the tokenizer's or the config's pad token) and no
+        attention mask says so (model/padding.py)."""
+        pads = (getattr(self.tokenizer, "pad_token_id", None), self.cfg.pad_token_id)
+        warn_if_left_padded(input_ids, attention_mask, pads, past_key_values)
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers loads with identical logits (a model
         placed with `device_map` writes its offloaded weights too)."""
@@ -221,18 +221,22 @@ class NeoXPreTrained(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWeight
                 module.reset_buffers(device)
 
 
-def _caller_stacklevel() -> int:
-    """The `stacklevel` that makes a warning point at the first frame outside neox_lab, torch and
-    (for a placed model, whose modules it wraps) accelerate."""
-    # The package root, not this file's folder: hooks/ and model/ frames are neox_lab's alike.
-    internal = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
-    accelerate = sys.modules.get("accelerate")  # only where already imported: never imported for this
-    if accelerate is not None and getattr(accelerate, "__file__", None):
-        internal += (os.path.dirname(accelerate.__file__),)
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(internal):
-        frame, level = frame.f_back, level + 1
-    return level
+def layer_index(value: int | None, n_layers: int, name: str) -> int | None:
+    """`stop_at_layer` / `start_at_layer` as a block index in [0, n_layers]: negatives count from the end,
+    as TransformerLens' ``blocks[start:stop]`` does; anything else raises naming the argument."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # an int, numpy int or 0-d integer tensor; not 1.5
+    except TypeError:
+        raise TypeError(f"{name} must be an int layer index (or None), got {value!r} ({type(value).__name__})"
+                        ) from None
+    if not -n_layers <= value <= n_layers:
+        raise ValueError(f"{name}={value} is outside [-{n_layers}, {n_layers}] for this {n_layers}-layer model "
+                         f"({name}=L stops before block L; negative values count from the end)")
+    return value + n_layers if value < 0 else value
 
 
 class NeoXModel(NeoXPreTrained):
@@ -265,7 +269,7 @@ class NeoXModel(NeoXPreTrained):
                            ("attention_mask", attention_mask), ("position_ids", position_ids)):
             if arg is not None and not isinstance(arg, torch.Tensor):
                 raise TypeError(f"{label} must be a torch.Tensor, got {type(arg).__name__}; wrap it, e.g. "
-                                f"torch.tensor([[...]]) for [batch pos] (model.to_tokens turns text into ids)")
+                                f"torch.tensor([[...]]) for [batch pos] (model.tokenizer turns text into ids)")
         if input_ids is not None:
             if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"input_ids must be an integer tensor [batch pos] (int64 or int32), got "
@@ -349,8 +353,10 @@ class NeoXModel(NeoXPreTrained):
         unmasked tokens (cumsum - 1), so a left-padded row computes what the unpadded row computes.
 
         `stop_at_layer=L` runs blocks 0..L-1 and returns the stream entering block L as
-        `last_hidden_state`; `start_at_layer=L` takes that stream as `inputs_embeds` and runs blocks
-        L.. (TransformerLens' pair: the embedding and hook_embed are skipped)."""
+        `last_hidden_state` (no final LayerNorm); `start_at_layer=L` takes that stream as `inputs_embeds`
+        and runs blocks L.. (TransformerLens' pair: the embedding and hook_embed are skipped). Both count
+        from the end when negative, as TransformerLens' slice does (`stop_at_layer=-1`: every block but
+        the last), and must lie in [-n_layers, n_layers]."""
         cache = past_key_values
         self._check_cache(cache)
         if use_cache and cache is None:
@@ -362,12 +368,13 @@ class NeoXModel(NeoXPreTrained):
         if self._checks_padding:
             self.warn_if_left_padded(input_ids, attention_mask, past_key_values)
         device = self.input_device
+        n_layers = self.cfg.num_hidden_layers
+        stop_at_layer = layer_index(stop_at_layer, n_layers, "stop_at_layer")
+        start_at_layer = layer_index(start_at_layer, n_layers, "start_at_layer")
         if start_at_layer is not None:
             if inputs_embeds is None:
                 raise ValueError("start_at_layer needs the residual stream entering that layer as "
                                  "inputs_embeds [batch pos d_model] (TransformerLens-style: as the input)")
-            if not 0 <= start_at_layer <= self.cfg.num_hidden_layers:
-                raise ValueError(f"start_at_layer must lie in [0, {self.cfg.num_hidden_layers}], got {start_at_layer}")
             x = inputs_embeds
         else:
             x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -408,7 +415,7 @@ class NeoXModel(NeoXPreTrained):
                           f"requested, which the {backend!r} backend's kernels never materialise; "
                           f"{'these layers run' if len(fallen) > 1 else 'this layer runs'} the eager kernel "
                           "for such calls (every other layer stays on the fast kernel)",
-                          stacklevel=_caller_stacklevel())
+                          stacklevel=caller_stacklevel())
         return NeoXOutput(
             last_hidden_state=x,
             past_key_values=cache if use_cache or past_key_values is not None else None,

@@ -9,6 +9,7 @@ from torch import nn
 from .. import axes
 from ..config import NeoXConfig
 from ..hooks.points import HookPoint
+from ..hooks.registry import unavailable_reason
 from .attention import Attention
 from .layernorm import LayerNorm
 from .mlp import MLP
@@ -39,6 +40,9 @@ class Block(nn.Module):
         self.hook_k_input = HookPoint(axes.HEAD_READS)
         self.hook_v_input = HookPoint(axes.HEAD_READS)
         self.hook_mlp_in = HookPoint(axes.RESID)
+        # Born off, as TransformerLens' flags are: the model's set_use_... switches them on.
+        for name in ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in"):
+            getattr(self, name).unavailable = unavailable_reason(name, ())
         self.hook_attn_out = HookPoint(axes.RESID)
         self.hook_mlp_out = HookPoint(axes.RESID)
         self.hook_resid_post = HookPoint(axes.RESID)

@@ -21,45 +21,49 @@ fire on every forward pass generation makes:
 So there are (number of new tokens) passes; a hook's return value steers the generation. With left
 padding, rows of the batch are aligned on the right; pad positions are masked out of attention and
 position ids count real tokens only, so every row computes what it would compute alone.
+
+`HookedTransformer.generate` (neox_lab/lens/generation.py, TransformerLens' signature and defaults)
+runs the same loop, `generate_ids`, with TransformerLens' token choice.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..hooks.activation_cache import ActivationCache
 from ..hooks.hooked import NameOrFilter
+from .conventions import LENS_GENERATE_ARGS, use_hooked
 from .fast_decode import static_decoder
 from .kv_cache import KVCache
-from .text import no_tokenizer_error
+from .padding import caller_stacklevel
 
 _UNSET = object()
+#: What chooses each next token: (fp32 logits of the last position [batch d_vocab], the ids so far
+#: [batch pos]) -> next ids [batch].
+Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def no_tokenizer_error() -> RuntimeError:
+    """What every text convenience (and `generate(prompt=...)`) raises on a model without a tokenizer."""
+    return RuntimeError("model.tokenizer is None; attach one: model.tokenizer = NeoXTokenizer.default()")
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor | Sequence | None = None, *, prompt: str | list[str] | None = None,
-             attention_mask: torch.Tensor | Sequence | None = None, max_length: int | None = None,
-             max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None,
+def generate(model, input_ids: torch.Tensor | Sequence | None = None,
+             attention_mask: torch.Tensor | Sequence | None = None, *, prompt: str | list[str] | None = None,
+             max_length: int | None = None, max_new_tokens: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = _UNSET,  # type: ignore[assignment]
              pad_token_id: int | None = _UNSET,  # type: ignore[assignment]
              generator: torch.Generator | None = None, use_cache: bool = True,
              return_cache: bool = False, names_filter: NameOrFilter | Iterable[str] | None = None,
-             compile: bool = False, return_type: str = "input", verbose: bool = False,
-             prepend_bos: bool = True, padding_side: str = "left", input=None, stop_at_eos: bool = True,
-             ) -> torch.Tensor | str | list[str] | tuple[torch.Tensor | str | list[str], ActivationCache]:
-    """Extend prompts token by token; returns the ids ``[batch prompt_len + new]`` (see `return_type`).
-
-    TransformerLens-style: the input (positional or `input=`) may be a str or a list of str, tokenized
-    as `to_tokens(text, prepend_bos, padding_side="left")` with its mask; `return_type` "input"
-    (default) returns text for text input and ids otherwise, "str" the decoded text (a str for one
-    prompt, a list for several), "tokens" the ids. `verbose=True` shows a progress bar (tqdm, when
-    installed). `stop_at_eos=False` is `eos_token_id=None`. The token-choice defaults are
-    transformers' (greedy unless `do_sample=True`), not TransformerLens' (which samples).
+             compile: bool = False, **lens_args) -> torch.Tensor | tuple[torch.Tensor, ActivationCache]:
+    """Extend prompts token by token, as transformers' `generate`; returns the ids ``[batch prompt_len + new]``.
 
     input_ids: int ``[batch pos]`` (or ``[pos]``), left-padded with `attention_mask` ``[batch pos]``
         (1 = real token) when rows differ in length. Or `prompt`: a str or list of str, tokenized with
@@ -83,66 +87,57 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, *, prompt:
         (`neox_lab.model.fast_decode`) where it can run (CUDA, fp16/bf16, no hooks attached, use_cache);
         elsewhere it warns and decodes as usual. Same tokens up to half-precision rounding. Opt-in.
 
-    Runs under `torch.no_grad()`. Module docstring: what hooks see at each step.
+    TransformerLens' generate (text in and out, `return_type`, sampling by default, a progress bar) is
+    `HookedTransformer.generate`; its arguments and text input raise here, saying so. Runs under
+    `torch.no_grad()`. Module docstring: what hooks see at each step.
     """
-    if return_type not in ("input", "str", "tokens"):
-        raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
-    if input is not None:
-        if input_ids is not None:
-            raise TypeError("pass the input once: positionally or as input=")
-        input_ids = input
-    text_in = isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and len(input_ids) > 0
-                                             and all(isinstance(t, str) for t in input_ids))
-    one_text = isinstance(input_ids, str) or isinstance(prompt, str)
-    prompt_mask = None
-    if text_in:
-        if attention_mask is not None or prompt is not None:
-            raise ValueError("text input makes its own attention_mask; pass neither attention_mask nor prompt=")
-        input_ids, attention_mask = model.to_tokens_and_mask(input_ids, prepend_bos, padding_side)
-        prompt_mask = attention_mask
-    if not stop_at_eos:
-        eos_token_id = None
-    want_text = return_type == "str" or (return_type == "input" and text_in)
-    ids = _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_tokens, do_sample,
-                        temperature, top_k, top_p, eos_token_id, pad_token_id, generator, use_cache,
-                        return_cache, names_filter, compile, verbose)
-    if not want_text:
-        return ids
-    out_ids, cache = (ids if return_cache else (ids, None))
-    texts = _decode(model, out_ids, prompt_mask, drop_bos=text_in and prepend_bos)
-    # A str in gives a str out; a list (of one prompt too) or tokens give a list, as TransformerLens does.
-    result = texts[0] if one_text else texts
-    return (result, cache) if return_cache else result
-
-
-def _decode(model, ids: torch.Tensor, prompt_mask: torch.Tensor | None, drop_bos: bool) -> list[str]:
-    """Each row as text: without the padding of a prompt made from text, and without the bos that
-    `prepend_bos` added (TransformerLens returns what was asked for plus its continuation)."""
-    if prompt_mask is None:
-        texts = model.to_string(ids)
-        return [texts] if isinstance(texts, str) else list(texts)
-    width = prompt_mask.shape[1]
-    rows = []
-    for row, real in zip(ids, prompt_mask.bool()):
-        prompt = row[:width][real.to(row.device)]
-        rows.append(torch.cat((prompt[1:] if drop_bos else prompt, row[width:])))
-    return [model.to_string(r) for r in rows]
-
-
-def _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_tokens, do_sample, temperature,
-                  top_k, top_p, eos_token_id, pad_token_id, generator, use_cache, return_cache, names_filter,
-                  compile, verbose):
-    input_ids, attention_mask = _inputs(model, input_ids, prompt, attention_mask)
-    batch, prompt_len = input_ids.shape
-    total = _total_length(prompt_len, max_length, max_new_tokens)
+    lens = sorted(set(lens_args) & set(LENS_GENERATE_ARGS))
+    if lens:
+        raise TypeError(use_hooked(type(model).__name__, f"generate({', '.join(a + '=' for a in lens)}...)"))
+    if lens_args:
+        raise TypeError(f"generate got unexpected arguments {sorted(lens_args)}")
+    if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                      and all(isinstance(t, str) for t in input_ids)):
+        raise TypeError("generate takes token ids here (transformers' convention; prompt=... tokenizes text "
+                        "and still returns ids). " + use_hooked(type(model).__name__, "Text in, text out"))
+    input_ids, attention_mask = prompt_inputs(model, input_ids, prompt, attention_mask)
     _check_sampling(do_sample, temperature, top_k, top_p)
     eos = _eos_ids(model, eos_token_id)
-    pad = _pad_id(model, pad_token_id, eos)
+    choose = sampler(temperature, top_k, top_p, generator) if do_sample else greedy
+    return generate_ids(model, input_ids, attention_mask, total=total_length(input_ids.shape[1], max_length,
+                                                                            max_new_tokens),
+                        choose=choose, eos=eos, fill=_pad_id(model, pad_token_id, eos), use_cache=use_cache,
+                        return_cache=return_cache, names_filter=names_filter, compile=compile)
+
+
+def greedy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The most likely next token of each row."""
+    return logits.argmax(-1)
+
+
+def sampler(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+            generator: torch.Generator | None = None) -> Chooser:
+    """transformers' sampling: `filter_logits`, then one draw from the softmax (with `generator`)."""
+    def choose(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(-1)
+        where = generator.device if generator is not None else probs.device
+        return torch.multinomial(probs.to(where), 1, generator=generator).squeeze(1).to(ids.device)
+    return choose
+
+
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, total: int, choose: Chooser,
+                 eos: list[int], fill: int, use_cache: bool = True, return_cache: bool = False,
+                 names_filter: NameOrFilter | Iterable[str] | None = None, compile: bool = False,
+                 verbose: bool = False) -> torch.Tensor | tuple[torch.Tensor, ActivationCache]:
+    """The decoding loop both conventions' `generate` run: checked, left-padded `input_ids` and their
+    mask (`prompt_inputs`) are extended to `total` positions by `choose`; a row that produced a token of
+    `eos` is finished and gets `fill` from then on; decoding stops when every row is finished.
+    `verbose` shows a progress bar (tqdm)."""
     if names_filter is not None and not return_cache:
         raise ValueError("names_filter selects what return_cache=True caches; pass return_cache=True too")
     if return_cache:
         model.resolve_hooks(names_filter)  # a bad hook name fails now, not after decoding
-
+    batch, prompt_len = input_ids.shape
     ids, mask = input_ids, attention_mask
     eos_t = torch.tensor(eos, device=ids.device, dtype=ids.dtype) if eos else None
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
@@ -153,12 +148,7 @@ def _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_
     step_ids = ids
     steps = range(total - prompt_len)
     if verbose:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # tqdm is optional: no bar then
-            tqdm = None
-        if tqdm is not None:
-            steps = tqdm(steps, desc="generate")
+        steps = tqdm(steps, desc="generate")
     for step in steps:
         if decoder is not None:
             logits = decoder(step_ids, mask, prefill=step == 0).float()
@@ -169,14 +159,8 @@ def _generate_ids(model, input_ids, prompt, attention_mask, max_length, max_new_
                 out = model(ids, attention_mask=mask)
             # A placed model's logits come off its last device; the ids and mask stay on its first.
             logits = out.logits[:, -1].float().to(ids.device)
-        if do_sample:
-            scores = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-            probs = scores.softmax(-1)
-            where = generator.device if generator is not None else probs.device
-            next_ids = torch.multinomial(probs.to(where), 1, generator=generator).squeeze(1).to(ids.device)
-        else:
-            next_ids = logits.argmax(-1)
-        next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
+        next_ids = choose(logits, ids)
+        next_ids = torch.where(finished, torch.full_like(next_ids, fill), next_ids)
         ids = torch.cat((ids, next_ids[:, None]), dim=1)
         mask = torch.cat((mask, mask.new_ones(batch, 1)), dim=1)
         if eos_t is not None:
@@ -211,7 +195,9 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _inputs(model, input_ids, prompt, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_inputs(model, input_ids, prompt, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked `input_ids` ``[batch pos]`` on the model's input device and their left-padding mask (all
+    ones when not given); or the same from `prompt` text, tokenized and left-padded."""
     device = model.input_device
     if (input_ids is None) == (prompt is None):
         raise ValueError("pass exactly one of input_ids and prompt")
@@ -264,11 +250,12 @@ def _inputs(model, input_ids, prompt, attention_mask) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask
 
 
-def _total_length(prompt_len: int, max_length, max_new_tokens) -> int:
+def total_length(prompt_len: int, max_length, max_new_tokens) -> int:
+    """The length decoding stops at, from transformers' max_length / max_new_tokens pair."""
     if max_new_tokens is not None:
         if max_length is not None:
             warnings.warn(f"both max_new_tokens={max_new_tokens} and max_length={max_length} given; "
-                          "max_new_tokens wins", stacklevel=3)
+                          "max_new_tokens wins", stacklevel=caller_stacklevel())
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         return prompt_len + max_new_tokens

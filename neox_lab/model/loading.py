@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from ..config import NeoXConfig, read_json_object
 from ..dtypes import DTYPES, nonfinite_count
 from ..tokenizer import NeoXTokenizer
+from .compact import is_compact, read_compact, save_compact
 from .shipped import DEFAULT_MODEL_ID, attach_default_tokenizer, default_model_dir, package_model_dir
 
 # (transformers prefix, neox_lab prefix) inside the body; "{L}" is the layer index. The body sits at
@@ -139,8 +140,9 @@ def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> Path:
                             "pytorch_model.bin.index.json", "tokenizer*.json", "special_tokens_map.json"],
         ))
     except Exception as err:  # noqa: BLE001 - every hub failure gets the same advice
+        at = "" if revision is None else f" at revision {revision!r}"
         raise FileNotFoundError(
-            f"could not get {text!r} from the hub ({type(err).__name__}: {err}); if you are offline, download "
+            f"could not get {text!r}{at} from the hub ({type(err).__name__}: {err}); if you are offline, download "
             "the checkpoint elsewhere and pass its local directory"
         ) from err
 
@@ -193,7 +195,14 @@ def _index_files(directory: Path, index_path: Path) -> list[Path]:
 def read_tensors(files: list[Path], dtype=None, device=None):
     """Yield (transformers key, tensor) for every tensor in the files, converted one at a time."""
     for path in files:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and _compact(path):
+            # neox_lab's own compact history checkpoints: low-bit matrices decoded to float32 (compact.py).
+            try:
+                for key, t in read_compact(path):
+                    yield key, _convert(t, dtype, device)
+            except (ValueError, SafetensorError) as err:
+                raise CheckpointError(f"{path} is not a readable compact checkpoint: {err}") from err
+        elif path.suffix == ".safetensors":
             try:
                 with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
                     for key in fh.keys():
@@ -204,6 +213,19 @@ def read_tensors(files: list[Path], dtype=None, device=None):
             state = _torch_load(path)
             for key in list(state):
                 yield key, _convert(state.pop(key), dtype, device)
+
+
+def _compact(path: Path) -> bool:
+    try:
+        return is_compact(path)
+    except (ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def plain_safetensors(path: Path) -> bool:
+    """True for an ordinary safetensors file, whose tensors can be read (or memory-mapped) as stored;
+    False for other formats and for compact files, whose tensors must be decoded."""
+    return path.suffix == ".safetensors" and not _compact(path)
 
 
 def _torch_load(path: Path) -> dict:
@@ -340,13 +362,16 @@ def _untie(model, cfg: NeoXConfig) -> NeoXConfig:
 def _attach_tokenizer(model, directory: Path) -> None:
     if (directory / "tokenizer.json").exists():
         model.tokenizer = NeoXTokenizer.from_pretrained(directory)
-    elif directory.resolve() == package_model_dir().resolve():
-        attach_default_tokenizer(model)  # the shipped model reuses the package's tokenizer file
+    elif package_model_dir().resolve() in (directory.resolve(), *directory.resolve().parents):
+        attach_default_tokenizer(model)  # the shipped model (and its kept checkpoints) use the package's file
 
 
 # ---------------------------------------------------------------------------------------- saving
-def save_pretrained(model, directory, state: dict[str, torch.Tensor] | None = None) -> None:
-    """`state`: the tensors to write (default `model.state_dict()`; a placed model passes its stored values)."""
+def save_pretrained(model, directory, state: dict[str, torch.Tensor] | None = None, *,
+                    compact: dict | None = None) -> None:
+    """`state`: the tensors to write (default `model.state_dict()`; a placed model passes its stored values).
+    `compact`: write a compact checkpoint (compact.py) with these `save_compact` arguments, e.g.
+    ``{"bits": 8}``: neox_lab reads it, transformers does not."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = dict(model.state_dict() if state is None else state)
@@ -356,21 +381,24 @@ def save_pretrained(model, directory, state: dict[str, torch.Tensor] | None = No
         layout = type(model)(model.cfg, attn_backend="eager").state_dict()
     extra = sorted(set(state) - set(layout))
     if extra:
-        # process_weights_(fold_ln=True) can add biases (the final LayerNorm's bias into the unembedding)
+        # TransformerLens' fold_ln (neox_lab.lens) can add biases (the final LayerNorm's bias into the unembedding)
         # that a transformers GPTNeoX has no place for: writing the file without them would be silently wrong.
         raise CheckpointError(f"cannot save {type(model).__name__} as a transformers checkpoint: it has tensors "
                               f"transformers' GPTNeoX has no place for ({', '.join(extra)}), added by weight "
-                              "processing (process_weights_ / from_pretrained(fold_ln=True)); save the "
+                              "processing (HookedTransformer.from_pretrained / process_weights_); save the "
                               "unprocessed model, or torch.save(model.state_dict()) to keep processed weights")
     bare = not any(k.startswith("model.") for k in state)
     # transformers' bare GPTNeoXModel names its tensors without the `gpt_neox.` prefix.
     tensors = {(neox_to_hf_key(k).removeprefix("gpt_neox.") if bare else neox_to_hf_key(k)):
                v.detach().contiguous().cpu() for k, v in state.items()}
-    dtype = next(iter(tensors.values())).dtype
+    dtype = torch.float32 if compact is not None else next(iter(tensors.values())).dtype
     config = model.cfg.to_hf()
     config.update(architectures=[model.hf_architecture], torch_dtype=str(dtype).removeprefix("torch."))
     tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
+    if compact is not None:
+        save_compact(tensors, tmp, **compact)
+    else:
+        save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "tokenizer", None) is not None and hasattr(model.tokenizer, "save_pretrained"):

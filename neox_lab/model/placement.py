@@ -34,6 +34,7 @@ from .loading import (
     fresh_head_keys,
     hf_to_neox_key,
     is_legacy_key,
+    plain_safetensors,
     read_tensors,
     resolve_checkpoint,
     weight_files,
@@ -275,7 +276,7 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
     with torch.device("meta"):
         model = cls(cfg, attn_backend=attn_backend)
     files = weight_files(directory)
-    stored = [item for f in files if f.suffix == ".safetensors" for item in stored_tensors(f)]
+    stored = [item for f in files if plain_safetensors(f) for item in stored_tensors(f)]
     file_dtype = next((s.dtype for s in stored if s.dtype.is_floating_point), None)
     placed = plan_device_map(model, device_map, max_memory=max_memory,
                              dtype=dtype or file_dtype or torch.float32)
@@ -317,7 +318,7 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
             else:
                 if offload_folder is None:
                     raise ValueError(f"device_map puts {unit_of(key)} on 'disk' and {directory} is not a "
-                                     "safetensors checkpoint, so its tensors must be written out: pass "
+                                     "plain safetensors checkpoint, so its tensors must be written out: pass "
                                      "offload_folder=<a directory with room for them>")
                 os.makedirs(offload_folder, exist_ok=True)
                 offload_weight(source.to(want), key, os.fspath(offload_folder), index=index)
@@ -369,7 +370,7 @@ def _sources(files: list[Path], stored: list[_Stored]) -> Iterator[tuple[str, _S
     """(transformers key, where its tensor is): safetensors located from headers, other files read
     (memory-mapped) by `read_tensors`."""
     yield from ((s.key, s) for s in stored)
-    others = [f for f in files if f.suffix != ".safetensors"]
+    others = [f for f in files if not plain_safetensors(f)]
     if others:
         yield from read_tensors(others)
 
@@ -385,6 +386,23 @@ def _to_device(source: _Stored | torch.Tensor, device: str, dtype: torch.dtype, 
     return _read(source).to(device=device).to(dtype)
 
 
+def offload_slot(model, name: str) -> tuple[Mapping, str] | None:
+    """(accelerate's weights map, the key in it) holding the values of `name`, a tensor of a unit placed
+    offloaded; None when no offload hook holds it. The map is accelerate's `OffloadedWeightsLoader`:
+    values in its `state_dict` (CPU-offloaded) or named by its `index` (on disk)."""
+    parts = name.split(".")
+    # The hook sits on the offloaded module (a block, or the embedding...); its map is keyed relative to it.
+    for cut in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:cut]))
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", (hook,)):
+            weights = getattr(h, "weights_map", None)
+            if weights is not None:
+                dataset, prefix = getattr(weights, "dataset", weights), getattr(weights, "prefix", "")
+                return dataset, prefix + ".".join(parts[cut:])
+    return None
+
+
 def stored_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's state_dict with values everywhere (tied tensors under each name), also for the parts
     of a placed model that accelerate keeps offloaded between forwards: their module tensors are meta
@@ -396,14 +414,8 @@ def stored_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def _offloaded_value(model, name: str) -> torch.Tensor:
-    parts = name.split(".")
-    # The hook sits on the offloaded module (a block, or the embedding...); its map is keyed relative to it.
-    for cut in range(len(parts) - 1, -1, -1):
-        module = model.get_submodule(".".join(parts[:cut]))
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", (hook,)):
-            weights = getattr(h, "weights_map", None)
-            if weights is not None:
-                return weights[".".join(parts[cut:])].detach()
+    found = offload_slot(model, name)
+    if found is not None:
+        return found[0][found[1]].detach()
     raise ValueError(f"parameter {name!r} is on the meta device and no offload hook holds its values: the model "
                      "was not loaded with from_pretrained(device_map=...), or its weights were never loaded")

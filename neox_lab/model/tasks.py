@@ -17,14 +17,12 @@ from ..dtypes import widen
 from ..hooks.points import HookPoint
 from . import generation
 from .base import NeoXModel, NeoXPreTrained
+from .conventions import LENS_FORWARD_ARGS, use_hooked
 from .loading import checkpoint_architecture
 from .outputs import NeoXOutput
 
 _BODY_ARGS = ("attention_mask", "position_ids", "inputs_embeds", "past_key_values", "use_cache",
               "output_hidden_states", "output_attentions", "head_mask", "stop_at_layer", "start_at_layer")
-#: TransformerLens' `return_type` values; passing one (or text) makes a call TransformerLens-style.
-RETURN_TYPES = ("logits", "loss", "both", None)
-_UNSET: Any = object()
 
 
 class _Head(NeoXPreTrained):
@@ -63,15 +61,31 @@ class _Head(NeoXPreTrained):
             self.model.set_attn_backend(name)
 
     def _body(self, input_ids, kwargs) -> NeoXOutput:
+        self.refuse_lens_call(input_ids, kwargs)
         unknown = set(kwargs) - set(_BODY_ARGS)
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward got unexpected arguments {sorted(unknown)}")
         self.warn_if_left_padded(input_ids, kwargs.get("attention_mask"), kwargs.get("past_key_values"))
-        if kwargs.get("start_at_layer") is not None:
-            # TransformerLens passes the residual stream entering that layer as the input.
-            if input_ids is not None and input_ids.is_floating_point():
-                input_ids, kwargs = None, {**kwargs, "inputs_embeds": input_ids}
         return self.model(input_ids, **kwargs)
+
+    def refuse_lens_call(self, input_ids: Any, kwargs: dict) -> None:
+        """Raise, naming `HookedTransformer`, for a TransformerLens-style call: text input, a residual
+        stream as the positional input, or one of TransformerLens' forward arguments (`return_type`,
+        `prepend_bos`, ...). Each would mean something else in transformers' convention, or nothing."""
+        name = type(self).__name__
+        lens = [a for a in LENS_FORWARD_ARGS if a in kwargs]
+        if lens:
+            raise TypeError(use_hooked(name, f"model(..., {', '.join(a + '=' for a in lens)})"))
+        if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                          and all(isinstance(t, str) for t in input_ids)):
+            raise TypeError(use_hooked(name, "Text input"))
+        if isinstance(kwargs.get("attention_mask"), str):  # TransformerLens' positional return_type
+            raise TypeError(f"attention_mask={kwargs['attention_mask']!r}: the second positional argument is "
+                            "transformers' attention_mask. " + use_hooked(name, "A positional return_type"))
+        if torch.is_tensor(input_ids) and input_ids.is_floating_point() and input_ids.dim() == 3:
+            raise TypeError(f"{name} takes token ids as input_ids; pass a residual stream or embeddings as "
+                            "inputs_embeds= (with start_at_layer=L for the stream entering block L). "
+                            + use_hooked(name, "A residual stream as the positional input"))
 
 
 class NeoXForCausalLM(_Head):
@@ -86,59 +100,20 @@ class NeoXForCausalLM(_Head):
         if self.cfg.tie_word_embeddings:
             self.unembed.weight = self.model.embed.weight
 
-    def forward(self, input_ids: Any = None, return_type: str | None = _UNSET, *,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0, input: Any = None,
-                tokens: torch.Tensor | None = None, loss_per_token: bool = False, prepend_bos: bool = True,
-                padding_side: str = "right", **kwargs: Any) -> Any:
-        """Two calling conventions, told apart by their arguments.
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any) -> NeoXOutput:
+        """transformers' convention: returns a `NeoXOutput` with `.logits` [batch pos d_vocab] (`out[0]`,
+        `loss, logits = out` as a transformers ModelOutput) and, given `labels` (shifted inside, -100
+        ignored), `.loss`. `logits_to_keep=N` unembeds only the last N positions (0: all): logits and
+        `hook_logits` are [batch N d_vocab]; with a large vocabulary that is most of a short forward's cost.
 
-        transformers-style (token ids, no `return_type`): returns a `NeoXOutput` with `.logits`
-        [batch pos d_vocab] and, given `labels` (shifted inside, -100 ignored), `.loss`.
-        `logits_to_keep=N` unembeds only the last N positions (0: all): logits and `hook_logits` are
-        [batch N d_vocab]; with a large vocabulary that is most of a short forward's cost.
-
-        TransformerLens-style (the input is a str or a list of str, or `return_type` is given): returns
-        what `return_type` says, "logits" (the default for text) [batch pos d_vocab], "loss" (mean
-        next-token cross-entropy over real tokens; [batch pos-1] with `loss_per_token`), "both"
-        (logits, loss) or None. Text is tokenized as `to_tokens(input, prepend_bos, padding_side)` does
-        and its padding masked. `start_at_layer=L` takes the residual stream entering block L
-        [batch pos d_model] as the input; `stop_at_layer=L` returns the stream entering block L.
+        Also takes position_ids, inputs_embeds, past_key_values / use_cache (a `KVCache`),
+        output_hidden_states, output_attentions, head_mask, and neox_lab's `stop_at_layer=L` (run blocks
+        0..L-1; `.last_hidden_state` is the stream entering block L, `.logits` None) / `start_at_layer=L`
+        (`inputs_embeds` is that stream). TransformerLens' calls (text, `return_type=`, `prepend_bos=`,
+        a residual stream as the input, ...) raise, naming `HookedTransformer`, the view that takes them.
         """
-        if input is not None or tokens is not None:
-            if input_ids is not None:
-                raise TypeError("pass the input once: positionally, or as input= / tokens=")
-            input_ids = input if input is not None else tokens
-        text = isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and len(input_ids) > 0
-                                              and all(isinstance(t, str) for t in input_ids))
-        # A float input with start_at_layer is TransformerLens' residual-stream input (transformers
-        # passes embeddings as inputs_embeds=), so that call is TransformerLens-style too.
-        resid_in = (kwargs.get("start_at_layer") is not None and isinstance(input_ids, torch.Tensor)
-                    and input_ids.is_floating_point())
-        lens_style = text or resid_in or return_type is not _UNSET
-        if return_type is _UNSET:
-            return_type = "logits"
-        if return_type not in RETURN_TYPES:
-            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
-        if text:
-            if kwargs.get("attention_mask") is not None:
-                raise ValueError("attention_mask comes from the tokenizer when the input is text; pass tokens "
-                                 "to give your own")
-            input_ids, mask = self.to_tokens_and_mask(input_ids, prepend_bos, padding_side)
-            kwargs["attention_mask"] = mask if not bool(mask.all()) else None
-        out = self._forward(input_ids, labels, logits_to_keep, kwargs)
-        if not lens_style:
-            return out
-        if kwargs.get("stop_at_layer") is not None:
-            return out.last_hidden_state
-        if return_type == "logits":
-            return out.logits
-        loss = None
-        if return_type in ("loss", "both"):
-            if input_ids is None or input_ids.is_floating_point():
-                raise ValueError(f"return_type={return_type!r} needs token ids to score (the input was a "
-                                 "residual stream or embeddings)")
-            loss = next_token_loss(out.logits, input_ids, kwargs.get("attention_mask"), per_token=loss_per_token)
-        return {"loss": loss, "both": (out.logits, loss), None: None}[return_type]
+        return self._forward(input_ids, labels, logits_to_keep, {**kwargs, "attention_mask": attention_mask})
 
     def _forward(self, input_ids, labels, logits_to_keep: int, kwargs: dict) -> NeoXOutput:
         out = self._body(input_ids, kwargs)
@@ -255,24 +230,6 @@ class NeoXForQuestionAnswering(_Head):
             out.loss = (F.cross_entropy(widen(out.start_logits), start, ignore_index=ignored)
                         + F.cross_entropy(widen(out.end_logits), end, ignore_index=ignored)) / 2
         return out
-
-
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    per_token: bool = False) -> torch.Tensor:
-    """Cross-entropy of each next token as TransformerLens' `return_type="loss"`, taken as the model's
-    `labels=` loss (flattened rows, at least fp32): the mean over positions whose token and next token
-    are real (`attention_mask`), or [batch pos-1] per token (0 where not counted) with `per_token`."""
-    logits = widen(logits[:, :-1])
-    target = tokens[:, 1:].to(logits.device, torch.long)  # int32 ids are accepted as input; CE needs int64
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    ce = ce.view(target.shape)
-    counted = torch.ones_like(ce)
-    if attention_mask is not None:
-        mask = attention_mask.to(ce.device)
-        counted = (mask[:, :-1] * mask[:, 1:]).to(ce.dtype)
-    if per_token:
-        return ce * counted
-    return (ce * counted).sum() / counted.sum()
 
 
 #: transformers architecture name -> the neox_lab class that loads it.

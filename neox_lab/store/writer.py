@@ -169,7 +169,8 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
                   allow_backend_change: bool = False, context_size: int | None = None, packing: bool = False,
                   prepend_bos: bool = False, min_tokens: int | None = None, every_k_documents: int = 1,
                   sample_tokens: int | None = None, seed: int = 0) -> ActivationStore | None:
-    """Run `model` over every document of `source` and store the activations of hooks `names` in `out_dir`.
+    """Run `model` (a neox_lab model of either convention) over every document of `source` and store the
+    activations of hooks `names` in `out_dir`.
 
     source: a .txt file (a document per non-blank line), a .jsonl file (field `text_field`), either one
     compressed (.gz, .zst), a .parquet file or a folder of them (column `text_field`), a `datasets.Dataset`
@@ -207,6 +208,7 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     Returns an `ActivationStore` over the finished store (None on a rank that cannot merge yet, which
     happens only with explicit ranks and no process group).
     """
+    model = model.hf()  # either convention's class: run through the transformers view, same modules
     if context_size is not None:
         if max_length not in (128, context_size):
             raise ValueError(f"context_size={context_size} and max_length={max_length} disagree; they name the "

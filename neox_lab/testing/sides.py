@@ -63,9 +63,11 @@ class Side:
         if not (is_neox(model) or is_hf(model)):
             raise TypeError(f"{label}: expected a neox_lab model or a transformers GPTNeoX model, got "
                             f"{type(model).__name__}")
-        self.model = model
-        self.label = label
         self.hf = is_hf(model)
+        # A HookedTransformer runs through its transformers-convention view: the same modules and hooks.
+        self.model = model if self.hf else model.hf()
+        model = self.model
+        self.label = label
         param = next(model.parameters())
         # A model placed across devices (device_map) takes its inputs where it embeds, which an
         # offloaded first parameter (on "meta" between forwards) does not tell.

@@ -74,6 +74,8 @@ def test_public_api():
         "patching_heatmap",
         "logit_lens",
         "induction_scores",
+        "over_training",
+        "save_png",
     }
 
 
@@ -333,3 +335,41 @@ def test_module_does_not_import_pyplot():
     code = "import sys, neox_lab.analysis.plotting; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------- over_training
+def test_over_training_draws_one_line_per_head_on_a_log_step_axis(tmp_path):
+    steps = [0, 10, 100, 1000]
+    scores = torch.rand(4, 2, 3)
+    fig = plotting.over_training(steps, scores, ylabel="induction score", mark_step=100,
+                                 mark_label="induction heads appear", save=tmp_path / "t.png")
+    _render(fig)
+    _assert_png(tmp_path / "t.png")
+    ax = fig.axes[0]
+    lines = [line for line in ax.get_lines() if line.get_label().startswith("L")]
+    assert [line.get_label() for line in lines] == ["L0H0", "L0H1", "L0H2", "L1H0", "L1H1", "L1H2"]
+    np.testing.assert_array_equal(lines[4].get_xdata(), steps)
+    np.testing.assert_allclose(lines[4].get_ydata(), scores[:, 1, 1].numpy())
+    # Step 0 stays on the axis: symlog, linear below the first positive step.
+    assert ax.get_xscale() == "symlog"
+    # Heads of one layer share a colour; layers differ.
+    assert lines[0].get_color() == lines[2].get_color() != lines[3].get_color()
+    marks = [line for line in ax.get_lines() if line.get_label() == "induction heads appear"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [100, 100]
+    assert ax.get_ylabel() == "induction score" and ax.get_xlabel() == "training step"
+
+
+def test_over_training_single_series_and_log_scale_without_step_zero():
+    fig = plotting.over_training([1, 2, 4], [0.5, 0.4, 0.1], labels=["icl"])
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert [line.get_label() for line in ax.get_lines()] == ["icl"]
+
+
+def test_over_training_rejects_mismatched_steps_and_missing_steps():
+    with pytest.raises(ValueError, match="one step per row"):
+        plotting.over_training([0, 1], torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        plotting.over_training([0, None], torch.zeros(2))
+    with pytest.raises(ValueError, match="labels has length 1"):
+        plotting.over_training([0, 1], torch.zeros(2, 2), labels=["a"])

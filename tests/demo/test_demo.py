@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab import NeoXConfig, NeoXForCausalLM, NeoXTokenizer, get_checkpoint_labels
 from neox_lab.analysis.patching import activation_patch, logit_diff
 from neox_lab.demo.study import PatchingPrompts, make_patching_prompts, run_demo
 from neox_lab.demo.summary import INDUCTION_THRESHOLD, induction_heads
 
 PNG = b"\x89PNG\r\n\x1a\n"
-FIGURES = ("induction_scores", "induction_heads", "patching_resid", "patching_heads", "logit_lens")
+FIGURES = ("induction_scores", "induction_heads", "patching_resid", "patching_heads", "logit_lens", "circuit_graph",
+           "circuit_faithfulness")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,36 @@ def test_patching_tells_the_induction_story(demo):
     flat = int(demo.head_patch.flatten().argmax())
     best = (flat // demo.head_patch.shape[1], flat % demo.head_patch.shape[1])
     assert best in [(la, h) for la, h, _ in induction_heads(demo.induction.scores)]
+
+
+def test_training_dynamics_section_sweeps_the_shipped_history(demo):
+    dyn = demo.dynamics
+    assert dyn is not None and dyn.steps == get_checkpoint_labels("neox-lab/default")[0]
+    assert (demo.out_dir / "training_dynamics.png").read_bytes()[:8] == PNG
+    # The step named is the first kept checkpoint with a head over the threshold, after one without.
+    best = dyn.best(dyn.induction)
+    i = dyn.steps.index(dyn.appear_step)
+    assert float(best[i]) > INDUCTION_THRESHOLD >= float(best[:i].max()) and i > 0
+    assert f"induction heads appear at step {dyn.appear_step}" in demo.summary
+    assert dyn.words_step is not None and dyn.words_step >= dyn.appear_step  # words come later (curriculum)
+    left, right = demo.figures["training_dynamics"].axes[:2]
+    heads = [line for line in left.get_lines() if line.get_label().startswith("L")]
+    assert len(heads) == dyn.induction[0].numel()
+    np.testing.assert_allclose(heads[0].get_ydata(), dyn.induction[:, 0, 0].numpy())
+    words = [line for line in left.get_lines() if line.get_label() == "best head, random word tokens"]
+    np.testing.assert_allclose(words[0].get_ydata(), dyn.best(dyn.words).numpy())
+    assert left.get_xscale() == "symlog"  # step 0 on a log axis
+    assert any(list(line.get_xdata()) == [dyn.appear_step] * 2 for line in left.get_lines())
+    np.testing.assert_allclose(right.get_lines()[0].get_ydata(), dyn.icl.numpy())
+    assert all(not t["resumed"] for t in dyn.timings) and len(dyn.timings) == len(dyn.steps)
+
+
+def test_no_history_for_another_model(tmp_path):
+    model = _tiny()
+    model.tokenizer = NeoXTokenizer.default()
+    result = run_demo(model, tmp_path, progress=False)
+    assert result.dynamics is None and "Training dynamics" not in result.summary
+    assert "training_dynamics" not in result.files
 
 
 def test_logit_lens_figure_and_final_row(demo):

@@ -414,14 +414,15 @@ def test_run_with_cache_options(cfg, data):
     _, sliced = model.run_with_cache(ids, pos_slice=pos_slice)
     model_pos = {"hook_embed": 1, "blocks.0.attn.hook_pattern": 2, "blocks.0.attn.hook_q": 1,
                  "blocks.0.ln1.hook_scale": 1, "hook_logits": 1}
-    sl = pos_slice  # an int drops the position axis, as TransformerLens' pos_slice does
+    # An int keeps the position axis (one position), as TransformerLens' Slice.unwrap makes it [int].
+    sl = [pos_slice] if isinstance(pos_slice, int) else pos_slice
     for name, axis in model_pos.items():
         assert torch.equal(sliced[name], full[name][(slice(None),) * axis + (sl,)]), name
     assert sliced["pattern", 0].shape[-1] == ids.shape[1]  # key positions are never sliced
 
     stop = data.draw(st.integers(0, cfg.num_hidden_layers - 1))
-    none, early = model.run_with_cache(ids, stop_at_layer=stop)
-    assert none is None
+    stream, early = model.run_with_cache(ids, stop_at_layer=stop)
+    assert torch.equal(stream, full["resid_pre", stop])  # the stream entering block `stop`, as TransformerLens
     assert list(early) == [n for n in model.hook_names() if n == "hook_embed" or (
         n.startswith("blocks.") and int(n.split(".")[1]) < stop and not n.endswith("hook_result"))]
     assert all(torch.equal(early[n], full[n]) for n in early)

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from neox_lab import CheckpointError, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
+from neox_lab import CheckpointError, HookedTransformer, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
 from neox_lab.analysis.patching import activation_patch, attribution_patch
 from neox_lab.model.placement import placement_units
 from neox_lab.store.manifest import weights_sha256
@@ -340,7 +340,7 @@ def test_placed_model_saves_refuses_processing_and_runs_tl_patching(tmp_path):
 
     before = weights_sha256(placed)
     with pytest.raises(ValueError, match="load it without device_map"):
-        placed.process_weights_()
+        HookedTransformer(placed).process_weights_()
     assert weights_sha256(placed) == before and not placed.weights_processed
 
     clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[4, 3, 2, 1]])

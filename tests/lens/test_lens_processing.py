@@ -18,7 +18,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neox_lab import CheckpointError, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
+from neox_lab import CheckpointError, HookedTransformer, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
+from neox_lab.lens.processing import process_weights
 from neox_lab.testing.pairs import make_trained_like, tiny_config
 from neox_lab.testing.strategies import neox_configs
 
@@ -34,18 +35,20 @@ def randomize(model, seed: int = 0):
 
 def run(model, ids):
     with torch.no_grad():
-        return model(ids).logits
+        return model.hf()(ids).logits
 
 
 @given(cfg=neox_configs(max_layers=3, scaling=False), seed=st.integers(0, 2**16),
        steps=st.sets(st.sampled_from(STEPS), min_size=1))
 def test_processing_keeps_next_token_probabilities_fp64(cfg, seed, steps):
-    model = randomize(NeoXForCausalLM(cfg, attn_backend="eager").double(), seed)
+    model = HookedTransformer(randomize(NeoXForCausalLM(cfg, attn_backend="eager").double(), seed))
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         before, cache_before = model.run_with_cache(ids)
+    assert model.cfg.normalization_type == "LN"
     out = model.process_weights_(**{s: s in steps for s in STEPS})
-    assert out is model and model.weights_processed == set(steps)
+    assert out is model and model.weights_processed == model.hf().weights_processed == set(steps)
+    assert model.cfg.normalization_type == ("LNPre" if "fold_ln" in steps else "LN")  # as TransformerLens
     with torch.no_grad():
         after, cache_after = model.run_with_cache(ids)
     assert float((after.log_softmax(-1) - before.log_softmax(-1)).abs().max()) < FP64_ABS
@@ -57,9 +60,10 @@ def test_processing_keeps_next_token_probabilities_fp64(cfg, seed, steps):
     else:
         assert float(shift.abs().max()) < FP64_ABS
     if cfg.tie_word_embeddings and steps & {"fold_ln", "center_writing_weights", "center_unembed"}:
-        assert model.unembed.weight is not model.model.embed.weight and not model.cfg.tie_word_embeddings
+        assert model.unembed.weight is not model.embed.weight and not model.config.tie_word_embeddings
+        assert not model.cfg.tie_word_embeddings and model.hf().model.cfg is model.config
     if "fold_ln" in steps:
-        for ln in [b.ln1 for b in model.blocks] + [b.ln2 for b in model.blocks] + [model.model.ln_final]:
+        for ln in [b.ln1 for b in model.blocks] + [b.ln2 for b in model.blocks] + [model.ln_final]:
             assert torch.equal(ln.weight, torch.ones_like(ln.weight))
             assert torch.equal(ln.bias, torch.zeros_like(ln.bias))
         # The LayerNorm inputs did not change unless writing weights were centred; the scale is what TL hooks.
@@ -80,7 +84,7 @@ def test_processing_keeps_next_token_probabilities_fp64(cfg, seed, steps):
 
 @given(cfg=neox_configs(max_layers=2, scaling=False), seed=st.integers(0, 2**16))
 def test_processing_keeps_next_token_probabilities_fp32(cfg, seed):
-    model = randomize(NeoXForCausalLM(cfg, attn_backend="eager"), seed)
+    model = HookedTransformer(randomize(NeoXForCausalLM(cfg, attn_backend="eager"), seed))
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
     before = run(model, ids).log_softmax(-1)
     after = run(model.process_weights_(), ids).log_softmax(-1)
@@ -89,12 +93,13 @@ def test_processing_keeps_next_token_probabilities_fp32(cfg, seed):
 
 @pytest.mark.parametrize("cls", [NeoXModel, NeoXForSequenceClassification])
 def test_processing_other_classes_keeps_outputs(cls):
+    """The processing function serves every class (HookedTransformer only views causal LMs)."""
     cfg = tiny_config(use_parallel_residual=False)
     model = randomize(cls(cfg, attn_backend="eager").double(), 3)
     ids = torch.randint(0, cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids)
-        model.process_weights_()
+        process_weights(model)
         after = model(ids)
     key = "last_hidden_state" if cls is NeoXModel else "logits"
     assert float((after[key] - before[key]).abs().max()) < FP64_ABS
@@ -104,12 +109,14 @@ def test_processing_other_classes_keeps_outputs(cls):
 
 
 def test_refactor_factored_attn_matrices_refuses_rotary():
-    model = NeoXForCausalLM(tiny_config())
+    model = HookedTransformer(NeoXForCausalLM(tiny_config()))
     with pytest.raises(ValueError, match="rotary"):
         model.process_weights_(refactor_factored_attn_matrices=True)
 
 
-def test_from_pretrained_processing_kwargs(tmp_path):
+def test_from_pretrained_processes_as_transformer_lens_does(tmp_path):
+    """HookedTransformer.from_pretrained: TransformerLens' defaults (the four steps, float32, no bos);
+    NeoXForCausalLM.from_pretrained: the weights transformers loads."""
     cfg = tiny_config()
     src = randomize(NeoXForCausalLM(cfg), 5)
     with torch.no_grad():
@@ -117,24 +124,33 @@ def test_from_pretrained_processing_kwargs(tmp_path):
     src.save_pretrained(tmp_path / "raw")
     ids = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
     plain = NeoXForCausalLM.from_pretrained(tmp_path / "raw")
-    alias = NeoXForCausalLM.from_pretrained_no_processing(tmp_path / "raw")
-    assert plain.weights_processed == alias.weights_processed == set()
-    assert torch.equal(run(plain, ids), run(src, ids)) and torch.equal(run(alias, ids), run(src, ids))
-    processed = NeoXForCausalLM.from_pretrained(tmp_path / "raw", fold_ln=True, center_writing_weights=True,
-                                                center_unembed=True, fold_value_biases=True)
-    assert processed.weights_processed == set(STEPS)
-    assert torch.equal(run(processed, ids), run(plain.process_weights_(), ids))
-    with pytest.raises(TypeError, match="fold_ln"):
-        NeoXForCausalLM.from_pretrained_no_processing(tmp_path / "raw", fold_ln=True)
+    raw = HookedTransformer.from_pretrained_no_processing(tmp_path / "raw")
+    assert plain.weights_processed == raw.weights_processed == set()
+    assert torch.equal(run(plain, ids), run(src, ids)) and torch.equal(run(raw, ids), run(src, ids))
+    processed = HookedTransformer.from_pretrained(tmp_path / "raw")
+    assert processed.weights_processed == set(STEPS) and processed.cfg.normalization_type == "LNPre"
+    assert processed.cfg.default_prepend_bos is False and processed.cfg.dtype == torch.float32
+    assert processed.cfg.model_name == "raw"
+    assert torch.equal(run(processed, ids), run(HookedTransformer(plain).process_weights_(), ids))
+    only_ln = HookedTransformer.from_pretrained(tmp_path / "raw", center_writing_weights=False, center_unembed=False,
+                                                fold_value_biases=False)
+    assert only_ln.weights_processed == {"fold_ln"}
+    with pytest.raises(TypeError, match="HookedTransformer"):
+        NeoXForCausalLM.from_pretrained(tmp_path / "raw", fold_ln=True)
     # A processed model without an unembedding bias is an ordinary checkpoint again.
-    processed.save_pretrained(tmp_path / "processed")
+    processed.hf().save_pretrained(tmp_path / "processed")
     again = NeoXForCausalLM.from_pretrained(tmp_path / "processed")
     assert torch.equal(run(again, ids), run(processed, ids))
+    # hf_model=: the weights are copied, as TransformerLens converts them; the source stays unprocessed
+    source = NeoXForCausalLM.from_pretrained(tmp_path / "raw")
+    copied = HookedTransformer.from_pretrained("unused", hf_model=source)
+    assert torch.equal(run(copied, ids), run(processed, ids))
+    assert source.weights_processed == set() and torch.equal(run(source, ids), run(src, ids))
 
 
 def test_save_refuses_a_folded_unembedding_bias(tmp_path):
-    model = randomize(NeoXForCausalLM(tiny_config()), 1).process_weights_()
+    model = HookedTransformer(randomize(NeoXForCausalLM(tiny_config()), 1)).process_weights_()
     assert model.unembed.bias is not None and float(model.b_U.abs().max()) > 0
     with pytest.raises(CheckpointError, match="unembed.bias"):
-        model.save_pretrained(tmp_path)
+        model.hf().save_pretrained(tmp_path)
     assert not (tmp_path / "model.safetensors").exists()

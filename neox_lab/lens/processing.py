@@ -34,12 +34,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: TransformerLens' from_pretrained defaults. neox_lab's from_pretrained loads weights unprocessed
-#: (the transformers-equivalent reference); these are what `process_weights_()` applies when called bare.
+#: TransformerLens' from_pretrained defaults, which `HookedTransformer.from_pretrained` and
+#: `process_weights_()` apply. `NeoXForCausalLM.from_pretrained` loads weights unprocessed (the
+#: transformers-equivalent reference).
 TL_DEFAULTS = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True,
                    refactor_factored_attn_matrices=False)
-
-PROCESSING_ARGS = tuple(TL_DEFAULTS)
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -94,13 +93,18 @@ def _center_rows(t: torch.Tensor, dim: int) -> None:
 def process_weights(model, *, fold_ln: bool = True, center_writing_weights: bool = True,
                     center_unembed: bool = True, fold_value_biases: bool = True,
                     refactor_factored_attn_matrices: bool = False) -> None:
-    """Apply the chosen steps to `model` (any neox_lab model class) in place, in TransformerLens' order."""
+    """Apply the chosen steps to `model` (a transformers-convention model: `body`, maybe `unembed`) in place,
+    in TransformerLens' order, and record them in `model.weights_processed`."""
     if refactor_factored_attn_matrices:
         raise ValueError(
             "refactor_factored_attn_matrices=True is not possible for a NeoX: its attention is rotary "
             f"(rotary_pct={model.cfg.rotary_pct}), so a head's QK circuit depends on the query and key "
             "positions and no fixed change of basis of W_Q/W_K preserves it; TransformerLens refuses rotary "
             "models for the same reason. Use the other steps, and read model.QK / model.OV as FactoredMatrix")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        # Refused before any step: a half-processed model would compute neither function.
+        raise ValueError("weight processing edits weights in memory, and this model (placed with device_map) "
+                         "holds offloaded weights as placeholders; load it without device_map to process it")
     body = model.body
     unembed = model._modules.get("unembed")
     if fold_ln or center_writing_weights or center_unembed:
@@ -142,3 +146,6 @@ def process_weights(model, *, fold_ln: bool = True, center_writing_weights: bool
                 new_bias = new_bias - new_bias.mean()  # as TransformerLens: b_O stays mean-free
             _set(out_bias, new_bias)
             attn.b_V.zero_()
+    steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                 fold_value_biases=fold_value_biases)
+    model.weights_processed |= {name for name, on in steps.items() if on}

@@ -1,4 +1,4 @@
-"""TransformerLens' token lookups on every model class: `to_single_token` and `get_token_position`."""
+"""TransformerLens' token lookups: `to_single_token`, `to_single_str_token`, `get_token_position`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 
 class TokenLookup:
-    """Needs `to_tokens` and `to_str_tokens` (TextMixin) on the same model."""
+    """Needs `to_tokens` and `to_str_tokens` (lens.text.TextMixin) on the same model."""
 
     def to_single_token(self, string: str) -> int:
         """The id of the one token `string` encodes to (no bos), e.g. ``model.to_single_token(" Mary")``.
@@ -21,19 +21,23 @@ class TokenLookup:
                              "a leading space is often part of a token (' Mary' vs 'Mary')")
         return int(ids.item())
 
+    def to_single_str_token(self, int_token: int) -> str:
+        """The text of one token id, e.g. ``model.to_single_str_token(12092)`` -> "Hello"."""
+        if not isinstance(int_token, int) or isinstance(int_token, bool):
+            raise TypeError(f"to_single_str_token takes an int token id, got {type(int_token).__name__}")
+        return self.to_str_tokens(torch.tensor([int_token]))[0]
+
     def get_token_position(self, single_token: str | int, input: str | torch.Tensor, mode: str = "first",
                            prepend_bos: bool | None = None, padding_side: str | None = None) -> int:
         """Index in `input` of the first (`mode="first"`) or last (`mode="last"`) occurrence of `single_token`.
 
         `single_token`: a str of exactly one token, or a token id. `input`: a str (tokenized with
-        `to_tokens`, honouring `prepend_bos` / `padding_side` when given, else `to_tokens`' defaults) or
-        token ids ``[pos]`` or ``[1 pos]``. Raises ValueError when the token does not occur."""
+        `to_tokens(input, prepend_bos, padding_side)`, None meaning the defaults as there) or token ids
+        ``[pos]`` or ``[1 pos]``. Raises ValueError when the token does not occur."""
         if mode not in ("first", "last"):
             raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
         if isinstance(input, str):
-            kwargs = {k: v for k, v in (("prepend_bos", prepend_bos), ("padding_side", padding_side))
-                      if v is not None}
-            tokens = self.to_tokens(input, **kwargs)
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         elif torch.is_tensor(input):
             tokens = input
         else:

@@ -1,4 +1,5 @@
-"""TransformerLens-layout weights (W_Q, W_O, W_U, QK, OV ...) against the streams the model computes.
+"""TransformerLens-layout weights (W_Q, W_O, W_U, QK, OV ...) against the streams the model computes:
+model-wide on HookedTransformer (lens/weights.py), per block on every class's modules (model/weights.py).
 
 Each check recomputes a hooked stream from the TL-layout weights in fp64 and compares it with what
 the forward pass cached: same expression, different association order, so the gap is a few units of
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from neox_lab import (
     FactoredMatrix,
+    HookedTransformer,
     NeoXForCausalLM,
     NeoXForQuestionAnswering,
     NeoXForSequenceClassification,
@@ -33,13 +35,13 @@ def rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
 
 
-def random_model(cfg, seed, cls=NeoXForCausalLM):
+def random_model(cfg, seed):
     torch.manual_seed(seed)
-    model = cls(cfg, attn_backend="eager").double().eval()
+    model = NeoXForCausalLM(cfg, attn_backend="eager").double().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith("ln1.weight") else torch.randn_like(p) * 0.3)
-    return model
+    return HookedTransformer(model)
 
 
 @given(cfg=neox_configs(max_layers=2, scaling=False), seed=st.integers(0, 2**16))
@@ -75,7 +77,7 @@ def test_tl_weights_reproduce_the_hooked_streams(cfg, seed):
             assert torch.equal(getattr(block.attn, name), getattr(model, name)[layer]), name
         for name in ("W_in", "W_out", "b_in", "b_out"):
             assert torch.equal(getattr(block.mlp, name), getattr(model, name)[layer]), name
-    logits = einsum(model.model.ln_final(cache[f"blocks.{n_layers - 1}.hook_resid_post"]), model.W_U,
+    logits = einsum(model.ln_final(cache[f"blocks.{n_layers - 1}.hook_resid_post"]), model.W_U,
                     "b p d, d v -> b p v") + model.b_U
     assert rel(logits, cache["hook_logits"]) < REL
     # The circuits: QK's bilinear form on the *unrotated* q and k inputs, OV's map from value input to output.
@@ -100,7 +102,7 @@ def test_per_block_weights_are_views_that_write_through():
     assert torch.equal(model.b_V[1, 1], torch.full_like(model.b_V[1, 1], 7.0))
     assert float(model.W_O[1, 0].abs().max()) == 0.0
     assert torch.equal(model.blocks[1].mlp.fc_in.weight[3], torch.full_like(mlp.fc_in.weight[3], 2.0))
-    assert float(model.model.embed.weight[5].sub(1.5).abs().max()) == 0.0
+    assert float(model.hf().model.embed.weight[5].sub(1.5).abs().max()) == 0.0
     assert float(model.unembed.weight[4].add(1.0).abs().max()) == 0.0
     # Model-wide stacks are copies, as TransformerLens' torch.stack makes them.
     stacked = model.W_K
@@ -111,24 +113,32 @@ def test_per_block_weights_are_views_that_write_through():
 
 @pytest.mark.parametrize("cls", [NeoXModel, NeoXForCausalLM, NeoXForSequenceClassification,
                                  NeoXForTokenClassification, NeoXForQuestionAnswering])
-def test_every_class_has_blocks_and_weights(cls):
+def test_every_class_has_per_block_weights_and_sends_model_wide_names_to_hooked(cls):
     model = cls(tiny_config())
     assert len(model.blocks) == 2 and model.blocks[0].attn.W_Q.shape == (4, 32, 8)
-    assert model.W_in.shape == (2, 32, 64)
-    with pytest.raises(AttributeError, match="rotary"):
-        _ = model.W_pos
-    assert not hasattr(model, "W_pos")
-    if cls is NeoXForCausalLM:
-        assert model.W_U.shape == (32, 97)
-    else:
-        with pytest.raises(AttributeError, match="no unembedding"):
-            _ = model.W_U
-    with pytest.raises(AttributeError, match="no attribute 'W_nonsense'"):
+    assert model.blocks[1].mlp.W_in.shape == (32, 64)
+    for name in ("W_in", "W_U", "W_pos", "QK"):
+        with pytest.raises(AttributeError, match="HookedTransformer"):
+            getattr(model, name)
+    with pytest.raises(AttributeError, match="W_nonsense"):
         _ = model.W_nonsense
 
 
+def test_hooked_transformer_weights():
+    model = HookedTransformer(NeoXForCausalLM(tiny_config()))
+    assert model.W_in.shape == (2, 32, 64) and model.W_U.shape == (32, 97)
+    with pytest.raises(AttributeError, match="rotary"):
+        _ = model.W_pos
+    assert not hasattr(model, "W_pos")
+    with pytest.raises(AttributeError, match="W_nonsense"):
+        _ = model.W_nonsense
+    assert model.all_head_labels()[:5] == ["L0H0", "L0H1", "L0H2", "L0H3", "L1H0"]
+    with pytest.raises(TypeError, match="views a NeoXForCausalLM"):
+        HookedTransformer(NeoXForSequenceClassification(tiny_config()))
+
+
 def test_no_attention_bias_reports_zero_biases():
-    model = NeoXForCausalLM(tiny_config(attention_bias=False))
+    model = HookedTransformer(NeoXForCausalLM(tiny_config(attention_bias=False)))
     assert torch.equal(model.b_Q, torch.zeros(2, 4, 8)) and torch.equal(model.b_O, torch.zeros(2, 32))
 
 
@@ -136,7 +146,7 @@ def test_token_helpers():
     model = random_model(tiny_config(vocab_size=50304, hidden_size=16, num_attention_heads=2), 0)
     model.tokenizer = NeoXTokenizer.default()
     mary = model.to_single_token(" Mary")
-    assert model.to_str_tokens([mary]) == [" Mary"]
+    assert model.to_str_tokens([mary]) == [" Mary"] and model.to_single_str_token(mary) == " Mary"
     with pytest.raises(ValueError, match="not a single token"):
         model.to_single_token(" Maryland is a state")
     with pytest.raises(ValueError, match="0 tokens"):
