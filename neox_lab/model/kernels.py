@@ -73,6 +73,12 @@ class AttnMask:
         """No padding and no past: the kernels' built-in (top-left) causal mask is exact."""
         return self.key_mask is None and self.q_len == self.k_len
 
+    @property
+    def causal_bounded(self) -> bool:
+        """No query may see a key right of its own position (padding only removes keys): the eager
+        kernel's blockwise products may skip those keys. A mask that allows more says False."""
+        return True
+
     @cached_property
     def allowed(self) -> torch.Tensor:
         """bool [batch|1, 1, query_pos, key_pos], True where attention is allowed."""
@@ -142,6 +148,7 @@ class StaticDecodeMask:
 
     q_len = 1
     plain_causal = False
+    causal_bounded = True  # the one query is the newest position
     dead = None
 
     def __init__(self, key_mask: torch.Tensor, cache_seqlens: torch.Tensor, leftpad: torch.Tensor | None,
@@ -243,7 +250,8 @@ class _Blockwise:
         """attention_scores(q, k, mask, scale), block by block."""
         scores = self.q.new_empty(self.batch, self.n_heads, self.q_len, self.k_len)
         flat, offset = self._flat(scores), self.k_len - self.q_len
-        plain = getattr(self.mask, "key_mask", True) is None  # causal only: masked entries are near the diagonal
+        # Exactly causal (no padding, no edited mask): the masked entries are those right of the diagonal.
+        plain = type(self.mask) is AttnMask and self.mask.key_mask is None
         for r0, r1, keys in self.blocks:
             torch.bmm(self.q[:, r0:r1], self.kt[:, :, :keys], out=flat[:, r0:r1, :keys])
             if plain:
@@ -278,7 +286,7 @@ def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p
     (run_with_cache) keep it to the end.
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    blockwise = None if needs_grad or dropout_p else _Blockwise(q, k, mask, scale)
+    blockwise = None if needs_grad or dropout_p or not mask.causal_bounded else _Blockwise(q, k, mask, scale)
     scores = attention_scores(q, k, mask, scale) if blockwise is None else blockwise.scores()
     dead, untouched = mask.dead, True
     if hook_scores is not None:

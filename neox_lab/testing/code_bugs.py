@@ -47,6 +47,10 @@ class EditedMask(AttnMask):
     def plain_causal(self) -> bool:
         return False  # the kernels' built-in causal mask would undo the edit
 
+    @property
+    def causal_bounded(self) -> bool:
+        return self.lookahead == 0  # a lookahead lets queries see keys right of their own position
+
     @cached_property
     def allowed(self) -> torch.Tensor:
         q_pos = torch.arange(self.k_len - self.q_len, self.k_len, device=self.device)

@@ -33,6 +33,7 @@ from neox_lab import KVCache, NeoXConfig, NeoXForCausalLM
 from neox_lab.model import kernels
 from neox_lab.model.flash import FlashKernel
 from neox_lab.model.kernels import AttnMask, eager_attention, resolve_backend, sdpa_attention
+from neox_lab.testing.code_bugs import EditedMask
 from neox_lab.testing.strategies import neox_configs, token_batches
 
 FP32_REL = 1e-5
@@ -246,7 +247,8 @@ def test_scores_and_pattern_hooks_on_sdpa_equal_eager(cfg, data, seed, grad, blo
 @given(data=st.data(), block_rows=st.sampled_from([1, 2, 5, 64]))
 def test_blockwise_eager_kernel_equals_the_dense_one(data, block_rows, monkeypatch):
     """The no-grad eager kernel by causal blocks against its differentiable dense form: a KV-cache offset
-    (fewer queries than keys), padding anywhere (dead rows included), head_mask. fp64, 1e-12 relative."""
+    (fewer queries than keys), padding anywhere (dead rows included), head_mask, masks that edit the
+    allowed keys (a window, a lookahead: code_bugs' EditedMask). fp64, 1e-12 relative."""
     monkeypatch.setattr(kernels, "MIN_BLOCK_ROWS", block_rows)
     batch, heads, d_head = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), 4
     k_len = data.draw(st.integers(1, 12))
@@ -254,7 +256,14 @@ def test_blockwise_eager_kernel_equals_the_dense_one(data, block_rows, monkeypat
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     q, k, v = (torch.randn(batch, n, heads, d_head, generator=g, dtype=torch.float64) for n in (q_len, k_len, k_len))
     key_mask = torch.rand(batch, k_len, generator=g) < data.draw(st.sampled_from([0.5, 1.0]))
-    mask = AttnMask(q_len=q_len, k_len=k_len, device=q.device, key_mask=None if key_mask.all() else key_mask)
+    key_mask = None if key_mask.all() else key_mask
+    edit = data.draw(st.sampled_from(["none", "window", "lookahead"]))
+    if edit == "none":
+        mask = AttnMask(q_len=q_len, k_len=k_len, device=q.device, key_mask=key_mask)
+    else:  # an AttnMask whose allowed keys differ from causal-and-padding (as code_bugs' edited masks)
+        mask = EditedMask(q_len=q_len, k_len=k_len, device=q.device, key_mask=key_mask,
+                          window=data.draw(st.integers(1, k_len)) if edit == "window" else None,
+                          lookahead=data.draw(st.integers(1, 2)) if edit == "lookahead" else 0)
     head_mask = data.draw(st.sampled_from([None, torch.rand(heads, generator=g, dtype=torch.float64)]))
     with torch.no_grad():
         z, pattern = eager_attention(q, k, v, mask, scale=0.5, head_mask=head_mask)
