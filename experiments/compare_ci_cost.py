@@ -1,5 +1,5 @@
-"""Time and peak memory of the README's CI step (`neox-lab compare` of a checkpoint against itself run
-by transformers) on a pythia-160m-shaped checkpoint with trained-like random weights.
+"""Time and peak memory of the CI step of docs/guides/equivalence-testing.md (`neox-lab compare` of a
+checkpoint against itself run by transformers) on a pythia-160m-shaped checkpoint with trained-like random weights.
 
     python experiments/compare_ci_cost.py [--preset pythia-160m] [--dir DIR]
 
