@@ -49,10 +49,11 @@ def run_cli(args: list[str]) -> tuple[int, dict, float]:
         return code, (json.loads(out.read_text()) if out.exists() else {}), secs
 
 
-def margin(report: dict) -> tuple[float, str]:
+def margin(report: dict) -> tuple[float, str, float]:
     """bound / error of the worst hook (inf when every hook is exact), and that hook."""
     worst, name = 0.0, "-"
-    for h in report["hooks"] + ((report.get("probe") or {}).get("hooks") or []):
+    for h in report["hooks"] + ((report.get("padded") or {}).get("hooks") or []) + \
+            ((report.get("probe") or {}).get("hooks") or []):
         r = (h["rel"] or math.inf) / h["bound"] if h["rel"] else 0.0
         if r > worst:
             worst, name = r, h["name"]
@@ -93,9 +94,9 @@ def main_(argv=None):
     variants = {
         "copy (fp64 default)": [b, b],
         "re-saved copy": [str(root / "resaved"), b],
-        "vs transformers eager (fp64)": [b, "hf:" + b],
-        "vs transformers sdpa (fp64)": [b, "hf:" + b, "--backend-b", "sdpa"],
-        "vs transformers eager, fp32": [b, "hf:" + b, "--dtype", "float32"],
+        "vs transformers sdpa (fp64, the default)": [b, "hf:" + b],
+        "vs transformers eager (fp64: exit 4, its NaN)": [b, "hf:" + b, "--backend-b", "eager"],
+        "vs transformers eager, fp32": [b, "hf:" + b, "--backend-b", "eager", "--dtype", "float32"],
         "sdpa vs eager, fp64": [b, b, "--backend-a", "sdpa"],
         "sdpa vs eager, fp32": [b, b, "--backend-a", "sdpa", "--dtype", "float32"],
         "fp32 vs fp64": [b, b, "--dtype-a", "float32"],

@@ -1,16 +1,29 @@
-"""`neox-lab compare A B`: compare two checkpoints (config diff, weight diff, activations on the same
-tokens), print the report, exit 1 when they are not equivalent (also for a structural difference:
-the report and JSON are still written), 0 when they are, 2 on a usage or loading error.
+"""`neox-lab compare A B`: compare two NeoX implementations (config diff, weight diff, activations on
+the same tokens, decoding), print the report and exit with the verdict's status:
 
-A and B are checkpoint directories run by neox_lab, or `hf:DIR` to run DIR's weights through
-transformers. B is the reference. Example (CI): neox-lab compare ./converted hf:./original --json report.json
+    0  equivalent
+    1  not equivalent (also for a structural difference: the report and JSON are still written)
+    2  a usage or loading error
+    3  same function, different parametrisation (the outputs agree within rounding while weights or
+       streams differ far beyond it, e.g. a side after fold_ln)
+    4  the reference is unusable at this setting (it gave NaN/inf where A did not; the report names
+       settings of it that are finite on the same inputs)
+
+A and B are checkpoint directories run by neox_lab, `hf:DIR` to run DIR's weights through
+transformers, or `py:package.module:factory`: `factory()` returns anything `compare` takes as a side
+(a model, an nn.Module, a callable, or a `neox_lab.testing.Port` bundling a module with its hook map,
+weight map and decoding callables); the module is imported from the current directory or PYTHONPATH.
+B is the reference. Example (CI): neox-lab compare py:my_port.neox:build hf:./original --json report.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -22,26 +35,38 @@ from ..model.kernels import BACKENDS
 from ..model.loading import resolve_checkpoint
 from ..model.shipped import package_model_dir
 from ..model.tasks import model_class
-from ..testing.compare import MODES, PROBE_LEN, compare, default_tolerance
+from ..testing.compare import MODES, compare
+from ..testing.decoding import DECODE_STEPS
+from ..testing.inputs import PROBE_LEN
 from ..testing.provenance import file_sha256, versions
+from ..testing.side_port import Port
+from ..testing.sides import is_port
 from ..tokenizer import NeoXTokenizer
 from .errors import check_output_file, user_errors
 
 # neox_lab backend name -> transformers attn_implementation ("auto": transformers' own default)
 HF_BACKENDS = {"eager": "eager", "sdpa": "sdpa", "flash": "flash_attention_2", "auto": None}
 AUTO = "auto"
+#: The attention backend a side runs when --backend(-a/-b) does not say: neox_lab's eager kernel (every
+#: stream observable); transformers' sdpa, whose fp64 stays fp64 (its eager attention takes the softmax in
+#: fp32 and gives NaN for the rows of a left-padded batch in fp64).
+DEFAULT_BACKEND = {"neox_lab": "eager", "hf": "sdpa"}
+PY = "py:"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     dtypes = sorted(DTYPES) + [AUTO]
-    parser.add_argument("a", metavar="A", help="checkpoint directory, or hf:DIR to run it through transformers")
-    parser.add_argument("b", metavar="B", help="the reference: checkpoint directory or hf:DIR")
+    parser.add_argument("a", metavar="A", help="checkpoint directory, hf:DIR to run it through transformers, or "
+                                               "py:package.module:factory for your port (factory() returns it)")
+    parser.add_argument("b", metavar="B",
+                        help="the reference: checkpoint directory, hf:DIR or py:package.module:factory")
     parser.add_argument("--dtype", choices=dtypes, default=AUTO,
                         help="dtype of both sides; auto (default): float64 on CPU, where the noise floor is "
                              "~1e-13 and a 1e-3 change of one weight shows, float32 on other devices")
     parser.add_argument("--dtype-a", choices=dtypes, help="dtype of A (overrides --dtype)")
     parser.add_argument("--dtype-b", choices=dtypes, help="dtype of B (overrides --dtype)")
-    parser.add_argument("--backend", choices=BACKENDS, default="eager", help="attention backend of both sides")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="attention backend of both sides (default: eager for neox_lab, sdpa for hf: sides)")
     parser.add_argument("--backend-a", choices=BACKENDS, help="attention backend of A (overrides --backend)")
     parser.add_argument("--backend-b", choices=BACKENDS, help="attention backend of B (overrides --backend)")
     parser.add_argument("--mode", choices=MODES, default="exact",
@@ -62,8 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4, help="rows of random ids (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random ids (default 0)")
     parser.add_argument("--probe-len", type=int, default=PROBE_LEN,
-                        help=f"length of the one-row rotary probe (default {PROBE_LEN}, capped at "
-                             "max_position_embeddings; 0 skips it)")
+                        help=f"length of the one-row probe through every layer (default {PROBE_LEN}, capped at "
+                             "max_position_embeddings and by memory; 0 skips it)")
+    parser.add_argument("--no-padded", action="store_true",
+                        help="skip the left-padded batch compare adds to the inputs")
+    parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS,
+                        help=f"decoding steps with the KV cache and greedy tokens to check where a side can decode "
+                             f"(default {DECODE_STEPS}; 0 skips the decoding check)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the noise floor by this (prefer --mode lossy for a quantisation)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -82,6 +112,8 @@ def _validate(args) -> None:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     if args.probe_len < 0:
         raise ValueError(f"--probe-len must be 0 (off) or positive, got {args.probe_len}")
+    if args.decode_steps < 0:
+        raise ValueError(f"--decode-steps must be 0 (off) or positive, got {args.decode_steps}")
     if not (math.isfinite(args.scale) and args.scale > 0):
         raise ValueError(f"--scale must be a finite number > 0, got {args.scale}")
     if args.fold_ids and args.prompts is None:
@@ -91,11 +123,15 @@ def _validate(args) -> None:
     if args.device_map is not None:
         if args.device is not None:
             raise ValueError("pass either --device (one device) or --device-map (several), not both")
-        if any(getattr(args, key).startswith("hf:") for key in ("a", "b")):
-            raise ValueError("--device-map places neox_lab sides; an hf: side runs on one device (drop "
-                             "--device-map, or compare two neox_lab checkpoints)")
+        if any(getattr(args, key).startswith(("hf:", PY)) for key in ("a", "b")):
+            raise ValueError("--device-map places neox_lab sides; an hf: side runs on one device, a py: side where "
+                             "its factory put it (drop --device-map, or compare two neox_lab checkpoints)")
     elif args.offload_folder is not None:
         raise ValueError("--offload-folder only applies with --device-map")
+    for key in ("a", "b"):
+        if getattr(args, key).startswith(PY) and getattr(args, f"backend_{key}"):
+            raise ValueError(f"--backend-{key} applies to a checkpoint side; {getattr(args, key)} is your port, which "
+                             "runs as its factory built it")
 
 
 def _device_map(text: str | None) -> str | dict | None:
@@ -113,6 +149,35 @@ def _dtype(name: str, device: str) -> torch.dtype:
     if name == AUTO:
         return torch.float64 if torch.device(device).type == "cpu" else torch.float32
     return DTYPES[name]
+
+
+def load_port(spec: str, dtype: torch.dtype | None):
+    """What `factory()` of `py:package.module:factory` returns, cast to `dtype` when one is asked for."""
+    target = spec[len(PY):]
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{spec}: write py:package.module:factory (a module path, a colon, a function name)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: the current directory's modules are importable
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{spec}: cannot import {module_name} ({type(err).__name__}: {err}); it must be importable "
+                         "from the current directory or PYTHONPATH") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"{spec}: {module_name} has no function {attr!r}")
+    obj = factory()
+    if dtype is not None:
+        target_module = obj.model if isinstance(obj, Port) else obj
+        if not isinstance(target_module, torch.nn.Module):
+            raise ValueError(f"{spec}: --dtype cannot cast a plain callable; drop --dtype for this side, or return a "
+                             "Port with the module")
+        target_module.to(dtype)
+        if isinstance(obj, Port) and obj.dtype is not None:
+            obj.dtype = dtype
+    return obj, {"argument": spec, "runner": "port" if is_port(obj) else type(obj).__name__,
+                 "module": getattr(module, "__file__", None), "factory": target}
 
 
 def _load(spec: str, dtype: torch.dtype, backend: str, device: str, placement: dict):
@@ -193,9 +258,16 @@ def run(args) -> int:
     if args.json:  # refused before minutes of comparing, not after
         check_output_file(args.json, "--json")
     for key in ("a", "b"):
-        dtype = _dtype(getattr(args, f"dtype_{key}") or args.dtype, device)
-        backend = getattr(args, f"backend_{key}") or args.backend
         spec = getattr(args, key)
+        dtype_name = getattr(args, f"dtype_{key}") or args.dtype
+        if spec.startswith(PY):
+            # A port runs as its factory built it unless a dtype is asked for explicitly.
+            dtype = None if dtype_name == AUTO else _dtype(dtype_name, device)
+            sides[key], provenance[f"checkpoint_{key}"] = load_port(spec, dtype)
+            continue
+        dtype = _dtype(dtype_name, device)
+        backend = getattr(args, f"backend_{key}") or args.backend or DEFAULT_BACKEND[
+            "hf" if spec.startswith("hf:") else "neox_lab"]
         model, directory = _load(spec, dtype, backend, device, placement)
         sides[key] = model
         dirs.append(directory)
@@ -204,12 +276,14 @@ def run(args) -> int:
                                            "dtype": str(dtype).removeprefix("torch."), "backend": backend,
                                            "device_map": getattr(model, "device_map", None)}
     model_a, model_b = sides["a"], sides["b"]
-    inputs, provenance["inputs"] = _inputs(args, dirs, min(model_a.config.vocab_size, model_b.config.vocab_size))
-    tolerance = None
-    if args.scale != 1.0:
-        tolerance = default_tolerance(model_a, model_b, inputs["input_ids"].shape[-1]).scaled(args.scale)
-    report = compare(model_a, model_b, inputs, tolerance=tolerance, mode=args.mode,
-                     probe_len=args.probe_len or None, probe_seed=args.seed)
+    vocab = [m.config.vocab_size for m in (model_a, model_b) if not is_port(m)]
+    vocab += [m.config.vocab_size for m in (model_a, model_b) if isinstance(m, Port) and m.config is not None]
+    if not vocab:
+        raise ValueError("both sides are ports without a config: return a Port(..., config=NeoXConfig(...)) from "
+                         "one factory, so the inputs can be drawn from its vocabulary")
+    inputs, provenance["inputs"] = _inputs(args, dirs, min(vocab))
+    report = compare(model_a, model_b, inputs, mode=args.mode, scale=args.scale, probe_len=args.probe_len or None,
+                     probe_seed=args.seed, padded=not args.no_padded, decode_steps=args.decode_steps)
     report.provenance = {**provenance, "device": device, "arguments": _arguments(args), "versions": versions()}
     print(report.table(only_failures=args.only_failures))
     if args.json:
@@ -218,7 +292,7 @@ def run(args) -> int:
             Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
         except OSError as err:
             raise ValueError(f"--json {args.json}: could not write the report ({err})") from err
-    return 0 if report.equivalent else 1
+    return report.exit_status
 
 
 def _arguments(args) -> dict:

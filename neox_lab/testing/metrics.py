@@ -7,11 +7,18 @@ import math
 
 import torch
 
-from .report import LogitsResult
+from .results import LogitsResult
 from .tolerance import UNIT_ROUNDOFF, Tolerance
 
 #: Constant of the KL computation's own rounding noise (see `kl_noise`).
 KL_NOISE_C = 16.0
+
+
+def allows(err: float, ref: float, n: int, rel: float, abs_: float) -> bool:
+    """||a - b|| = err within rel ||b|| + abs sqrt(n) (NaN never is)."""
+    if math.isnan(err):
+        return False
+    return err <= rel * ref + abs_ * math.sqrt(max(n, 1))
 
 
 def real_entries(t: torch.Tensor, shape: str, real: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -51,8 +58,27 @@ def ratio(err: float, ref: float) -> float:
     return err / ref if ref > 0 else float("inf")
 
 
-def per_head_failures(a: torch.Tensor, b: torch.Tensor, dims: list[str], n_heads: int, tol: Tolerance,
-                      depth: int) -> list[int]:
+def failing_positions(a: torch.Tensor, b: torch.Tensor, dims: list[str], real: torch.Tensor, rel: float,
+                      abs_: float) -> tuple[list[int], int]:
+    """For a stream over real positions (first axis "real"): the columns whose own slice leaves the floor
+    (first few, sorted) and how many real positions fail."""
+    if not dims or dims[0] != "real" or a.shape[0] != int(real.sum()):
+        return [], 0
+    cols = real.nonzero()[:, 1].to(a.device)
+    diff = (a - b).flatten(1)
+    ref = b.flatten(1)
+    n = diff.shape[1]
+    same = (a.flatten(1) == ref) | (a.flatten(1).isnan() & ref.isnan())
+    diff = torch.where(same, torch.zeros_like(diff), diff)
+    err = diff.nan_to_num(nan=math.inf).norm(dim=1)
+    bound = rel * torch.where(ref.isfinite(), ref, torch.zeros_like(ref)).norm(dim=1) + abs_ * math.sqrt(max(n, 1))
+    bad = err > bound
+    positions = sorted({int(c) for c in cols[bad].tolist()})
+    return positions[:8], int(bad.sum())
+
+
+def per_head_failures(a: torch.Tensor, b: torch.Tensor, dims: list[str], n_heads: int, rel: float,
+                      abs_: float) -> list[int]:
     """Heads whose own slice of a head-shaped stream leaves the floor, worst first."""
     if "n_heads" not in dims:
         return []
@@ -62,7 +88,7 @@ def per_head_failures(a: torch.Tensor, b: torch.Tensor, dims: list[str], n_heads
     out = []
     for h in range(n_heads):
         _, err, ref, n = errors(a.select(axis, h), b.select(axis, h))
-        if not tol.allows(err, ref, n, depth):
+        if not allows(err, ref, n, rel, abs_):
             out.append((-(err / ref if ref > 0 else math.inf), h))
     return [h for _, h in sorted(out)]
 
@@ -83,7 +109,9 @@ def kl_noise(logits: torch.Tensor) -> float:
 
 
 def compare_logits(la: torch.Tensor, lb: torch.Tensor, real: torch.Tensor, tol: Tolerance,
-                   depth: int) -> LogitsResult:
+                   rel_bound: float, batch: str = "main") -> LogitsResult:
+    """The logits checks over real positions, against the relative bound `rel_bound` (tol gives the
+    absolute floor, the top-1 requirement and a fixed KL bound if it has one)."""
     if la.shape != lb.shape:
         raise ValueError(f"logits: model_a gives {tuple(la.shape)}, model_b {tuple(lb.shape)}")
     a, b = la.to(torch.float64), lb.to(device=la.device, dtype=torch.float64)
@@ -91,7 +119,8 @@ def compare_logits(la: torch.Tensor, lb: torch.Tensor, real: torch.Tensor, tol: 
         a, b = a[real.to(a.device)], b[real.to(a.device)]  # per-position outputs: real positions only
     a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     max_abs, err, ref, n = errors(a, b)
-    rel_bound = tol.rel_at(depth)
+    ca, cb = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    _, c_err, c_ref, _ = errors(ca, cb)
     # The per-logit scale of the bound, row by row: a near tie within twice of it may flip.
     per_logit = rel_bound * b.pow(2).mean(-1).sqrt() + tol.abs
     top_a, top_b = a.argmax(-1), b.argmax(-1)
@@ -105,10 +134,10 @@ def compare_logits(la: torch.Tensor, lb: torch.Tensor, real: torch.Tensor, tol: 
     kl_bound = tol.kl if tol.kl is not None else max(float((per_logit.pow(2) / 2).mean()), noise)
     return LogitsResult(
         shape=list(la.shape), n_rows=rows, max_abs=max_abs, rel=ratio(err, ref), bound=rel_bound,
-        passed_error=tol.allows(err, ref, n, depth),
+        passed_error=allows(err, ref, n, rel_bound, tol.abs),
         top1_agreement=float(agree.double().mean()) if rows else 1.0,
         top1_within_noise=float(within.double().mean()) if rows else 1.0,
         top1_required=tol.top1_agreement,
         kl_mean=float(kl.mean()) if rows else 0.0, kl_max=float(kl.max()) if rows else 0.0,
-        kl_bound=kl_bound, kl_noise=noise,
+        kl_bound=kl_bound, kl_noise=noise, batch=batch, rel_centered=ratio(c_err, c_ref),
     )

@@ -16,14 +16,16 @@ import torch
 
 @dataclass
 class Expected:
-    """Where the bug must be reported: a config field, or a weight tensor (layer, heads, parts)."""
+    """Where the bug must be reported: a config field, a weight tensor (layer, heads, parts), the first
+    diverging stream (a hook name, in `batch` when given), or a decoding step ("step 1")."""
 
-    kind: str  # "config" or "weights"
-    name: str  # config field as reported (e.g. "rope_theta") or the tensor's body-relative name
+    kind: str  # "config", "weights", "activations" or "decoding"
+    name: str  # config field as reported (e.g. "rope_theta"), tensor's body-relative name, hook name or step
     layer: int | None = None
     heads: list[int] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
     swapped: tuple[int, int] | None = None  # a pair of blocks the report must name as exchanged
+    batch: str | None = None  # activations: the batch it shows in ("main", "left-padded", "probe")
 
 
 def _rebuilt(model, **changes):
@@ -128,9 +130,18 @@ MUTATIONS = {f.__name__: f for f in (head_permutation, bias_zeroed, rotary_base,
 
 def named_place(report, expected: Expected) -> bool:
     """Whether `report` names `expected` as a reason it fails (config field, tensor + layer + heads +
-    parts, or the exchanged pair of blocks)."""
+    parts, the exchanged pair of blocks, the first diverging stream or the activation check that
+    names it, or the failing decoding step)."""
     if expected.kind == "config":
         return any(d.name == expected.name for d in report.config_failures)
+    if expected.kind == "activations":
+        first = report.first_divergence
+        if first is not None and first.name == expected.name and expected.batch in (None, first.batch):
+            return True
+        return any(expected.name in a.names for a in report.activation if not a.passed)
+    if expected.kind == "decoding":
+        return report.decoding is not None and any(f.startswith(f"decoding: {expected.name} (")
+                                                   for f in report.decoding.failures())
     if report.weights is None:
         return False
     if expected.swapped is not None:

@@ -14,6 +14,9 @@ import torch
 from ..config import NeoXConfig
 from ..model.tasks import MODEL_CLASSES
 
+#: The weight std of trained-like models (`make_trained_like`): attention-score rms ~3-10, like trained heads.
+TRAINED_LIKE_STD = 0.2
+
 HF_CLASSES = {
     "causal_lm": "GPTNeoXForCausalLM",
     "sequence_classification": "GPTNeoXForSequenceClassification",

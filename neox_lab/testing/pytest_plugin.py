@@ -3,9 +3,13 @@
 Fixtures
     neox_config      the NeoX config the other fixtures build (a 2-layer d_model 32 model); override
                      it in your conftest.py to test another shape
-    neox_tiny_model  a seeded random `NeoXForCausalLM(neox_config)` in eval mode
+    neox_tiny_model  a seeded `NeoXForCausalLM(neox_config)` in eval mode with trained-like weights
     neox_pair        a seeded (transformers GPTNeoXForCausalLM, neox_lab NeoXForCausalLM) pair with
-                     identical weights; skips the test when transformers is not installed
+                     identical trained-like weights; skips the test when transformers is not installed
+
+Trained-like (`pairs.make_trained_like`, std TRAINED_LIKE_STD): random biases and LayerNorm parameters
+and sharp attention (score rms ~3-10). A fresh-init model has zero biases and unit LayerNorms, so a port
+that drops a bias or uses GELU-tanh would compute nearly the same thing and pass against it.
 
 Option
     --neox-profile=fast|thorough   load the hypothesis settings profile "neox-fast" (10 examples,
@@ -24,7 +28,7 @@ import pytest
 import torch
 
 from ..model.tasks import NeoXForCausalLM
-from .pairs import build_pair, tiny_config
+from .pairs import TRAINED_LIKE_STD, build_pair, make_trained_like, tiny_config
 
 PROFILES = {"fast": "neox-fast", "thorough": "neox-thorough"}
 _PREVIOUS = pytest.StashKey[str]()
@@ -87,16 +91,17 @@ def neox_config():
 
 @pytest.fixture
 def neox_tiny_model(neox_config):
-    """A seeded random neox_lab causal LM in eval mode (seed 0)."""
+    """A seeded neox_lab causal LM in eval mode with trained-like weights (seed 0)."""
     torch.manual_seed(0)
-    return NeoXForCausalLM(neox_config).eval()
+    return make_trained_like(NeoXForCausalLM(neox_config).eval(), seed=0, std=TRAINED_LIKE_STD)
 
 
 @pytest.fixture
 def neox_pair(neox_config, tmp_path):
-    """(transformers model, neox_lab model) with identical seeded weights, both fp32 eager in eval mode."""
+    """(transformers model, neox_lab model) with identical seeded trained-like weights, both fp32 eager in
+    eval mode."""
     try:
         import transformers  # noqa: F401
     except ImportError:
         pytest.skip("neox_pair needs transformers (pip install transformers)")
-    return build_pair(neox_config, seed=0, directory=str(tmp_path / "neox_pair"))
+    return build_pair(neox_config, seed=0, directory=str(tmp_path / "neox_pair"), trained_like=TRAINED_LIKE_STD)

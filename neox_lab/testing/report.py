@@ -1,16 +1,34 @@
-"""`EquivalenceReport`: what `compare` found (config, weights, activations), the verdict, the first
-divergence in words, and `assert_equivalent` for tests and CI. Text rendering is in `report_text`,
-JSON in `report_json`."""
+"""`EquivalenceReport`: what `compare` found (config, weights, activations, logits, decoding), the
+verdict, the first divergence in words, and `assert_equivalent` for tests and CI. Text rendering is
+in `report_text`, JSON in `report_json`.
+
+Verdicts (and `neox-lab compare`'s exit status): "equivalent" (0), "not equivalent" (1),
+"same function, different parametrisation" (3: the outputs agree within rounding while weights or
+streams differ far beyond it, e.g. a side after fold_ln) and "reference unusable" (4: model_b gave
+NaN/inf where model_a did not, and nothing else failed). 2 is the CLI's usage or loading error."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .activation_check import ActivationResult
 from .config_diff import ConfigDifference
+from .decoding import DecodingResult
 from .report_json import report_dict, report_json
 from .report_text import render_table
+from .results import HookResult, LogitsResult
 from .tolerance import Tolerance
 from .weight_diff import WeightDiff
+
+EQUIVALENT = "equivalent"
+NOT_EQUIVALENT = "not equivalent"
+REPARAMETRISED = "same function, different parametrisation"
+REFERENCE_UNUSABLE = "reference unusable"
+#: The verdicts and the exit status `neox-lab compare` gives each (2 is a usage or loading error).
+EXIT_STATUS = {EQUIVALENT: 0, NOT_EQUIVALENT: 1, REPARAMETRISED: 3, REFERENCE_UNUSABLE: 4}
+#: A hook "differs for real" when its error is this many times its bound: with the logits within
+#: rounding, such differences are a reparametrisation, not a bug hidden by rounding.
+REPARAM_MARGIN = 10.0
 
 
 class NotEquivalentError(AssertionError):
@@ -22,66 +40,10 @@ class NotEquivalentError(AssertionError):
 
 
 @dataclass
-class HookResult:
-    """One hook point's comparison over the real (non-pad) positions, in fp64.
-
-    rel = ||a - b|| / ||b||; bound is the relative floor at this depth; passed applies the tolerance
-    (relative plus absolute term), so a stream that is (nearly) zero can pass with a large `rel`.
-    heads: for a failing head-shaped stream, the heads whose own slice fails, worst first.
-    """
-
-    name: str
-    layer: int | None
-    shape: list[int]
-    n: int
-    max_abs: float
-    rel: float
-    bound: float
-    passed: bool
-    heads: list[int] = field(default_factory=list)
-
-    def where(self) -> str:
-        """In words: "blocks.3.attn.hook_q (layer 3, heads 1, 2)"."""
-        bits = ["outside the blocks" if self.layer is None else f"layer {self.layer}"]
-        if self.heads:
-            bits.append(("head " if len(self.heads) == 1 else "heads ") + ", ".join(map(str, self.heads)))
-        return f"{self.name} ({', '.join(bits)})"
-
-
-@dataclass
-class LogitsResult:
-    """The model outputs: normwise error plus next-token distribution checks (over real positions).
-
-    top1_agreement counts positions whose argmax agrees; top1_within_noise also excuses near ties
-    (the reference's margin between the two tokens within twice the per-logit bound), and is what
-    the tolerance's `top1_agreement` is held against. kl_* are KL(p_b || p_a) in nats; kl_bound is
-    never below kl_noise, the rounding noise of computing the KL itself.
-    """
-
-    shape: list[int]
-    n_rows: int
-    max_abs: float
-    rel: float
-    bound: float
-    passed_error: bool
-    top1_agreement: float
-    top1_within_noise: float
-    top1_required: float
-    kl_mean: float
-    kl_max: float
-    kl_bound: float
-    kl_noise: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return (self.passed_error and self.top1_within_noise >= self.top1_required
-                and self.kl_mean <= self.kl_bound)
-
-
-@dataclass
 class EquivalenceReport:
-    """Config differences, the weight diff, per-hook errors (forward order), the logits comparison,
-    the long rotary probe, and the tolerance they were held to."""
+    """Config differences, the weight diff, per-hook errors (forward order) on the main batch, the
+    left-padded batch and the long probe, the logits, the activation check, the decoding check, the
+    tolerance they were held to, and the verdict (`verdict`, `exit_status`)."""
 
     model_a: str
     model_b: str
@@ -98,7 +60,20 @@ class EquivalenceReport:
     sides: dict = field(default_factory=dict)
     skipped_all: str | None = None  # why no activation was compared at all
     provenance: dict = field(default_factory=dict)  # filled by the CLI: paths, arguments, versions ...
+    padded: list[HookResult] = field(default_factory=list)
+    padded_logits: LogitsResult | None = None
+    padded_shape: list[int] | None = None
+    probe_logits: LogitsResult | None = None
+    activation: list[ActivationResult] = field(default_factory=list)
+    decoding: DecodingResult | None = None
+    floors: str = ""  # how the bounds were obtained (measured / analytic / custom)
+    notes: list[str] = field(default_factory=list)  # what was not checked, and why
+    reference_unusable: list[str] = field(default_factory=list)  # where model_b gave NaN/inf, in words
+    unusable_batches: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)  # settings of model_b found to give finite values
+    processed: dict[str, list[str]] = field(default_factory=dict)  # side -> weight processing applied
 
+    # -- evidence --------------------------------------------------------------------------------
     @property
     def config_failures(self) -> list[ConfigDifference]:
         return [d for d in self.config if d.changes_function]
@@ -108,24 +83,27 @@ class EquivalenceReport:
         return any(d.structural for d in self.config)
 
     @property
-    def equivalent(self) -> bool:
-        """No function-changing config difference, no changed weight (beyond what the mode allows),
-        and every compared hook, the probe and the logits within the floor."""
-        return (not self.config_failures and (self.weights is None or self.weights.passed)
-                and all(h.passed for h in self.hooks) and all(h.passed for h in self.probe)
-                and (self.logits is None or self.logits.passed))
+    def all_hooks(self) -> list[HookResult]:
+        """Every hook result: main batch, left-padded batch, long probe."""
+        return self.hooks + self.padded + self.probe
 
-    passed = equivalent
+    @property
+    def all_logits(self) -> list[LogitsResult]:
+        return [lg for lg in (self.logits, self.padded_logits, self.probe_logits) if lg is not None]
+
+    def _judged(self, items):
+        return [x for x in items if x.batch not in self.unusable_batches]
 
     @property
     def failures(self) -> list[HookResult]:
-        return [h for h in self.hooks if not h.passed]
+        """Failing hooks of the batches the reference could be run on (main batch first)."""
+        return [h for h in self._judged(self.all_hooks) if not h.passed]
 
     @property
     def first_divergence(self) -> HookResult | None:
-        """The earliest hook (forward order) whose error leaves the noise floor, or None (the long
-        probe's hooks count after the main run's)."""
-        return next((h for h in self.hooks + self.probe if not h.passed), None)
+        """The earliest hook (forward order; main batch, then the left-padded batch, then the probe)
+        whose error leaves the noise floor, or None."""
+        return next(iter(self.failures), None)
 
     @property
     def first_diverging_layer(self) -> int | None:
@@ -140,10 +118,57 @@ class EquivalenceReport:
         reason = self.skipped.get(name)
         raise KeyError(f"hook {name!r} was not compared" + (f": {reason}" if reason else ""))
 
+    # -- verdict ---------------------------------------------------------------------------------
+    @property
+    def verdict(self) -> str:
+        """"equivalent", "not equivalent", "same function, different parametrisation" (the output agrees
+        within rounding while weights or streams differ far beyond it, e.g. after fold_ln) or "reference
+        unusable" (model_b gave NaN/inf where model_a did not, and nothing else failed)."""
+        if self.config_failures:
+            return NOT_EQUIVALENT
+        logits = self._judged(self.all_logits)
+        activation_ok = all(a.passed for a in self.activation)
+        decoding_ok = self.decoding is None or self.decoding.passed
+        weights_ok = self.weights is None or self.weights.passed
+        if weights_ok and not self.failures and activation_ok and decoding_ok and all(lg.passed for lg in logits):
+            return REFERENCE_UNUSABLE if self.reference_unusable else EQUIVALENT
+        same_output = logits and all(lg.passed_up_to_shift for lg in logits) and activation_ok and decoding_ok
+        if same_output and self._reparametrised():
+            return REPARAMETRISED
+        return NOT_EQUIVALENT
+
+    def _reparametrised(self) -> bool:
+        failing = self.failures
+        # The outputs must have been compared, and agreed, where the streams differ: on that batch, or on
+        # one where the same streams differ too (the probe compares no outputs; a reparametrisation
+        # changes its streams as it changes the main batch's, a bug beyond 256 positions does not).
+        outputs = {lg.batch for lg in self.all_logits}
+        seen = {h.name for h in failing if h.batch in outputs}
+        if any(h.batch not in outputs and h.name not in seen for h in failing):
+            return False
+        if any(self.processed.values()):
+            return True  # a side says it was processed, and its outputs agree
+        return bool(failing) and all(h.nonfinite is None and h.rel >= REPARAM_MARGIN * h.bound for h in failing)
+
+    @property
+    def equivalent(self) -> bool:
+        """Only the verdict "equivalent": no function-changing config difference, no changed weight
+        (beyond what the mode allows), every compared stream, the logits, the activation check and the
+        decoding check within their floors, and the reference usable."""
+        return self.verdict == EQUIVALENT
+
+    passed = equivalent
+
+    @property
+    def exit_status(self) -> int:
+        """`neox-lab compare`'s exit status for this verdict (EXIT_STATUS)."""
+        return EXIT_STATUS[self.verdict]
+
     def reasons(self) -> list[str]:
         """Why the models are not equivalent, in words, most basic evidence first (config, weights,
-        activations); empty when they are equivalent."""
-        out = [d.describe() for d in self.config_failures]
+        activations, logits, decoding); empty when they are equivalent."""
+        out = list(self.reference_unusable)
+        out += [d.describe() for d in self.config_failures]
         if self.weights is not None:
             out.extend(f"blocks {i} and {j} are exchanged: every weight of block {i} in model_a is block {j}'s of "
                        "model_b and vice versa" for i, j in self.weights.swapped_layers)
@@ -152,28 +177,55 @@ class EquivalenceReport:
                            f"{t.max_abs:.3g}, rel {t.rel:.3g}")
             out.extend(f"parameter {n} exists only in model_a" for n in self.weights.only_a)
             out.extend(f"parameter {n} exists only in model_b" for n in self.weights.only_b)
+            out.extend(f"weight map: {p}" for p in self.weights.problems)
         first = self.first_divergence
         if first is not None:
-            probe = " (long probe, " + "x".join(map(str, self.probe_shape or [])) + " random ids)" \
-                if first in self.probe else ""
-            nonfinite = "; a non-finite value on one side only" if first.rel == float("inf") else ""
-            out.append(f"activations: first divergence at {first.where()}{probe}: rel error {first.rel:.3g} > bound "
-                       f"{first.bound:.3g}{nonfinite}; {len(self.failures)} of {len(self.hooks)} hooks fail")
-        lg = self.logits
-        if lg is not None and not lg.passed:
-            out.append(f"logits: rel error {lg.rel:.3g} (bound {lg.bound:.3g}), top-1 within noise "
-                       f"{lg.top1_within_noise:.4f} (required {lg.top1_required}), KL mean {lg.kl_mean:.3g} "
-                       f"(bound {lg.kl_bound:.3g})")
+            where = {"main": "", "left-padded": f" (left-padded batch, {_shape(self.padded_shape)})",
+                     "probe": f" (long probe, {_shape(self.probe_shape)} random ids)"}[first.batch]
+            what = f"; {first.nonfinite}" if first.nonfinite else ""
+            if first.rel <= first.bound and not first.mean_passed:
+                error = (f"its average over the real positions is off by rel {first.mean_rel:.3g} > bound "
+                         f"{first.mean_bound:.3g}, while each position is within rounding (a systematic shift: "
+                         "a dropped bias?)")
+            else:
+                error = f"rel error {first.rel:.3g} > bound {first.bound:.3g}"
+            out.append(f"activations: first divergence at {first.where()}{where}: {error}{what}; "
+                       f"{len(self.failures)} of {len(self._judged(self.all_hooks))} hooks fail")
+        out.extend(a.describe() for a in self.activation if not a.passed and a.layer is not None)
+        if not any(not a.passed and a.layer is not None for a in self.activation):
+            out.extend(a.describe() for a in self.activation if not a.passed)
+        for lg in self._judged(self.all_logits):
+            if not lg.passed:
+                label = "logits" if lg.batch == "main" else f"logits ({lg.batch})"
+                extra = f"; {lg.nonfinite}" if lg.nonfinite else ""
+                shift = ("; equal up to a constant per position (softmax-invariant)"
+                         if lg.passed_up_to_shift else "")
+                out.append(f"{label}: rel error {lg.rel:.3g} (bound {lg.bound:.3g}), top-1 within noise "
+                           f"{lg.top1_within_noise:.4f} (required {lg.top1_required}), KL mean {lg.kl_mean:.3g} "
+                           f"(bound {lg.kl_bound:.3g}){shift}{extra}")
+        if self.decoding is not None:
+            out.extend(self.decoding.failures())
         return out
 
     def summary(self) -> str:
-        """One line: the verdict and, when it fails, the first (most basic) reason."""
-        if self.equivalent:
-            what = f"{len(self.hooks)} hooks" + (" and logits" if self.logits is not None else "")
-            label = self.tolerance.label if self.tolerance is not None else "the floor"
-            return f"EQUIVALENT ({what} within {label})"
+        """One line: the verdict and, when it is not "equivalent", the first (most basic) reason."""
+        verdict = self.verdict
+        if verdict == EQUIVALENT:
+            what = f"{len(self.all_hooks)} hook results" + (" and logits" if self.logits is not None else "")
+            if self.decoding is not None and (self.decoding.consistency or self.decoding.greedy):
+                what += " and decoding"
+            return f"EQUIVALENT ({what} within {self.floors or 'the floor'})"
         reasons = self.reasons()
         more = f" (+{len(reasons) - 1} more finding(s))" if len(reasons) > 1 else ""
+        if verdict == REPARAMETRISED:
+            steps = sorted({s for v in self.processed.values() for s in v})
+            named = f" ({', '.join(steps)})" if steps else ""
+            return (f"SAME FUNCTION, DIFFERENT PARAMETRISATION{named}: the outputs agree within rounding while "
+                    f"{len(self.failures)} stream(s) and {len(self.weights.failures) if self.weights else 0} "
+                    f"weight(s) differ beyond it; first: {reasons[0]}")
+        if verdict == REFERENCE_UNUSABLE:
+            fix = f"; finite: {'; '.join(self.suggestions)}" if self.suggestions else ""
+            return f"REFERENCE UNUSABLE: {reasons[0]}{fix}"
         return f"NOT EQUIVALENT: {reasons[0]}{more}"
 
     def table(self, only_failures: bool = False) -> str:
@@ -192,9 +244,16 @@ class EquivalenceReport:
         return report_json(self, indent)
 
 
-def assert_equivalent(report: EquivalenceReport, msg: str | None = None) -> None:
-    """Raise `NotEquivalentError` (an AssertionError) naming where the models first differ, with the numbers."""
-    if report.equivalent:
+def _shape(shape) -> str:
+    return "x".join(map(str, shape or []))
+
+
+def assert_equivalent(report: EquivalenceReport, msg: str | None = None, *,
+                      allow_reparametrisation: bool = False) -> None:
+    """Raise `NotEquivalentError` (an AssertionError) naming where the models first differ, with the numbers.
+    `allow_reparametrisation=True` also accepts "same function, different parametrisation" (e.g. a
+    model after `process_weights_()` against the unprocessed one)."""
+    if report.equivalent or (allow_reparametrisation and report.verdict == REPARAMETRISED):
         return
     lines = [msg] if msg else []
     lines.append(report.summary())

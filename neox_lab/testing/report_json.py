@@ -14,22 +14,28 @@ import math
 
 def report_dict(report) -> dict:
     first = report.first_divergence
-    logits = None
-    if report.logits is not None:
-        logits = {**dataclasses.asdict(report.logits), "passed": report.logits.passed}
     w = report.weights
     weights = None
     if w is not None:
         weights = {"passed": w.passed, "rounding": w.rounding, "lossy_floor": w.lossy_floor,
                    "only_a": w.only_a, "only_b": w.only_b, "swapped_layers": [list(p) for p in w.swapped_layers],
+                   "unmatched": w.unmatched, "problems": w.problems,
                    "tensors": [dataclasses.asdict(t) for t in w.tensors]}
+    dec = report.decoding
+    decoding = None
+    if dec is not None:
+        decoding = {**dataclasses.asdict(dec), "passed": dec.passed, "failures": dec.failures()}
     return clean({
         "equivalent": report.equivalent,
+        "verdict": report.verdict,
+        "exit_status": report.exit_status,
         "summary": report.summary(),
         "reasons": report.reasons(),
         "mode": report.mode,
+        "floors": report.floors,
         "first_divergence": None if first is None else {"name": first.name, "layer": first.layer,
-                                                        "heads": first.heads},
+                                                        "heads": first.heads, "batch": first.batch,
+                                                        "positions": first.positions},
         "model_a": report.model_a,
         "model_b": report.model_b,
         "sides": report.sides,
@@ -40,11 +46,25 @@ def report_dict(report) -> dict:
         "weights": weights,
         "activations_skipped": report.skipped_all,
         "hooks": [dataclasses.asdict(h) for h in report.hooks],
-        "logits": logits,
-        "probe": {"shape": report.probe_shape, "hooks": [dataclasses.asdict(h) for h in report.probe]}
-        if report.probe else None,
+        "logits": _logits(report.logits),
+        "padded": {"shape": report.padded_shape, "hooks": [dataclasses.asdict(h) for h in report.padded],
+                   "logits": _logits(report.padded_logits)} if report.padded_shape else None,
+        "probe": {"shape": report.probe_shape, "hooks": [dataclasses.asdict(h) for h in report.probe],
+                  "logits": _logits(report.probe_logits)} if report.probe_shape else None,
+        "activation": [dataclasses.asdict(a) for a in report.activation],
+        "decoding": decoding,
+        "reference_unusable": report.reference_unusable,
+        "unusable_batches": report.unusable_batches,
+        "suggestions": report.suggestions,
+        "processed": report.processed,
+        "notes": report.notes,
         "skipped": dict(report.skipped),
     })
+
+
+def _logits(lg) -> dict | None:
+    return None if lg is None else {**dataclasses.asdict(lg), "passed": lg.passed,
+                                     "passed_up_to_shift": lg.passed_up_to_shift}
 
 
 def report_json(report, indent: int | None = 2) -> str:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from ..config import NeoXConfig
 
 # Pair building lives in `pairs` (no hypothesis needed there); re-exported for existing imports.
-from .pairs import HF_CLASSES, build_pair, hf_config, tiny_config  # noqa: F401
+from .pairs import HF_CLASSES, TRAINED_LIKE_STD, build_pair, hf_config, tiny_config  # noqa: F401
 
 ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu")
 
@@ -112,12 +112,14 @@ class ModelPair:
 
 @st.composite
 def paired_models(draw, configs=None, *, task: str = "causal_lm", dtype=torch.float32,
-                  attn_backend: str = "eager") -> ModelPair:
-    """A config from `configs` (default `neox_configs()`), a seed, and the seeded pair built from them.
+                  attn_backend: str = "eager", trained_like: float | None = TRAINED_LIKE_STD) -> ModelPair:
+    """A config from `configs` (default `neox_configs()`), a seed, and the seeded pair built from them,
+    with trained-like weights (random biases and LayerNorms, sharp attention; `trained_like` is the
+    weight std, None for transformers' fresh init), so a dropped bias or a GELU variant shows.
 
     Building saves and loads a checkpoint (tens of ms for tiny configs): keep `configs` small.
     """
     cfg = draw(neox_configs() if configs is None else configs)
     seed = draw(st.integers(0, 2**16))
-    hf, neox = build_pair(cfg, seed, task, dtype=dtype, attn_backend=attn_backend)
+    hf, neox = build_pair(cfg, seed, task, dtype=dtype, attn_backend=attn_backend, trained_like=trained_like)
     return ModelPair(cfg, seed, hf, neox)

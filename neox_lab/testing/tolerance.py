@@ -1,5 +1,10 @@
 """The tolerance policy: how far two runs of "the same" NeoX may drift apart from rounding alone.
 
+This is the analytic, worst-case policy. `compare` measures the rounding instead where it can
+(`floors.py`: the reference re-run in fp64 and in each side's dtype), which is 10-100 times tighter on
+most models; this policy remains what a float64 side contributes, what applies when neither side can be
+re-run, and where the absolute floor and the top-1 requirement come from.
+
 Model of the noise
 ------------------
 Two correct implementations of one NeoX differ only in rounding: the order of sums (eager vs sdpa,

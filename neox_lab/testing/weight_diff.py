@@ -12,6 +12,7 @@ finer than bf16.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,10 @@ class WeightDiff:
     rounding: str  # the formats the elementwise bound was derived for
     lossy_floor: float | None = None  # set by the lossy mode: the relative error a tensor may have
     swapped_layers: list[tuple[int, int]] = field(default_factory=list)  # blocks exchanged wholesale
+    #: parameters without a counterpart that do not fail: those of a replaced module (a fused MLP in a
+    #: transformers model), and, with a weight map, the port tensors it leaves out; the activations judge them
+    unmatched: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # weight-map entries that could not be compared (fail)
 
     @property
     def changed(self) -> list[TensorResult]:
@@ -75,23 +80,38 @@ class WeightDiff:
 
     @property
     def passed(self) -> bool:
-        return not self.failures and not self.only_a and not self.only_b
+        return not self.failures and not self.only_a and not self.only_b and not self.problems
 
 
 def named_weights(model) -> dict[str, torch.Tensor]:
     """A neox_lab or transformers model's parameters under neox_lab body-relative names (tied ones
-    under each of their names)."""
+    under each of their names; a transformers module neox_lab has no name for keeps its own path,
+    with the body prefix translated, e.g. `blocks.0.mlp.fused.weight`)."""
     hf = not hasattr(model, "hook_dict")
     out = {}
     for key, p in stored_state_dict(model).items():  # offloaded parts of a placed model included
-        name = hf_to_neox_key(key, bare=True) if hf else key.removeprefix("model.")
+        if hf:
+            name = hf_to_neox_key(key, bare=True)
+            if name == key:
+                name = _HF_LAYER.sub(r"blocks.\1.", key.removeprefix("gpt_neox."))
+        else:
+            name = key.removeprefix("model.")
         out[name] = p
     return out
 
 
+_HF_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
 def diff_weights(model_a, model_b, n_heads: int) -> WeightDiff:
     """Compare the parameters of two models of one shape (see the module docstring for the bound)."""
-    wa, wb = named_weights(model_a), named_weights(model_b)
+    return diff_named(named_weights(model_a), named_weights(model_b), n_heads)
+
+
+def diff_named(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor], n_heads: int) -> WeightDiff:
+    """`diff_weights` on {neox_lab name: tensor} dicts. A name one side lacks fails, unless that side
+    holds other parameters in the same module (its module was replaced): then both are listed in
+    `unmatched` and left to the activations."""
     tensors = []
     formats = set()
     for name, tb in wb.items():
@@ -103,9 +123,48 @@ def diff_weights(model_a, model_b, n_heads: int) -> WeightDiff:
         tensors.append(_diff_one(name, ta, tb, fa, fb, n_heads))
     only_a = sorted(n for n in wa if n not in wb or tuple(wa[n].shape) != tuple(wb[n].shape))
     only_b = sorted(n for n in wb if n not in wa or tuple(wa[n].shape) != tuple(wb[n].shape))
-    diff = WeightDiff(tensors, only_a, only_b, "/".join(sorted(formats)))
+    replaced = {_module_of(n) for n in only_a if n not in wb} & {_module_of(n) for n in only_b if n not in wa}
+    unmatched = sorted(n for n in only_a + only_b if _module_of(n) in replaced)
+    only_a = [n for n in only_a if n not in unmatched]
+    only_b = [n for n in only_b if n not in unmatched]
+    diff = WeightDiff(tensors, only_a, only_b, "/".join(sorted(formats)), unmatched=unmatched)
     diff.swapped_layers = _swapped_layers(wa, wb, {t.layer for t in diff.changed if t.layer is not None})
     return diff
+
+
+def _module_of(name: str) -> str:
+    """The block submodule a parameter belongs to ("blocks.0.mlp" for blocks.0.mlp.fc_in.weight)."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if parts[0] == "blocks" else parts[0]
+
+
+def diff_mapped(entries, port: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], n_heads: int,
+                port_label: str, reference_label: str) -> WeightDiff:
+    """The weight diff of a port through its weight map: each mapped port tensor against the reference
+    tensors it names, after the map's transform (which takes them to the port's layout). Port tensors
+    the map leaves out are listed in `unmatched`; a missing or ill-shaped reference tensor fails."""
+    tensors, missing, formats = [], [], set()
+    for e in entries:
+        absent = [s for s in e.sources if s not in reference]
+        if absent:
+            missing.append(f"{e.name} (maps to {', '.join(absent)}, which {reference_label} does not have)")
+            continue
+        ref = [reference[s] for s in e.sources]
+        ref = e.transform(*ref) if e.transform is not None else ref[0]
+        got = port[e.name]
+        label = f"{e.name} = {' + '.join(e.sources)}"
+        if tuple(got.shape) != tuple(ref.shape):
+            missing.append(f"{e.name}: shape {tuple(got.shape)} in {port_label}, {tuple(ref.shape)} from "
+                           f"{', '.join(e.sources)} after the weight map's transform")
+            continue
+        fa, fb = _fmt(got.dtype), _fmt(ref.dtype)
+        formats.update((fa, fb))
+        result = _diff_one(e.name, got, ref.to(got.device), fa, fb, n_heads)
+        result.name, result.layer = label, e.layer
+        tensors.append(result)
+    mapped = {e.name for e in entries}
+    unmatched = [f"{n} ({port_label}; not in its weight map)" for n in port if n not in mapped]
+    return WeightDiff(tensors, [], [], "/".join(sorted(formats)), unmatched=unmatched, problems=missing)
 
 
 def _swapped_layers(wa, wb, changed: set[int]) -> list[tuple[int, int]]:

@@ -48,7 +48,8 @@ def test_one_weight_element_times_1e3_in_layer_5_is_caught_at_default_settings(c
     assert code == 1
     (bad,) = [t for t in rep["weights"]["tensors"] if not t["passed"]]
     assert (bad["name"], bad["layer"], bad["n_changed"]) == ("blocks.5.mlp.fc_in.weight", 5, 1)
-    assert rep["first_divergence"] == {"name": "blocks.5.mlp.hook_pre", "layer": 5, "heads": []}
+    first = rep["first_divergence"]
+    assert (first["name"], first["layer"], first["heads"], first["batch"]) == ("blocks.5.mlp.hook_pre", 5, [], "main")
 
 
 def test_structural_difference_exits_one_with_the_full_report(ckpts, tmp_path, capsys):

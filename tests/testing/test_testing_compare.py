@@ -148,15 +148,19 @@ def _add_at(model, name, rows, cols, value):
     model.add_hook(name, fn, permanent=True)
 
 
+# The edits above address one batch's [row, position]: compare only that batch.
+MAIN_ONLY = dict(padded=False, probe_len=None, decode_steps=0)
+
+
 def test_only_real_positions_are_compared(base):
     ids = torch.randint(0, CFG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     at_pad = copy.deepcopy(base)
     _add_at(at_pad, "blocks.0.hook_resid_post", 0, 1, 5.0)  # row 0, a left-pad position
-    assert compare(at_pad, base, ids, attention_mask=mask).equivalent
+    assert compare(at_pad, base, ids, attention_mask=mask, **MAIN_ONLY).equivalent
     at_real = copy.deepcopy(base)
     _add_at(at_real, "blocks.0.hook_resid_post", 0, 2, 5.0)
-    report = compare(at_real, base, {"input_ids": ids, "attention_mask": mask})
+    report = compare(at_real, base, {"input_ids": ids, "attention_mask": mask}, **MAIN_ONLY)
     assert report.first_divergence.name == "blocks.0.hook_resid_post"
     assert report.n_positions == 10
 
@@ -164,7 +168,7 @@ def test_only_real_positions_are_compared(base):
 def test_a_nan_on_one_side_is_an_infinite_error(base, ids):
     broken = copy.deepcopy(base)
     _add_at(broken, "blocks.1.mlp.hook_post", 0, 3, float("nan"))
-    report = compare(broken, base, ids)
+    report = compare(broken, base, ids, **MAIN_ONLY)
     assert report.first_divergence.name == "blocks.1.mlp.hook_post"
     assert report.first_divergence.rel == float("inf")
     assert "non-finite" in report.summary()
@@ -181,7 +185,9 @@ def test_report_renderings_and_error_message(base, ids):
     report = compare(edited, base, ids, hooks=lambda n: "resid" in n or "mlp" in n)
     d = json.loads(report.to_json())
     assert d["equivalent"] is False
-    assert d["first_divergence"] == {"name": "blocks.1.mlp.hook_pre", "layer": 1, "heads": []}
+    assert d["first_divergence"] == {"name": "blocks.1.mlp.hook_pre", "layer": 1, "heads": [], "batch": "main",
+                                     "positions": []}
+    assert d["verdict"] == "not equivalent" and d["exit_status"] == 1
     assert {h["name"] for h in d["hooks"]} == {h.name for h in report.hooks}
     assert all("resid" in h.name or "mlp" in h.name for h in report.hooks)
     table = report.table()
@@ -210,7 +216,10 @@ def test_bad_inputs_are_refused_with_the_reason(base, ids):
     assert not structural.equivalent and "config num_hidden_layers: model_a 2, model_b 3" in structural.summary()
     with pytest.raises(ValueError, match="at least one real"):
         compare(base, base, ids, attention_mask=torch.tensor([[0] * 10, [1] * 10]))
-    with pytest.raises(TypeError, match="neox_lab model or a transformers"):
+    with pytest.raises(TypeError, match="an nn.Module, a callable"):
+        compare(42, base, ids)
+    # Any module is a port; one that is not a NeoX says so when it is called, naming the side and the call.
+    with pytest.raises(RuntimeError, match=r"model_a: calling the port as Linear\(input_ids\)"):
         compare(torch.nn.Linear(2, 2), base, ids)
 
 

@@ -122,12 +122,13 @@ def test_lossy_mode_accepts_uniform_quantisation_but_not_a_zeroed_bias(model, id
 
 
 def test_long_probe_sees_a_rotary_base_change_that_short_inputs_hide():
-    """rope_theta 10000 -> 10001 in fp32: at 8 positions the rotated q moves ~1e-6 relative, under the
-    fp32 floor (~2e-5); the angle error grows with the position, and at 512 it is past the floor."""
+    """rope_theta 10000 -> 10000.01 in fp32: at 8 positions the rotated q moves by a tenth of the measured
+    fp32 floor (4 x the rounding of rot_q in fp32, ~3e-7); the angle error grows with the position, and
+    at 512 it is past the floor. (At 10001, the old default, the measured floor sees it at 8 already.)"""
     cfg = tiny_config(num_hidden_layers=1, max_position_embeddings=1024, rotary_pct=1.0)
     torch.manual_seed(0)
     good = make_trained_like(NeoXForCausalLM(cfg).eval(), seed=0, std=0.2)
-    bad, _ = rotary_base(good)
+    bad, _ = rotary_base(good, factor=1 + 1e-6)
     short = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     report = compare(bad, good, short)
     assert all(h.passed for h in report.hooks), report.table()  # the activations alone miss it at 8

@@ -30,6 +30,17 @@ def test_pair_is_fresh_per_test(neox_pair, neox_tiny_model):
     assert nx.cfg == neox_tiny_model.cfg and not neox_tiny_model.training
 
 
+def test_fixtures_are_trained_like_so_a_dropped_bias_fails(neox_tiny_model, neox_pair):
+    from neox_lab.testing.code_bugs import gelu_tanh, mlp_bias_dropped
+
+    block = neox_tiny_model.model.blocks[0]
+    assert block.mlp.fc_out.bias.abs().max() > 0.05 and (block.ln1.weight - 1).abs().max() > 0.05
+    assert neox_pair[0].gpt_neox.layers[0].mlp.dense_4h_to_h.bias.abs().max() > 0.05
+    for bug in (mlp_bias_dropped, gelu_tanh):
+        broken, _ = bug(neox_tiny_model)
+        assert not compare(broken, neox_tiny_model).equivalent
+
+
 def test_pair_again_unedited(neox_pair):
     hf, nx = neox_pair
     assert compare(nx, hf, torch.randint(0, 97, (1, 5))).equivalent
@@ -58,7 +69,7 @@ def test_fixtures_and_fast_profile_in_a_separate_project(pytester):
     before = settings.get_current_profile_name()
     _project(pytester, 10)
     result = pytester.runpytest("--neox-profile=fast", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=4, skipped=1)
+    result.assert_outcomes(passed=5, skipped=1)
     result.stdout.fnmatch_lines(["neox_lab: hypothesis profile 'neox-fast'"])
     assert settings.get_current_profile_name() == before  # the in-process run gave the profile back
 

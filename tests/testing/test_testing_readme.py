@@ -1,7 +1,9 @@
 """Every code block of the README's "Equivalence testing in CI" section runs, verbatim, in a temporary
-project holding the checkpoints the blocks name: python blocks are executed (the pytest example is
-written to tests/ and run with the command the README gives), bash lines and the workflow's `run:`
-steps that call neox-lab or pytest are executed and must exit 0, text blocks are not code."""
+project holding the checkpoints the blocks name: python blocks are executed in order in one namespace,
+except those that open with a file path comment (`# tests/test_my_port.py`, `# my_port.py`), which are
+written there (the pytest example is run with the command the README gives, the port factory by the
+`py:` commands); bash lines and the workflow's `run:` steps that call neox-lab or pytest are executed
+and must exit 0, text blocks are not code."""
 
 from __future__ import annotations
 
@@ -59,31 +61,37 @@ def _pytest(line: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
+def _is_file(code: str) -> bool:
+    return re.match(r"# [\w/.-]+\.py\n", code) is not None
+
+
 def test_the_section_has_the_blocks_this_test_knows():
     kinds = [lang for lang, _ in BLOCKS]
-    assert kinds.count("python") == 2 and "bash" in kinds and "yaml" in kinds
+    assert kinds.count("python") == 4 and "bash" in kinds and "yaml" in kinds
+    assert sum(_is_file(c) for lang, c in BLOCKS if lang == "python") == 2
     assert set(kinds) <= {"python", "bash", "yaml", "text"}  # no unlabelled block escapes this test
 
 
-def test_python_example_runs(project, monkeypatch):
-    (code,) = [c for lang, c in BLOCKS if lang == "python" and "def test_" not in c]
+def test_python_examples_run(project, monkeypatch):
     monkeypatch.chdir(project)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    namespace = {"__name__": "readme"}
+    for code in [c for lang, c in BLOCKS if lang == "python" and not _is_file(c)]:
+        exec(compile(code, "README.md", "exec"), namespace)
 
 
-def _write_pytest_example(project: Path) -> None:
-    (code,) = [c for lang, c in BLOCKS if lang == "python" and "def test_" in c]
-    path = code.splitlines()[0].removeprefix("# ").strip()
-    (project / path).write_text(code)
+def _write_files(project: Path) -> None:
+    for code in [c for lang, c in BLOCKS if lang == "python" and _is_file(c)]:
+        path = code.splitlines()[0].removeprefix("# ").strip()
+        (project / path).write_text(code)
 
 
 def test_pytest_example_passes_with_the_readme_command(project):
-    _write_pytest_example(project)
+    _write_files(project)
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     command = re.search(r"Run it with `([^`]+)`", text).group(1)
     result = _pytest(command, project)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "3 passed" in result.stdout or "2 passed" in result.stdout
+    assert "3 passed" in result.stdout
 
 
 def test_bash_and_workflow_commands_run(project, monkeypatch):
@@ -96,6 +104,7 @@ def test_bash_and_workflow_commands_run(project, monkeypatch):
             assert any(ln.strip().startswith("pip install") for ln in code.splitlines())  # not repeated here
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     readme_pytest = re.search(r"Run it with `([^`]+)`", text).group(1).split()
+    _write_files(project)  # the port factory the py: commands name
     monkeypatch.chdir(project)
     ran = 0
     for line in dict.fromkeys(lines):  # the bash block and the workflow share commands: run each once
@@ -107,4 +116,4 @@ def test_bash_and_workflow_commands_run(project, monkeypatch):
         assert argv[0] == "neox-lab", f"README runs an unexpected command: {line}"
         assert main(argv[1:]) == 0, line
         ran += 1
-    assert ran >= 2 and (project / "reports" / "fp16.json").is_file()
+    assert ran >= 3 and (project / "reports" / "fp16.json").is_file() and (project / "reports" / "port.json").is_file()
