@@ -20,9 +20,13 @@ FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```", flags=re.M | re.S)
 #: (page, the first 60 characters of the block) -> the test that runs it.
 UNEXECUTED = {
     ("guides/equivalence-testing.md", "import torch"):
-        "tests/testing/test_testing_readme.py::test_python_example_runs (checkpoints built in a temp project)",
+        "tests/testing/test_testing_guide.py::test_python_examples_run (checkpoints built in a temp project)",
+    ("guides/equivalence-testing.md", "from neox_lab.testing import Port, qkv_part"):
+        "tests/testing/test_testing_guide.py::test_python_examples_run",
     ("guides/equivalence-testing.md", "# tests/test_my_port.py"):
-        "tests/testing/test_testing_readme.py::test_pytest_example_passes_with_the_readme_command",
+        "tests/testing/test_testing_guide.py::test_pytest_example_passes_with_the_page_command",
+    ("guides/equivalence-testing.md", "# my_port.py"):
+        "tests/testing/test_testing_guide.py::test_bash_and_workflow_commands_run (the py: factory)",
     ("guides/placement.md", '# model = NeoXForCausalLM.from_pretrained("EleutherAI/gpt-ne'):
         "comments only: test_comment_only_blocks_are_comments",
     ("guides/gpu.md", "import torch"):
