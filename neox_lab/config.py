@@ -126,6 +126,16 @@ class NeoXConfig:
         transformers 5.x rotates twice that many, so an odd rotary_dim rotates one extra channel."""
         return 2 * math.ceil(self.rotary_dim / 2)
 
+    def parameter_count(self) -> int:
+        """Parameters of a causal LM of this shape: the embedding, every block (fused QKV and output
+        projections, the MLP, two LayerNorms; biases per `attention_bias`), the final LayerNorm and the
+        unembedding (none of its own when tied)."""
+        d, f = self.hidden_size, self.intermediate_size
+        attention = 4 * d * d + (4 * d if self.attention_bias else 0)
+        block = attention + 2 * d * f + f + d + 4 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_hidden_layers * block + 2 * d + head
+
     def __getattr__(self, name: str):
         # Only reached for a missing attribute: a TransformerLens config name says where it lives.
         if name in LENS_NAMES:
@@ -210,7 +220,10 @@ class NeoXConfig:
         _refuse_if(kv_heads not in (None, heads), "num_key_value_heads", "grouped-query attention is not NeoX")
         head_dim = d.pop("head_dim", None)
         hidden = d.get("hidden_size", cls.hidden_size)
-        _refuse_if(head_dim not in (None, hidden // heads), "head_dim", "must equal hidden_size // heads")
+        sizes_valid = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (heads, hidden))
+        # Invalid sizes are named by validate() below; only a valid pair has a head_dim to compare.
+        _refuse_if(sizes_valid and head_dim not in (None, hidden // heads), "head_dim",
+                   "must equal hidden_size // heads")
 
         rope = dict(d.pop("rope_parameters", None) or {})
         scaling = d.pop("rope_scaling", None)

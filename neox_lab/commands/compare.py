@@ -23,6 +23,7 @@ import importlib
 import json
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -197,7 +198,13 @@ def _load(spec: str, dtype: torch.dtype, backend: str, device: str, placement: d
                          "(pip install transformers)") from err
     NeoXConfig.from_hf(directory)  # refuses configs neox_lab could not run either, with the key named
     kwargs = {} if HF_BACKENDS[backend] is None else {"attn_implementation": HF_BACKENDS[backend]}
-    model = getattr(transformers, arch).from_pretrained(directory, dtype=dtype, **kwargs)
+    try:
+        model = getattr(transformers, arch).from_pretrained(directory, dtype=dtype, **kwargs)
+    except pickle.UnpicklingError as err:  # weights_only refused the file: nothing was executed
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or ["weights_only refused it"]
+        reason = next((line for line in lines if "global" in line.lower()), lines[0]).split(". ")[0]
+        raise ValueError(f"{spec}: the weights cannot be loaded safely ({reason}); they hold pickled "
+                         "objects that are not tensors. Convert a trusted copy to safetensors") from None
     return model.to(device=device).eval(), directory
 
 

@@ -28,6 +28,19 @@ from .registry import LN_STREAMS, block_hook, expand_shorthand, flag_of, hook_na
 PosSlice = int | slice | list | torch.Tensor | None
 
 
+def check_slice(sel: object, label: str = "pos_slice") -> None:
+    """A selection TransformerLens' `Slice` accepts (None, an int, a slice, a list / array / tensor of
+    ints), else a TypeError naming the argument."""
+    if sel is None or isinstance(sel, slice):
+        return
+    try:
+        index = torch.as_tensor(sel)
+    except (TypeError, ValueError, RuntimeError):
+        index = None
+    if index is None or index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+        raise TypeError(f"{label} must be None, an int, a slice or a list / tensor of int indices, got {sel!r}")
+
+
 def slice_dim(t: torch.Tensor, sel: PosSlice, dim: int) -> torch.Tensor:
     """`t` indexed by `sel` along `dim` as TransformerLens' `Slice` does: None keeps everything, an int
     picks one index and drops the axis (negative counts from the end), a slice or a list / tensor of

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..axes import POSITIONS, find_axis
-from .activation_cache import ActivationCache, PosSlice, slice_pos
+from .activation_cache import ActivationCache, PosSlice, check_slice, slice_pos
 from .points import HookFn, HookPoint, LayerIndex
 from .registry import FLAG_HOOKS, check_flags, hook_names, layer_of, unavailable_reason, unknown_hook_message
 
@@ -235,6 +235,7 @@ class HookedMixin:
         `remove_batch_dim=True` (batch 1) drops the batch axis of every cached tensor;
         `reset_hooks_end` / `clear_contexts` are `hooks()`'s.
         """
+        check_slice(pos_slice)
         if incl_bwd and stop_at_layer is not None:
             raise ValueError("run_with_cache: incl_bwd=True needs the whole forward (a loss or logits to "
                              "backpropagate), so it cannot be combined with stop_at_layer")

@@ -22,6 +22,7 @@ from .kernels import BACKENDS, AttnMask, StaticDecodeMask, resolve_backend
 from .kv_cache import KVCache
 from .layernorm import LayerNorm
 from .loading import load_pretrained, save_pretrained
+from .memory import check_fits
 from .outputs import NeoXOutput
 from .padding import caller_stacklevel, warn_if_left_padded
 from .placement import load_placed, stored_state_dict
@@ -246,6 +247,7 @@ class NeoXModel(NeoXPreTrained):
 
     def __init__(self, cfg: NeoXConfig, attn_backend: str = "auto", *, _setup: bool = True):
         super().__init__(cfg, attn_backend)
+        check_fits(cfg, torch.get_default_dtype(), torch.get_default_device())  # before allocating anything
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.hook_embed = HookPoint(axes.RESID)
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
@@ -270,6 +272,9 @@ class NeoXModel(NeoXPreTrained):
             if arg is not None and not isinstance(arg, torch.Tensor):
                 raise TypeError(f"{label} must be a torch.Tensor, got {type(arg).__name__}; wrap it, e.g. "
                                 f"torch.tensor([[...]]) for [batch pos] (model.tokenizer turns text into ids)")
+            if arg is not None and arg.device.type == "meta":
+                raise ValueError(f"{label} is on the meta device, which holds shapes but no values; pass a tensor "
+                                 f"on {self.input_device} (or the CPU)")
         if input_ids is not None:
             if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"input_ids must be an integer tensor [batch pos] (int64 or int32), got "

@@ -1,12 +1,15 @@
 """Loading transformers GPTNeoX checkpoints into neox_lab models, and saving them back.
 
-Weights are read with safetensors, or `torch.load(weights_only=True)` for .bin files (zip and legacy
-formats): nothing is unpickled. The model is built on the meta device and the read tensors are assigned,
-so the weights are held once, already in the requested dtype and on the requested device.
+Weights are read from safetensors files located by their checked headers (tensor_files.py), or with
+`torch.load(weights_only=True)` for .bin files (zip and legacy formats): nothing is unpickled. The model is
+built on the meta device and the read tensors are assigned, so the weights are held once, already in the
+requested dtype and on the requested device, in memory of their own: never views of the file, so a
+checkpoint overwritten or truncated after loading cannot change (or crash) the loaded model.
 
 A checkpoint is refused, naming the file or tensor, when its JSON is broken, an index points outside the
-directory, a file is truncated, its floating tensors mix dtypes (without `dtype=` to cast them), or a
-weight holds inf/NaN (a corrupt file; checked on every load, a read of memory already being copied).
+directory, a file is truncated or a tensor's size disagrees with its header, a weight the model holds in
+floating point is stored as integers, its floating tensors mix dtypes (without `dtype=` to cast them),
+or a weight holds inf/NaN (a corrupt file; checked on every load, a read of memory already being copied).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..config import NeoXConfig, read_json_object
 from ..dtypes import DTYPES, nonfinite_count
 from ..tokenizer import NeoXTokenizer
 from .compact import is_compact, read_compact, save_compact
+from .memory import check_fits
 from .shipped import DEFAULT_MODEL_ID, attach_default_tokenizer, default_model_dir, package_model_dir
+from .tensor_files import CheckpointError, owned, stored_tensors
 
 # (transformers prefix, neox_lab prefix) inside the body; "{L}" is the layer index. The body sits at
 # `gpt_neox.` in transformers' head classes and at `model.` in neox_lab's.
@@ -77,10 +82,6 @@ def neox_to_hf_key(key: str) -> str:
         if pattern.match(body):
             return "gpt_neox." + pattern.sub(repl, body, count=1)
     return key
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model or is damaged: names the file and the tensors at fault."""
 
 
 def capped(items: list[str], limit: int = 8) -> str:
@@ -193,7 +194,8 @@ def _index_files(directory: Path, index_path: Path) -> list[Path]:
 
 
 def read_tensors(files: list[Path], dtype=None, device=None):
-    """Yield (transformers key, tensor) for every tensor in the files, converted one at a time."""
+    """Yield (transformers key, tensor) for every tensor in the files, one at a time, each converted and
+    in memory of its own (never a view of the file)."""
     for path in files:
         if path.suffix == ".safetensors" and _compact(path):
             # neox_lab's own compact history checkpoints: low-bit matrices decoded to float32 (compact.py).
@@ -203,19 +205,20 @@ def read_tensors(files: list[Path], dtype=None, device=None):
             except (ValueError, SafetensorError) as err:
                 raise CheckpointError(f"{path} is not a readable compact checkpoint: {err}") from err
         elif path.suffix == ".safetensors":
-            try:
-                with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
-                    for key in fh.keys():
-                        yield key, _convert(fh.get_tensor(key), dtype, device)
-            except SafetensorError as err:
-                raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+            for item in stored_tensors(path):
+                yield item.key, _convert(item.read(), dtype, device)
         else:
-            state = _torch_load(path)
+            mapped = zipfile.is_zipfile(path)
+            state = _torch_load(path, mapped)
             for key in list(state):
-                yield key, _convert(state.pop(key), dtype, device)
+                stored = state.pop(key)
+                yield key, owned(_convert(stored, dtype, device), stored if mapped else None)
 
 
 def _compact(path: Path) -> bool:
+    # The header checks first: safetensors' own reader would refuse a truncated file with a message that
+    # names no tensor and no byte.
+    stored_tensors(path)
     try:
         return is_compact(path)
     except (ValueError, SafetensorError) as err:
@@ -228,11 +231,12 @@ def plain_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors" and not _compact(path)
 
 
-def _torch_load(path: Path) -> dict:
-    """A .bin state dict with `torch.load(weights_only=True)`: memory-mapped when it is a zip file, read
-    whole when it is the legacy (pre-1.6) format, which cannot be mapped."""
+def _torch_load(path: Path, mapped: bool) -> dict:
+    """A .bin state dict with `torch.load(weights_only=True)`: memory-mapped when it is a zip file (each
+    tensor is then copied out as it is used), read whole when it is the legacy (pre-1.6) format, which
+    cannot be mapped."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as err:  # noqa: BLE001 - unpickling refusals, truncation and format errors alike
         raise CheckpointError(f"{path} could not be read as weights-only torch data: {err}") from err
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
@@ -246,11 +250,29 @@ def _convert(t: torch.Tensor, dtype, device) -> torch.Tensor:
     return t.to(device) if device is not None else t
 
 
+def check_weight_dtype(key: str, t, expected: torch.Tensor, directory: Path) -> None:
+    """A weight the model holds in floating point must not be stored as integers (no cast can tell what
+    the integers were meant to be: a quantised tensor needs its scales). `t`: a tensor or anything with
+    its `dtype`."""
+    if expected.dtype.is_floating_point and not t.dtype.is_floating_point:
+        stored = str(t.dtype).removeprefix("torch.")
+        raise CheckpointError(f"checkpoint {directory}: tensor {key!r} is stored as {stored} but the model holds "
+                              "it in floating point; the file is damaged or quantised (dequantise it before "
+                              "loading)")
+
+
 # ---------------------------------------------------------------------------------------- loading
 def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backend="auto", revision=None):
     dtype = resolve_dtype(dtype)
     directory = resolve_checkpoint(path_or_repo_id, revision)
     cfg = NeoXConfig.from_hf(directory)
+    files = _weight_files(directory)
+    # The weights' dtype, from the safetensors headers (a .bin file says it only once read), to refuse a
+    # model that cannot fit before anything is read.
+    stored = next((t.dtype for f in files if f.suffix == ".safetensors" for t in stored_tensors(f)
+                   if t.dtype.is_floating_point), None)
+    if dtype or stored:
+        check_fits(cfg, dtype or stored, torch.device(device) if device is not None else torch.device("cpu"))
     with torch.device("meta"):
         model = cls(cfg, attn_backend=attn_backend)
     expected = {k: v for k, v in model.state_dict().items()}
@@ -261,7 +283,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
         expected.pop("unembed.weight")
     loaded, unexpected, misshaped, shaped_wrong = {}, [], [], set()
     head_in_file = None
-    for hf_key, tensor in read_tensors(_weight_files(directory), dtype, device):
+    for hf_key, tensor in read_tensors(files, dtype, device):
         if _LEGACY.search(hf_key):
             continue
         key = hf_to_neox_key(hf_key, bare)
@@ -277,6 +299,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_backe
             misshaped.append(f"{hf_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key].shape)}")
             shaped_wrong.add(key)
         else:
+            check_weight_dtype(hf_key, tensor, expected[key], directory)
             loaded[key] = tensor
             check_finite_weight(hf_key, tensor, directory)
     check_one_dtype(loaded, directory)

@@ -7,19 +7,18 @@ the model to `dispatch_model`.
 
 The unit of placement is a *placement unit*: the embedding, each block (never split), the final
 LayerNorm and the head (`unembed`, `score`, ...). Loading never holds the model twice in host memory:
-tensors kept in CPU RAM in their stored dtype are views of the memory-mapped safetensors file (pages
-are read when first used), tensors for a GPU or in another dtype are read one at a time, and "disk"
-tensors stay in the checkpoint's own safetensors files, read at each forward (nothing is copied unless
-the checkpoint is a .bin one, whose disk tensors are written to `offload_folder`).
+tensors are read one at a time, each into memory of its own (never a view of the file: a loaded model
+must not change when its file does) and sent to its device, and "disk" tensors stay in the checkpoint's
+own safetensors files, read at each forward (nothing is copied unless the checkpoint is a .bin one,
+whose disk tensors are written to `offload_folder`). Every safetensors header is checked against the
+file's size before anything is read; offloaded reads are checked too (`tensor_files.OffloadCheck`: the
+file must be the one loaded, and each tensor's first read is checked for its shape and inf/NaN).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import mmap
 import os
-import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -31,14 +30,17 @@ from .loading import (
     attach_tokenizer,
     check_finite_weight,
     check_one_dtype,
+    check_weight_dtype,
     fresh_head_keys,
     hf_to_neox_key,
     is_legacy_key,
+    neox_to_hf_key,
     plain_safetensors,
     read_tensors,
     resolve_checkpoint,
     weight_files,
 )
+from .tensor_files import OffloadCheck, StoredTensor, stored_tensors
 
 #: The string device maps accelerate plans for us: "auto" and "balanced" spread blocks evenly over
 #: the GPUs, "balanced_low_0" leaves GPU 0 room (for generation's logits), "sequential" fills GPU 0 first.
@@ -50,13 +52,6 @@ PRELOAD = ["Attention"]
 # Keyword arguments accelerate's hooks must pass through untouched: the Rotary module (its `.to` would
 # move the shared module itself) and the KV cache, whose tensors live beside each layer already.
 SKIP_KEYS = ["rotary", "kv_cache"]
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 def require_accelerate():
     """The accelerate package, or an ImportError saying how to install it."""
@@ -201,68 +196,6 @@ def main_device(units: list[str], placed: dict[str, str]) -> str:
     return accelerators[0] if accelerators else "cpu"
 
 
-# ------------------------------------------------------------------------------------------ reading
-class _Stored:
-    """One tensor of a safetensors file: where it is, without reading it."""
-
-    def __init__(self, path: Path, key: str, dtype: torch.dtype, shape: tuple, start: int, end: int):
-        self.path, self.key, self.dtype, self.shape, self.start, self.end = path, key, dtype, shape, start, end
-
-
-def _safetensors_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise CheckpointError(f"{path} is not a readable safetensors file: too short for a header")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as err:
-            raise CheckpointError(f"{path} is not a readable safetensors file: bad header ({err})") from err
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def stored_tensors(path: Path) -> Iterator[_Stored]:
-    """Every tensor of a safetensors file, located from the header alone."""
-    header, base = _safetensors_header(path)
-    for key, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key} has dtype {info['dtype']}, which neox_lab does not load")
-        begin, end = info["data_offsets"]
-        yield _Stored(path, key, _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, base + end)
-
-
-class _Mapped:
-    """Private (copy-on-write) memory maps of safetensors files, one per file, kept by the tensors
-    that view them: a weight kept in CPU RAM in its stored dtype is never copied."""
-
-    def __init__(self):
-        self.maps: dict[Path, torch.Tensor] = {}
-
-    def view(self, item: _Stored) -> torch.Tensor | None:
-        if item.path not in self.maps:
-            with open(item.path, "rb") as fh:
-                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            self.maps[item.path] = torch.frombuffer(buf, dtype=torch.uint8)
-        size = item.dtype.itemsize
-        if item.start % size:
-            return None  # unaligned (a hand-written file): read a copy instead
-        flat = self.maps[item.path][item.start:item.end]
-        return flat.view(item.dtype).view(item.shape)
-
-
-def _read(item: _Stored) -> torch.Tensor:
-    """A fresh CPU copy of one tensor, read with plain file I/O (no mapping stays behind)."""
-    buf = bytearray(item.end - item.start)
-    with open(item.path, "rb") as fh:
-        fh.seek(item.start)
-        fh.readinto(buf)
-    if not buf:
-        return torch.empty(item.shape, dtype=item.dtype)
-    return torch.frombuffer(buf, dtype=item.dtype).view(item.shape)
-
-
 # ------------------------------------------------------------------------------------------ loading
 def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_folder=None,
                 dtype: torch.dtype | None = None, attn_backend: str = "auto", revision: str | None = None):
@@ -292,7 +225,6 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
     def unit_of(key: str) -> str:
         return max((u for u in units if key.startswith(u + ".")), key=len)
 
-    mapped = _Mapped()
     loaded, index, unexpected, misshaped, shaped_wrong = {}, {}, [], [], set()
     for hf_key, source in _sources(files, stored):
         if is_legacy_key(hf_key):
@@ -308,10 +240,11 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
             misshaped.append(f"{hf_key}: checkpoint {tuple(shape)}, model {tuple(expected[key].shape)}")
             shaped_wrong.add(key)
             continue
+        check_weight_dtype(hf_key, source, expected[key], directory)
         device = placed[unit_of(key)]
         want = dtype if dtype is not None and source.dtype.is_floating_point else source.dtype
         if device == "disk":
-            if isinstance(source, _Stored):
+            if isinstance(source, StoredTensor):
                 # accelerate reads it from the checkpoint itself at each forward, converting to `want`.
                 index[key] = {"safetensors_file": os.fspath(source.path), "weight_name": source.key,
                               "dtype": str(want).removeprefix("torch.")}
@@ -325,7 +258,7 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
             # accelerate casts what it loads to the parameter's dtype: give the placeholder the right one.
             loaded[key] = torch.empty(shape, dtype=want, device="meta")
             continue
-        loaded[key] = _to_device(source, device, want, mapped)
+        loaded[key] = _to_device(source, device, want)
         # Tensors kept on "disk" are not read at load (that is the point of offloading): only these are checked.
         check_finite_weight(hf_key, loaded[key], directory)
     check_one_dtype(loaded, directory)  # meta placeholders carry their dtype too
@@ -361,29 +294,47 @@ def load_placed(cls, path_or_repo_id, *, device_map, max_memory=None, offload_fo
                        offload_index=index or None, skip_keys=SKIP_KEYS, preload_module_classes=PRELOAD)
     finally:
         quiet.setLevel(level)
+    _check_offloaded_reads(model, expected, directory)
     model.set_placement(placed, main)
     attach_tokenizer(model, directory)
     return model
 
 
-def _sources(files: list[Path], stored: list[_Stored]) -> Iterator[tuple[str, _Stored | torch.Tensor]]:
-    """(transformers key, where its tensor is): safetensors located from headers, other files read
-    (memory-mapped) by `read_tensors`."""
+def _check_offloaded_reads(model, expected: dict, directory: Path) -> None:
+    """Put `OffloadCheck` between accelerate's hooks and the weights they read from the checkpoint."""
+    def first_read(key: str, t: torch.Tensor) -> None:
+        if key in expected and tuple(t.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"checkpoint {directory}: tensor {neox_to_hf_key(key)!r} read from disk is "
+                                  f"{tuple(t.shape)}, the model needs {tuple(expected[key].shape)}")
+        check_finite_weight(neox_to_hf_key(key), t, directory)
+
+    checks: dict[int, OffloadCheck] = {}
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", (hook,)):
+            prefixed = getattr(h, "weights_map", None)
+            loader = getattr(prefixed, "dataset", None)
+            if loader is None or not getattr(loader, "index", None):
+                continue  # nothing read from files there
+            if id(loader) not in checks:
+                checks[id(loader)] = loader if isinstance(loader, OffloadCheck) else OffloadCheck(loader, first_read)
+            prefixed.dataset = checks[id(loader)]
+
+
+def _sources(files: list[Path], stored: list[StoredTensor]) -> Iterator[tuple[str, StoredTensor | torch.Tensor]]:
+    """(transformers key, where its tensor is): safetensors located from their checked headers, other
+    files read by `read_tensors`."""
     yield from ((s.key, s) for s in stored)
     others = [f for f in files if not plain_safetensors(f)]
     if others:
         yield from read_tensors(others)
 
 
-def _to_device(source: _Stored | torch.Tensor, device: str, dtype: torch.dtype, mapped: _Mapped) -> torch.Tensor:
+def _to_device(source: StoredTensor | torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return source.to(device=device, dtype=dtype)
-    if device == "cpu" and source.dtype == dtype:
-        view = mapped.view(source)
-        if view is not None:
-            return view
-    # Read alone, then moved and converted: at most one tensor is ever held twice in host memory.
-    return _read(source).to(device=device).to(dtype)
+    # Read alone into its own memory, then moved and converted: at most one tensor is ever held twice.
+    return source.read().to(device=device).to(dtype)
 
 
 def offload_slot(model, name: str) -> tuple[Mapping, str] | None:

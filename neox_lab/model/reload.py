@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..config import NeoXConfig
 from .loading import (
@@ -43,7 +42,8 @@ from .loading import (
     resolve_checkpoint,
     weight_files,
 )
-from .placement import offload_slot, stored_tensors
+from .placement import offload_slot
+from .tensor_files import OffloadCheck, stored_tensors
 
 #: Config fields two checkpoints loaded into one model may differ in: they act only in training (or,
 #: for tying, are decided by the tensors themselves: see `load_in_place`).
@@ -102,10 +102,10 @@ def _sources(files: list[Path], disk: dict, bare: bool):
     safetensors file is only located (its header record), never read."""
     for path in files:
         if disk and plain_safetensors(path):
-            with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
-                for item in stored_tensors(path):
-                    located = hf_to_neox_key(item.key, bare) in disk
-                    yield item.key, item if located else fh.get_tensor(item.key)
+            for item in stored_tensors(path):
+                located = hf_to_neox_key(item.key, bare) in disk
+                # Read into memory of its own, as every loader does (tensor_files.py): never a view of a file.
+                yield item.key, item if located else item.read()
         else:
             yield from read_tensors([path])
 
@@ -198,6 +198,9 @@ def load_in_place(model, path_or_repo_id, *, revision: str | None = None,
         disk[embed_key][0].index["unembed.weight"] = disk[embed_key][0].index[disk[embed_key][1]]
     for key in added:
         targets[key].zero_()
+    for weights in {id(slot[0]): slot[0] for slot in disk.values()}.values():
+        if isinstance(weights, OffloadCheck):
+            weights.refresh()  # the files it checks are now the new checkpoint's
     if model.weights_processed:
         process(model)
     return directory

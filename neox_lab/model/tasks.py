@@ -116,6 +116,7 @@ class NeoXForCausalLM(_Head):
         return self._forward(input_ids, labels, logits_to_keep, {**kwargs, "attention_mask": attention_mask})
 
     def _forward(self, input_ids, labels, logits_to_keep: int, kwargs: dict) -> NeoXOutput:
+        check_targets("labels", labels, _input_shape(input_ids, kwargs), "one token id (or -100) per input token")
         out = self._body(input_ids, kwargs)
         if kwargs.get("stop_at_layer") is not None:
             return out
@@ -147,6 +148,8 @@ class NeoXForSequenceClassification(_Head):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> NeoXOutput:
+        check_targets("labels", labels, _input_shape(input_ids, kwargs)[:1], "one label (or row of labels) per "
+                      "input row", leading=True)
         out = self._body(input_ids, kwargs)
         if kwargs.get("stop_at_layer") is not None:
             return out
@@ -196,6 +199,7 @@ class NeoXForTokenClassification(_Head):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> NeoXOutput:
+        check_targets("labels", labels, _input_shape(input_ids, kwargs), "one label (or -100) per input token")
         out = self._body(input_ids, kwargs)
         if kwargs.get("stop_at_layer") is not None:
             return out
@@ -218,6 +222,9 @@ class NeoXForQuestionAnswering(_Head):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, start_positions: torch.Tensor | None = None,
                 end_positions: torch.Tensor | None = None, **kwargs: Any) -> NeoXOutput:
+        for label, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+            check_targets(label, positions, _input_shape(input_ids, kwargs)[:1], "one position per input row",
+                          leading=True)
         out = self._body(input_ids, kwargs)
         if kwargs.get("stop_at_layer") is not None:
             return out
@@ -230,6 +237,25 @@ class NeoXForQuestionAnswering(_Head):
             out.loss = (F.cross_entropy(widen(out.start_logits), start, ignore_index=ignored)
                         + F.cross_entropy(widen(out.end_logits), end, ignore_index=ignored)) / 2
         return out
+
+
+def _input_shape(input_ids, kwargs: dict) -> tuple:
+    """[batch pos] of the input (ids or embeddings); () when there is none to read it from."""
+    x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    return tuple(x.shape[:2]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else ()
+
+
+def check_targets(label: str, targets, shape: tuple, what: str, leading: bool = False) -> None:
+    """Loss targets must be a tensor of the input's `shape` (only its leading axes, with `leading`), checked
+    before the forward so that a mistake costs nothing and says which argument and shape are wrong."""
+    if targets is None or not shape:
+        return
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{label} must be a torch.Tensor ({what}), got {type(targets).__name__}")
+    got = tuple(targets.shape[: len(shape)]) if leading else tuple(targets.shape)
+    if got != shape and not (leading and targets.dim() == 0 and shape == (1,)):  # one row: a scalar will do
+        want = f"[{', '.join(map(str, shape))}{', ...' if leading else ''}]"
+        raise ValueError(f"{label} must be {want} ({what}) to match the input, got {list(targets.shape)}")
 
 
 #: transformers architecture name -> the neox_lab class that loads it.

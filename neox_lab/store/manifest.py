@@ -23,13 +23,15 @@ all shards). The manifest is JSON with sorted keys and no timestamps, so equal r
                          manifest also has "rank")
   n_tokens, n_documents  cached so far (documents read, skipped ones included)
   next_offset            tokens of document doc_range[0] + n_documents already stored (packing only)
-  stats                  optional, per hook: mean and mean norm (`ActivationStore.normalization_stats`)
   shards                 in document order: file (relative path), first_token, n_tokens, first_doc,
                          n_docs, bytes, sha256, backend ("attn_backend@device" of the run that wrote it)
   completed              false until every document is on disk
 
 Each shard holds, for its token range, one [token ...] tensor per hook plus int64 "token_ids",
 "doc_ids" (index in the source) and "positions" (position in the document) [token].
+
+Only the writer writes the manifest. Readers keep their normalisation statistics in ``stats.json``
+(store/stats.py); a "stats" entry in manifests of older versions is ignored.
 
 The manifest is trusted only after `check_manifest`: shard files are plain names inside the store (no
 absolute paths, no ".."), token and document counts add up, and a completed store covers every document.
@@ -46,10 +48,15 @@ from typing import Any
 
 import torch
 
+from ..dtypes import DTYPES
+
 # The format name predates the store's own name; stores on disk carry it, so it stays.
 FORMAT = "neox_lab.activation_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+#: The tensor dtypes of safetensors files, by their header code.
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32}
 
 #: Manifest fields that must agree before a run may resume or reuse a store ("source.path" may differ).
 IDENTITY = (
@@ -122,17 +129,18 @@ def _tensor_digest(t: torch.Tensor) -> bytes:
     return hashlib.sha256(memoryview(raw)).digest()
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
+def weights_sha256(model: torch.nn.Module, workers: int | None = None) -> str:
     """A digest of every byte of every tensor in the model's state_dict, with names, shapes and dtypes.
 
     Two checkpoints that differ anywhere (another training step, one edited weight) differ here. Tensors
-    are hashed in parallel threads (hashlib releases the GIL); sha256 reads 0.5-1.5 GiB/s per core, so
-    pythia-1.4b in fp16 takes a few seconds once per run (experiments/bench_store_integrity.py).
+    are hashed in `workers` parallel threads (default: the cores, up to 8; hashlib releases the GIL);
+    sha256 reads 0.5-1.5 GiB/s per core, so pythia-1.4b in fp16 takes a few seconds once per run
+    (experiments/bench_store_integrity.py).
     """
     # A model placed with device_map holds offloaded weights as meta placeholders: hash the stored values.
     state = model.stored_state_dict() if hasattr(model, "stored_state_dict") else model.state_dict()
     items = list(state.items())
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda item: _tensor_digest(item[1]), items))
     h = hashlib.sha256()
     for (name, t), digest in zip(items, digests):
@@ -147,6 +155,49 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+#: How a shard's "sha256" is taken when its entry says ``"digest": "tensors"`` (every shard this version
+#: writes): the writer hashes each tensor while the run goes on, so closing a shard costs no pass over its
+#: data; any changed byte of the header or of a tensor changes it. Entries without "digest" hold the
+#: plain sha256 of the file (earlier versions).
+TENSOR_DIGEST = "tensors"
+
+
+def tensors_sha256(header_block: bytes, tensor_digests: list[bytes]) -> str:
+    """sha256 of a safetensors file's header block (length + JSON) followed by the sha256 of each tensor's
+    bytes, in the order the tensors lie in the file."""
+    h = hashlib.sha256(header_block)
+    for digest in tensor_digests:
+        h.update(digest)
+    return h.hexdigest()
+
+
+def shard_digests(path: Path) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A shard file's header block and each tensor's (name, sha256), in the order they lie in the file."""
+    with open(path, "rb") as fh:
+        header, start = read_safetensors_header(fh, path)
+        fh.seek(0)
+        header_block = fh.read(start)
+        spans = sorted((info["data_offsets"], name) for name, info in header.items() if name != "__metadata__")
+        digests = []
+        for (begin, end), name in spans:
+            fh.seek(start + begin)
+            h, left = hashlib.sha256(), end - begin
+            while left:
+                block = fh.read(min(left, 1 << 22))
+                if not block:
+                    raise CacheIntegrityError(f"shard {path} ends inside a tensor; it was truncated")
+                h.update(block)
+                left -= len(block)
+            digests.append((name, h.digest()))
+    return header_block, digests
+
+
+def shard_sha256(path: Path) -> str:
+    """The `tensors_sha256` of a shard file, read from disk (what the writer recorded, if undamaged)."""
+    header_block, digests = shard_digests(path)
+    return tensors_sha256(header_block, [digest for _, digest in digests])
 
 
 def shard_path(directory: Path, file: Any, where: Path) -> Path:
@@ -165,6 +216,14 @@ def check_manifest(manifest: dict, directory: Path) -> None:
     confined to `directory`, shards are contiguous in tokens and documents, their counts sum to
     ``n_tokens`` / ``n_documents``, and a completed store covers every document of its range."""
     where = Path(directory) / MANIFEST
+    settings = manifest.get("settings")
+    dtype = settings.get("dtype") if isinstance(settings, dict) else None
+    if dtype not in DTYPES:
+        raise CacheIntegrityError(f"{where}: settings.dtype is {dtype!r}, not one of {sorted(DTYPES)}; the "
+                                  "manifest was edited or damaged")
+    if not isinstance(settings.get("hook_names"), list) or not all(isinstance(h, str) for h in settings["hook_names"]):
+        raise CacheIntegrityError(f"{where}: settings.hook_names is {settings.get('hook_names')!r}, not a list of "
+                                  "hook names; the manifest was edited or damaged")
     try:
         shards, doc_range = manifest["shards"], manifest["doc_range"]
         n_tokens, n_docs = manifest["n_tokens"], manifest["n_documents"]
@@ -205,7 +264,8 @@ def check_shard_file(path: Path, shard: dict, hashed: bool) -> None:
     if size != shard["bytes"]:
         raise CacheIntegrityError(f"shard {path} has {size} bytes, the manifest says {shard['bytes']}: it was "
                                   "truncated or replaced (delete the directory and cache again)")
-    if hashed and file_sha256(path) != shard["sha256"]:
+    digest = shard_sha256 if shard.get("digest") == TENSOR_DIGEST else file_sha256
+    if hashed and digest(path) != shard["sha256"]:
         raise CacheIntegrityError(f"shard {path} does not match its sha256 in the manifest: its bytes were "
                                   "changed or shards were swapped (delete the directory and cache again)")
 
@@ -258,14 +318,42 @@ def read_manifest(directory: Path) -> dict | None:
     return manifest
 
 
+def _field(manifest: dict, key: tuple) -> Any:
+    for part in key:
+        manifest = manifest.get(part) if isinstance(manifest, dict) else None
+    return manifest
+
+
+def identity_sha256(manifest: dict, extra: tuple = ()) -> str:
+    """A digest of the identity fields (`IDENTITY` and `extra`): equal exactly when `check_compatible`
+    would accept one manifest for the other. Each shard records it, so a shard can be told apart from
+    one written for another store."""
+    fields = {".".join(key): _field(manifest, key) for key in IDENTITY + tuple(extra)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def read_safetensors_header(fh, path: Path) -> tuple[dict, int]:
+    """The JSON header of an open safetensors file and where its data starts; `CacheIntegrityError`
+    naming `path` when it is not one."""
+    head = fh.read(8)
+    if len(head) != 8:
+        raise CacheIntegrityError(f"{path} is too short to be a safetensors file")
+    n = int.from_bytes(head, "little")
+    raw = fh.read(n) if n <= 100_000_000 else b""
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        header = None
+    if len(raw) != n or not isinstance(header, dict):
+        raise CacheIntegrityError(f"{path}: the safetensors header is damaged")
+    return header, 8 + n
+
+
 def check_compatible(existing: dict, expected: dict, where: Path, extra: tuple = ()) -> None:
     """Raise `CacheMismatchError` naming every identity field that differs between two manifests."""
     diffs = []
     for key in IDENTITY + tuple(extra):
-        old, new = existing, expected
-        for part in key:
-            old = old.get(part) if isinstance(old, dict) else None
-            new = new.get(part) if isinstance(new, dict) else None
+        old, new = _field(existing, key), _field(expected, key)
         if old != new:
             diffs.append(f"{'.'.join(key)}: cache has {old!r}, this run {new!r}")
     if diffs:

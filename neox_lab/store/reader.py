@@ -9,6 +9,12 @@ checks its tensors' names and lengths, so a flipped byte or two swapped shards r
 `CacheIntegrityError` instead of returning wrong activations. The hash costs one sequential read of the
 shard (sha256 at 0.5-1.5 GiB/s per core), paid once per shard per `ActivationStore` object; storage
 you trust can be opened with check="sizes".
+
+A verified shard stays verified only while its file does: every read compares the file's identity
+(device, inode, size, modification and change times) with the one it had when it was hashed, and a file
+replaced (say, by write-then-rename) or written in place since is hashed again before anything of it is
+served. (File times tick in steps of a few milliseconds: a write that lands within one step of the
+check that preceded it is the remaining blind spot.)
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from ..dtypes import DTYPES
+from ..files import file_identity
 from .manifest import (
     MANIFEST,
     CacheIntegrityError,
@@ -31,7 +38,8 @@ from .manifest import (
     read_manifest,
     shard_path,
 )
-from .stream import ActivationStream, normalization_stats
+from .stats import normalization_stats
+from .stream import ActivationStream
 
 #: Per-token tensors every shard holds next to the hook activations.
 META = ("token_ids", "doc_ids", "positions")
@@ -87,6 +95,9 @@ class HookView:
             i %= n
             out = self.store._read(self.name, i, i + 1)[0]
             return out[rest] if rest else out
+        if isinstance(index, torch.Tensor) and index.dtype == torch.uint8:
+            raise TypeError(f"{self.name}: a torch.uint8 index is ambiguous (torch reads it as a mask, numpy as "
+                            "positions); pass index.bool() for a mask or index.long() for token positions")
         idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)
         if idx.dtype == bool:
             if idx.shape != (n,):
@@ -96,7 +107,7 @@ class HookView:
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"{self.name}: index with an int, a slice or a 1-d sequence of ints, "
                             f"got {index!r}")
-        out = self.store._gather(self.name, idx)
+        out = self.store._gather(self.name, idx.astype(np.int64))  # uint8 / int16 indices are positions too
         return out[(slice(None), *rest)] if rest else out
 
 
@@ -132,8 +143,9 @@ class ActivationStore:
         for path, shard in zip(self._paths, self.shards):
             check_shard_file(path, shard, hashed=False)
         self._starts = [s["first_token"] for s in self.shards]
-        self._handles: dict[int, Any] = {}
-        self._verified: set[int] = set()
+        self._handles: dict[int, tuple[Any, tuple]] = {}  # shard -> (open handle, file identity it read)
+        self._verified: dict[int, tuple] = {}  # shard -> the file identity its check passed for
+        self._stats: dict[str, dict] = {}
         if check == "open":
             self.verify()
 
@@ -216,8 +228,11 @@ class ActivationStore:
         return ActivationStream(self, hooks, **kwargs)
 
     def normalization_stats(self, hook: str) -> dict:
-        """Mean and mean norm of `hook` over the store (computed once, then read from the manifest)."""
-        return normalization_stats(self, hook)
+        """Mean [per-token shape], mean L2 norm ("norm") and mean centred norm ("centered_norm") of `hook`
+        over the store, in float64. Computed once, then kept in ``stats.json`` (bound to the shards and
+        hashed; saved only for a completed store, never into the manifest): see store/stats.py."""
+        self[hook]  # noqa: B018 -- raises KeyError naming the cached hooks
+        return normalization_stats(self, hook, self._stats)
 
     def __getstate__(self) -> dict:
         # Open shard handles cannot be pickled (DataLoader workers); each process reopens its own.
@@ -230,9 +245,9 @@ class ActivationStore:
         """Hash every shard now against the sha256 recorded when it was written (a full read of the store);
         raises `CacheIntegrityError` (a ValueError) naming the first damaged file. Shards verified here are
         not hashed again on first read."""
-        for i, (path, shard) in enumerate(zip(self._paths, self.shards)):
-            check_shard_file(path, shard, hashed=True)
-            self._verified.add(i)
+        for i in range(len(self.shards)):
+            self._verified.pop(i, None)
+            self.check_shard(i, hashed=True)
 
     def close(self) -> None:
         """Drop the open shard handles (they are reopened on demand)."""
@@ -245,12 +260,30 @@ class ActivationStore:
         self.close()
 
     # ------------------------------------------------------------------ reading
+    def check_shard(self, i: int, hashed: bool | None = None) -> tuple:
+        """Make sure shard i's file is the one checked (hashed unless check="sizes"), checking it again if
+        it changed since; returns its identity (`file_identity`)."""
+        path, shard = self._paths[i], self.shards[i]
+        hashed = self.check != "sizes" if hashed is None else hashed
+        for _ in range(3):
+            try:
+                identity = file_identity(path)
+            except FileNotFoundError:
+                check_shard_file(path, shard, hashed=False)  # raises, naming the missing shard
+                raise
+            if self._verified.get(i) == identity:
+                return identity
+            check_shard_file(path, shard, hashed=hashed)
+            if file_identity(path) == identity:  # unchanged while it was read
+                self._verified[i] = identity
+                return identity
+        raise CacheIntegrityError(f"shard {path} keeps changing while it is being checked; another process is "
+                                  "writing it")
+
     def _handle(self, i: int):
-        if i not in self._handles:
+        identity = self.check_shard(i)
+        if i not in self._handles or self._handles[i][1] != identity:
             path, shard = self._paths[i], self.shards[i]
-            if self.check != "sizes" and i not in self._verified:
-                check_shard_file(path, shard, hashed=True)
-                self._verified.add(i)
             try:
                 handle = safe_open(str(path), framework="pt")
                 lengths = {name: handle.get_slice(name).get_shape()[:1] for name in handle.keys()}
@@ -262,8 +295,8 @@ class ActivationStore:
                     raise CacheIntegrityError(
                         f"shard {path}: tensor {name!r} has leading shape {lengths.get(name)}, the manifest "
                         f"says {shard['n_tokens']} tokens; the store is damaged")
-            self._handles[i] = handle
-        return self._handles[i]
+            self._handles[i] = (handle, identity)
+        return self._handles[i][0]
 
     def _empty(self, name: str) -> torch.Tensor:
         view = HookView(self, name)

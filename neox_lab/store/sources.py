@@ -12,6 +12,7 @@ Two shapes of source, one interface (`iter_docs`, `describe`, `n_documents`, `is
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .formats import (
     text_suffix,
 )
 
+_END = object()
 SUFFIXES = (".txt", ".jsonl", ".npy", ".parquet", ".txt.gz", ".txt.zst", ".jsonl.gz", ".jsonl.zst")
 
 
@@ -71,16 +73,6 @@ class Documents:
         """The source entry of a manifest."""
         return {"kind": self.kind, "path": self.path, "text_field": self.text_field,
                 "n_documents": len(self), "documents_sha256": self.sha256()}
-
-    def token_rows(self, start: int, stop: int, tokenizer: Any, max_length: int) -> list[list[int]]:
-        """Token ids of documents [start, stop), each cut to its first `max_length` tokens (an empty
-        document gives an empty row)."""
-        chunk = [self.docs[i] for i in range(start, stop)]
-        if self.is_text:
-            rows = [list(r) for r in tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]]
-        else:
-            rows = [[int(t) for t in np.asarray(doc).reshape(-1)[:max_length]] for doc in chunk]
-        return rows
 
 
 def fingerprint(docs: Iterable, is_text: bool) -> tuple[int, str]:
@@ -229,7 +221,14 @@ def load_documents(source: Any, text_field: str = "text") -> Documents | Documen
             rows.append(row.astype(np.int64))
         return Documents("token_ids", rows)
     if isinstance(source, Iterator):
-        return DocumentStream("iterator", _iterator_reader(source), reiterable=False)
+        # Peek: an exhausted iterator must be refused like an empty list, not cached as an empty store.
+        first = next(source, _END)
+        stream = DocumentStream("iterator", _iterator_reader(itertools.chain([first], source)
+                                                             if first is not _END else iter(())),
+                                reiterable=False)
+        if first is _END:
+            stream.n_documents = 0
+        return stream
     raise TypeError(f"source must be a path, a dataset, a list of strings or token ids, or an iterator of "
                     f"strings; got {type(source).__name__}")
 

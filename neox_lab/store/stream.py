@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,62 +36,34 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .manifest import atomic_write_json
+from .manifest import SAFETENSORS_DTYPES, CacheIntegrityError
 
 NORMALIZE = (None, "center", "scale", "center_scale")
 META_NAMES = ("token_ids", "doc_ids", "positions")
 
 
-def normalization_stats(store: Any, hook: str, *, chunk_tokens: int = 8192) -> dict:
-    """Mean [per-token shape] and mean L2 norm (raw and centred) of one hook over the whole store, in
-    float64; computed once (two passes over the hook) and kept in the manifest under ``stats``."""
-    stats = store.manifest.get("stats", {}).get(hook)
-    if stats is not None and stats.get("n_tokens") == len(store):
-        return stats
-    view = store[hook]
-    n, total = len(store), None
-    if n == 0:
-        raise ValueError(f"the store in {store.dir} holds no tokens; no statistics for {hook!r}")
-    for a in range(0, n, chunk_tokens):
-        block = view[a : a + chunk_tokens].to(torch.float64)
-        part = block.sum(0)
-        total = part if total is None else total + part
-    mean = total / n
-    norm = centred = 0.0
-    for a in range(0, n, chunk_tokens):
-        block = view[a : a + chunk_tokens].to(torch.float64).reshape(-1, mean.numel())
-        norm += float(block.norm(dim=1).sum())
-        centred += float((block - mean.reshape(1, -1)).norm(dim=1).sum())
-    stats = {"mean": mean.tolist(), "norm": norm / n, "centered_norm": centred / n, "n_tokens": n}
-    store.manifest.setdefault("stats", {})[hook] = stats
-    try:
-        atomic_write_json(store.dir / "manifest.json", store.manifest)
-    except OSError as err:  # a read-only store: keep them for this process only
-        warnings.warn(f"normalisation statistics of {hook!r} could not be saved in {store.dir} ({err}); "
-                      "they will be computed again next time", stacklevel=2)
-    return stats
-
-
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32}
-
-
 class _ShardRows:
     """Rows of a store's tensors read with `os.preadv` straight into the caller's memory: one copy, no page
-    faults of a mapping. Each shard is first touched through the store (`store[name][a:a + 1]`), so the
-    store's own integrity check (its hash on first read) runs before any of its bytes are served."""
+    faults of a mapping. Before every read the store checks the shard's file (`check_shard`: hashed on
+    first use, and again whenever its identity changed), and a descriptor opened on another file than
+    the one checked is reopened, so nothing unchecked is served."""
 
     def __init__(self, store: Any):
-        self.store, self._files, self._checked = store, {}, set()
+        self.store, self._files = store, {}
 
-    def _layout(self, i: int) -> tuple[int, dict]:
+    def _layout(self, i: int) -> tuple[int, int, dict]:
+        identity = self.store.check_shard(i)
+        if i in self._files and self._files[i][3] != identity:
+            os.close(self._files.pop(i)[0])  # the file was replaced or rewritten since it was opened
         if i not in self._files:
-            path = self.store.dir / self.store.shards[i]["file"]
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(self.store.dir / self.store.shards[i]["file"], os.O_RDONLY)
+            if os.fstat(fd).st_ino != identity[1]:  # replaced between the check and the open
+                os.close(fd)
+                return self._layout(i)
             n = int.from_bytes(os.pread(fd, 8, 0), "little")
             header = json.loads(os.pread(fd, n, 8))
-            self._files[i] = (fd, 8 + n, header)
-        return self._files[i]
+            self._files[i] = (fd, 8 + n, header, identity)
+        return self._files[i][:3]
 
     def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         """Tokens [start, stop) of one stream (within one shard) into `out` [stop - start ...]."""
@@ -101,14 +72,14 @@ class _ShardRows:
         if not hasattr(os, "preadv"):  # Windows: through the store's mapping
             out.copy_(self.store[name][start:stop])
             return
-        if (i, name) not in self._checked:
-            self.store[name][start : start + 1]  # noqa: B018 -- the store checks the shard on first read
-            self._checked.add((i, name))
         fd, base, header = self._layout(i)
-        entry = header[name]
-        if _SAFETENSORS_DTYPES.get(entry["dtype"]) != out.dtype or list(out.shape[1:]) != entry["shape"][1:]:
-            raise ValueError(f"shard {self.store.shards[i]['file']}: {name!r} is {entry['dtype']} "
-                             f"{entry['shape']}, expected {out.dtype} [token {list(out.shape[1:])}]")
+        entry, shard = header.get(name), self.store.shards[i]
+        fits = entry is not None and SAFETENSORS_DTYPES.get(entry["dtype"]) == out.dtype and \
+            entry["shape"] == [shard["n_tokens"], *out.shape[1:]] and base + entry["data_offsets"][1] <= shard["bytes"]
+        if not fits:
+            raise CacheIntegrityError(f"shard {shard['file']}: {name!r} is {entry and entry['dtype']} "
+                                      f"{entry and entry['shape']} in its header, the store says {out.dtype} "
+                                      f"[{shard['n_tokens']} {list(out.shape[1:])}]; the store is damaged")
         row = out[0].numel() * out.element_size() if len(out) else 0
         offset = base + entry["data_offsets"][0] + (start - first) * row
         view = memoryview(out.numpy() if out.dtype != torch.bfloat16 else out.view(torch.int16).numpy()).cast("B")
@@ -120,7 +91,7 @@ class _ShardRows:
             done += got
 
     def close(self) -> None:
-        for fd, _, _ in self._files.values():
+        for fd, *_ in self._files.values():
             os.close(fd)
         self._files.clear()
 
@@ -137,6 +108,11 @@ def _take(parts: list[dict[str, torch.Tensor]], n: int, names: list[str]):
         rest = rest[1:] if take == size else [{name: t[take:] for name, t in block.items()}, *rest[1:]]
         need -= take
     return {name: torch.cat(pieces) for name, pieces in out.items()}, rest
+
+
+def _non_negative(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{label} must be a non-negative integer, got {value!r}")
 
 
 def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -156,7 +132,7 @@ class ActivationStream(IterableDataset):
     order (`set_epoch` between epochs, as with `DistributedSampler`). shuffle=False streams the chunks
     in store order (still sharded). rank/world_size: default from `torch.distributed`. normalize:
     None, "center" (x - mean), "scale" (x * sqrt(d) / E||x||) or "center_scale" (both, with the
-    centred norm), from `normalization_stats`; the result is float32. meta: also yield "token_ids",
+    centred norm), from the store's `normalization_stats`; the result is float32. meta: also yield "token_ids",
     "doc_ids", "positions". start_batch: resume this epoch after that many batches of this process.
     """
 
@@ -181,17 +157,20 @@ class ActivationStream(IterableDataset):
                              "must hold at least one chunk")
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-        if start_batch < 0 or epoch < 0:
-            raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
+        for label, value in (("seed", seed), ("epoch", epoch), ("start_batch", start_batch)):
+            _non_negative(label, value)
         self.batch_size, self.buffer_tokens, self.chunk_tokens = batch_size, buffer_tokens, chunk_tokens
-        self.seed, self.epoch, self.shuffle, self.drop_last = seed, epoch, shuffle, drop_last
-        self.normalize, self.meta, self.start_batch = normalize, meta, start_batch
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.normalize, self.meta = normalize, meta
+        # (epoch, start_batch) in shared memory: DataLoader workers, persistent ones included, read the
+        # values `set_epoch` wrote in the main process when an epoch's iteration starts.
+        self._position = torch.tensor([epoch, start_batch], dtype=torch.int64).share_memory_()
         self.rank, self.world_size = _world(rank, world_size)
         # Statistics are computed here, in the main process, before DataLoader workers start.
         self._norm = {name: self._normalizer(name) for name in self.hooks} if normalize else {}
 
     def _normalizer(self, name: str) -> tuple[torch.Tensor, float]:
-        stats = normalization_stats(self.store, name)
+        stats = self.store.normalization_stats(name)
         shape = self.store[name].shape[1:]
         mean = torch.tensor(stats["mean"], dtype=torch.float32).reshape(shape)
         centre = self.normalize in ("center", "center_scale")
@@ -199,9 +178,20 @@ class ActivationStream(IterableDataset):
         scale = math.sqrt(mean.numel()) / norm if self.normalize != "center" and norm > 0 else 1.0
         return (mean if centre else torch.zeros_like(mean)), scale
 
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._position[1])
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Use the order of `epoch` next (and skip its first `start_batch` batches, to resume)."""
-        self.epoch, self.start_batch = epoch, start_batch
+        """Use the order of `epoch` next (and skip its first `start_batch` batches, to resume). Reaches
+        DataLoader workers too, persistent ones included: each reads it when the epoch starts."""
+        _non_negative("epoch", epoch)
+        _non_negative("start_batch", start_batch)
+        self._position[0], self._position[1] = epoch, start_batch
 
     # ------------------------------------------------------------------ the plan (integers only)
     def chunks(self) -> list[tuple[int, int]]:

@@ -20,10 +20,10 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..axes import POSITIONS, find_axis
 from ..dtypes import DTYPES, dtype_name, nonfinite_count
+from .hook_identity import attached_hooks, hook_name, hooks_identity
 from .manifest import (
     FORMAT,
     VERSION,
@@ -47,7 +48,16 @@ from .manifest import (
 from .reader import ActivationStore
 from .shards import ShardWriter
 from .sources import Documents, DocumentStream, load_documents, pad_right, tokenizer_fingerprint
-from .windows import Batch, Prefetcher, WindowSpec, count_docs, iter_batches, iter_windows, sample_positions
+from .windows import (
+    Batch,
+    Prefetcher,
+    WindowSpec,
+    count_docs,
+    iter_batches,
+    iter_windows,
+    sample_positions,
+    selected_positions,
+)
 
 DEFAULT_SHARD_TOKENS = 16384
 _PART_IDENTITY = (("world_size",), ("doc_range",))
@@ -109,6 +119,8 @@ def _flatten(t: torch.Tensor, shape: str, keep: torch.Tensor, max_length: int) -
         causal = torch.ones(width, width, dtype=torch.bool).tril().view(view)
         t = t.masked_fill(~causal, 0).movedim(k, -1)
         t = F.pad(t, (0, max_length - width)).movedim(-1, k)
+    if keep.all():  # every position kept (no padding, no selection): a view, not a second copy
+        return t.reshape(-1, *t.shape[2:]).contiguous()
     return t[keep].contiguous()
 
 
@@ -129,18 +141,6 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
     return rank, world_size, bool(group and world_size > 1 and dist.get_world_size() == world_size)
 
 
-def attached_hooks(model) -> dict[str, list[str]]:
-    """Forward hook functions attached to the model right now, by hook point or module name: a permanent
-    ablation changes every activation, so a store must not mix runs with and without it."""
-    name_of = lambda fn: getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    found = {hp.name: [name_of(fn) for fn, _ in hp.fwd_fns] for hp in model.resolve_hooks(None) if hp.fwd_fns}
-    for name, module in model.named_modules():
-        fns = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-        if fns:
-            found[f"module {name or '(root)'}"] = [name_of(fn) for fn in fns]
-    return found
-
-
 def _runtime(model) -> dict:
     return {"attn_backend": getattr(model, "attn_backend", None), "device": model.input_device.type}
 
@@ -151,7 +151,7 @@ def _header(model, docs: Documents | DocumentStream, tokenizer, names, dtype, po
     return {
         "format": FORMAT, "version": VERSION,
         "model": {"class": type(model).__name__, "config": model.cfg.to_hf(),
-                  "config_sha256": config_sha256(model.cfg), "weights_sha256": weights_sha256(model),
+                  "config_sha256": config_sha256(model.cfg), "weights_sha256": None,  # filled in later
                   "weights_fingerprint": WEIGHTS_FINGERPRINT, "hooks": hooks,
                   "param_dtype": str(param.dtype).removeprefix("torch.")},
         "runtime": _runtime(model),
@@ -165,7 +165,7 @@ def _header(model, docs: Documents | DocumentStream, tokenizer, names, dtype, po
 def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, max_length: int = 128,
                   dtype: torch.dtype | str = torch.float16, positions: str | slice = "all", tokenizer=None,
                   text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
-                  rank: int | None = None, world_size: int | None = None, allow_hooks: bool = False,
+                  rank: int | None = None, world_size: int | None = None, allow_hooks: bool | str = False,
                   allow_backend_change: bool = False, context_size: int | None = None, packing: bool = False,
                   prepend_bos: bool = False, min_tokens: int | None = None, every_k_documents: int = 1,
                   sample_tokens: int | None = None, seed: int = 0) -> ActivationStore | None:
@@ -195,10 +195,13 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     raise a warning naming the hook.
 
     Hook functions attached to the model (e.g. a permanent ablation) would change what is stored, so
-    they are refused unless ``allow_hooks=True``, which records them (by qualified name, part of the
-    store's identity) in the manifest. The weights are fingerprinted byte for byte. A resume with another
-    attention backend or device than the one that started the store is refused unless
-    ``allow_backend_change=True``; each shard records the backend that wrote it.
+    they are refused unless ``allow_hooks=True``, which records each by name and fingerprint (its code,
+    closure values, `functools.partial` arguments and the globals it names; store/hook_identity.py) as
+    part of the store's identity, so "ablate head 0" never resumes a store made with "ablate head 3". A
+    hook holding a value that cannot be fingerprinted is refused; ``allow_hooks="<text>"`` records that
+    text as the hooks' identity instead, for you to keep unique. The weights are fingerprinted byte for
+    byte. A resume with another attention backend or device than the one that started the store is
+    refused unless ``allow_backend_change=True``; each shard records the backend that wrote it.
 
     A rerun into the same `out_dir` resumes an unfinished store (and returns a finished one at once);
     a store made by another model, dataset or settings raises `CacheMismatchError`, a damaged one
@@ -227,16 +230,21 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     dtype_str, pos_spec = dtype_name(dtype), positions_spec(positions)
     spec = WindowSpec(max_length, packing=packing, prepend_bos=prepend_bos, min_tokens=min_tokens,
                       every_k_documents=every_k_documents, sample_tokens=sample_tokens, seed=seed)
-    hooks = attached_hooks(model)
-    if hooks and not allow_hooks:
-        listed = "; ".join(f"{where}: {', '.join(fns)}" for where, fns in hooks.items())
+    found = attached_hooks(model)
+    if found and (allow_hooks is False or allow_hooks == ""):
+        listed = "; ".join(f"{where}: {', '.join(map(hook_name, fns))}" for where, fns in found.items())
         raise ValueError(f"the model has hook functions attached ({listed}); they would change the stored "
                          "activations. Remove them (model.reset_hooks(including_permanent=True)) or pass "
                          "allow_hooks=True to cache with them and record them in the manifest")
+    if not isinstance(allow_hooks, (bool, str)):
+        raise TypeError(f"allow_hooks must be True, False or a string naming the hooks, got {allow_hooks!r}")
+    hooks = hooks_identity(model, found, allow_hooks)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     specials = _special_ids(tokenizer, spec)
     rank, world, group = _world(rank, world_size)
     docs = load_documents(source, text_field)
+    if docs.n_documents == 0 and docs.kind == "iterator":
+        raise ValueError("the iterator yields no documents (is it already exhausted?); nothing to cache")
     if docs.n_documents == 0:
         raise ValueError(f"the source {source if isinstance(source, (str, Path)) else 'given'} holds no "
                          "documents; nothing to cache")
@@ -247,9 +255,19 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
                          "processes; pass a file, a folder or a dataset")
     header = _header(model, docs, tokenizer, hook_list, dtype_str, pos_spec, max_length, batch_size,
                      shard_tokens, spec, hooks)
-    out = Path(out_dir)
+    # Hashing every weight byte takes a second or more; a fresh store needs the digest only when its first
+    # shard is recorded, so it is taken in a thread (one core) while the first batches run.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neox-lab-fingerprint")
+    fingerprint = pool.submit(weights_sha256, model, workers=1)
+    pool.shutdown(wait=False)
 
+    def fill_header(h: dict = header) -> None:
+        h["model"]["weights_sha256"] = fingerprint.result()
+
+    out = Path(out_dir)
     top = read_manifest(out)
+    if top is not None or world > 1:
+        fill_header()  # an existing store (or part) is checked against the full identity before any work
     if top is not None and docs.n_documents is None:
         raise CacheMismatchError(f"{out} already holds a cache, and a one-shot {docs.kind} source cannot be "
                                  "checked against it or resumed; use another output directory, or pass a "
@@ -278,7 +296,8 @@ def cache_dataset(model, source: Any, names, out_dir, *, batch_size: int = 8, ma
     runtime = header["runtime"]
     writer = ShardWriter(out if world == 1 else out / part_dir_name(rank, world), part_header, _PART_IDENTITY,
                          backend=f"{runtime['attn_backend']}@{runtime['device']}",
-                         allow_backend_change=allow_backend_change)
+                         allow_backend_change=allow_backend_change,
+                         fill_header=None if header["model"]["weights_sha256"] else fill_header)
     try:
         if not writer.completed:
             desc = "caching" if world == 1 else f"caching (rank 0 of {world})"
@@ -401,8 +420,7 @@ def _forward(model, batch: Batch, names, shapes, spec: WindowSpec, pos_slice, dt
     keep = torch.zeros(ids.shape, dtype=torch.bool)
     doc_ids = torch.zeros(ids.shape, dtype=torch.long)
     for i, w in enumerate(batch.windows):
-        allowed = np.arange(len(w.tokens))[pos_slice]
-        keep[i, torch.from_numpy(sample_positions(allowed, spec, w.start))] = True
+        keep[i, torch.from_numpy(sample_positions(selected_positions(w, pos_slice), spec, w.start))] = True
         doc_ids[i, : len(w.tokens)] = torch.tensor(w.doc_ids, dtype=torch.long)
     _, acts = model.run_with_cache(ids.to(device), attention_mask=mask.to(device), names_filter=names,
                                    device="cpu", dtype=dtype, stop_at_layer=stop)

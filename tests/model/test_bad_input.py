@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from neox_lab import CheckpointError, NeoXConfig, NeoXForCausalLM
+from neox_lab import (
+    CheckpointError,
+    NeoXConfig,
+    NeoXForCausalLM,
+    NeoXForQuestionAnswering,
+    NeoXForSequenceClassification,
+    NeoXForTokenClassification,
+)
 from neox_lab.default_model import load_or_default
 from neox_lab.dtypes import nonfinite_count
 from neox_lab.model import generation
@@ -215,3 +222,40 @@ def test_the_fast_non_finite_check_counts_exactly():
     big[3], big[7] = float("-inf"), float("inf")
     assert nonfinite_count(big) == 2 and nonfinite_count(torch.tensor([1.0, float("nan")])) == 1
     assert nonfinite_count(torch.empty(0)) == 0 and nonfinite_count(torch.tensor([1, 2])) == 0
+
+
+def test_inputs_on_the_meta_device_name_the_argument(model):
+    with pytest.raises(ValueError, match=r"input_ids is on the meta device, which holds shapes but no values"):
+        model(IDS.to("meta"))
+    with pytest.raises(ValueError, match=r"attention_mask is on the meta device"):
+        model(IDS, attention_mask=torch.ones(IDS.shape, device="meta"))
+
+
+def test_labels_of_the_wrong_shape_name_the_argument_before_the_forward(model, tmp_path):
+    with pytest.raises(ValueError, match=r"labels must be \[2, 7\] \(one token id \(or -100\) per input token\) to "
+                                         r"match the input, got \[2, 6\]"):
+        model(IDS, labels=IDS[:, :6])
+    with pytest.raises(TypeError, match=r"labels must be a torch\.Tensor"):
+        model(IDS, labels=IDS.tolist())
+    assert model(IDS, labels=IDS).loss.isfinite()
+    cfg = model.cfg.replace(pad_token_id=0)
+    classifier = NeoXForSequenceClassification(cfg).eval()
+    with pytest.raises(ValueError, match=r"labels must be \[2, \.\.\.\] \(one label \(or row of labels\) per input "
+                                         r"row\) to match the input, got \[3\]"):
+        classifier(IDS, labels=torch.tensor([0, 1, 1]))
+    assert classifier(IDS, labels=torch.tensor([0, 1])).loss.isfinite()
+    tagger = NeoXForTokenClassification(cfg).eval()
+    with pytest.raises(ValueError, match=r"labels must be \[2, 7\]"):
+        tagger(IDS, labels=torch.zeros(2, 8, dtype=torch.long))
+    qa = NeoXForQuestionAnswering(cfg).eval()
+    with pytest.raises(ValueError, match=r"end_positions must be \[2, \.\.\.\]"):
+        qa(IDS, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([1, 2, 3]))
+
+
+def test_a_pos_slice_that_is_no_selection_names_the_argument_before_the_forward(model):
+    for bad in ("abc", 1.5, [0.5]):
+        with pytest.raises(TypeError, match=r"pos_slice must be None, an int, a slice or a list / tensor of int "
+                                            r"indices, got"):
+            model.run_with_cache(IDS, pos_slice=bad)
+    _, cache = model.run_with_cache(IDS, pos_slice=[0, 3])
+    assert cache["blocks.0.hook_resid_post"].shape[1] == 2

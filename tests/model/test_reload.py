@@ -8,6 +8,7 @@ forward runs the same kernels on them, so weights and logits must agree bit for 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -212,3 +213,18 @@ def test_a_placed_model_stays_placed(placement, tmp_path_factory):
     assert_same_state(model, ref)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
+
+
+def test_a_reloaded_disk_block_checks_the_new_checkpoints_file(tmp_path):
+    """After `load_checkpoint_` points a "disk" block at the new checkpoint's file, that file is the one
+    checked at each forward: replacing it is an error; the first checkpoint's file no longer matters."""
+    pytest.importorskip("accelerate")
+    first, second, other = (save_random(tmp_path / name, seed) for seed, name in enumerate("abc"))
+    model = NeoXForCausalLM.from_pretrained(first, device_map={"": "cpu", "model.blocks.1": "disk"})
+    model.load_checkpoint_(second)
+    (first / "model.safetensors").unlink()  # read no more
+    with torch.no_grad():
+        model(IDS)
+    shutil.copyfile(other / "model.safetensors", second / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"b/model\.safetensors changed \(or was removed\) since the model"):
+        model(IDS)

@@ -167,3 +167,124 @@ def test_every_kind_caches_the_same_store_as_a_list(tmp_path):
         for name in ("token_ids", "doc_ids", "positions", "blocks.0.hook_resid_post"):
             assert torch.equal(store[name][:], ref[name][:]), (kind, name)
         assert store.manifest["source"]["documents_sha256"] == ref.manifest["source"]["documents_sha256"]
+
+
+# ------------------------------------------------------------------ damaged files, links, exhausted iterators
+def corpus_lines(n=20000):
+    return "".join(json.dumps({"text": f"document {i} " * 4}) + "\n" for i in range(n)).encode()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".txt.zst"])
+def test_a_truncated_zst_names_the_file_and_the_byte(tmp_path, suffix):
+    """zstandard's stream reader ends quietly inside a cut frame: the corpus read as a shorter one (a
+    .txt.zst even without a broken last line), and a small cut file as "holds no documents"."""
+    raw = corpus_lines()
+    if suffix == ".txt.zst":
+        raw = b"".join(json.loads(line)["text"].encode() + b"\n" for line in raw.splitlines())
+    c = zstandard.ZstdCompressor()
+    whole = c.compress(raw[: len(raw) // 2]) + c.compress(raw[len(raw) // 2 :])  # two frames
+    path = tmp_path / f"cut{suffix}"
+    cut = len(whole) - 1000
+    path.write_bytes(whole[:cut])
+    second_frame = len(c.compress(raw[: len(raw) // 2]))
+    with pytest.raises(ValueError, match=rf"cut{suffix}.* truncated: it ends at byte {cut} inside the zstd frame "
+                                         rf"that starts at byte {second_frame}"):
+        load_documents(path)
+    small = tmp_path / f"small{suffix}"
+    small.write_bytes(c.compress(raw[:500])[:30])
+    with pytest.raises(ValueError, match=rf"small{suffix}.* truncated: it ends at byte 30"):
+        load_documents(small)
+    # Damage inside a frame shows where the frame has a content checksum (zstd's command line writes one).
+    checked = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+    garbage = tmp_path / f"garbage{suffix}"
+    garbage.write_bytes(checked[:100] + bytes(b ^ 0xA5 for b in checked[100:164]) + checked[164:])
+    with pytest.raises(ValueError, match=rf"garbage{suffix} is corrupt: zstd cannot decode the frame that starts "
+                                         r"at byte 0 \(.*checksum"):
+        load_documents(garbage)
+
+
+def test_a_truncated_or_corrupt_gz_names_the_file_and_the_byte(tmp_path):
+    data = gzip.compress(corpus_lines())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"cut\.jsonl\.gz is truncated \(reading stopped at byte {len(data) // 2}\)"):
+        load_documents(cut)
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(data[:2000] + bytes(b ^ 0x55 for b in data[2000:2100]) + data[2100:])
+    with pytest.raises(ValueError, match=r"bad\.txt\.gz is corrupt \(reading stopped at byte \d+\)"):
+        load_documents(bad)
+
+
+def test_a_truncated_or_corrupt_parquet_names_the_file_and_the_row_group(tmp_path):
+    pq.write_table(pa.table({"text": [f"document {i} " * 8 for i in range(5000)]}), tmp_path / "ok.parquet",
+                   row_group_size=1000)
+    raw = (tmp_path / "ok.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=rf"cut\.parquet \({len(raw) // 2} bytes\) is not a readable Parquet file"):
+        load_documents(tmp_path / "cut.parquet")
+    meta = pq.ParquetFile(tmp_path / "ok.parquet").metadata.row_group(2).column(0)
+    first = meta.dictionary_page_offset if meta.has_dictionary_page else meta.data_page_offset
+    at = first + meta.total_compressed_size // 2
+    damaged = bytearray(raw)
+    damaged[at : at + 64] = b"\xff" * 64
+    (tmp_path / "bad.parquet").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=rf"bad\.parquet is corrupt: row group 2, column 'text' \(bytes {first}\.\."
+                                         rf"{first + meta.total_compressed_size}\)"):
+        load_documents(tmp_path / "bad.parquet")
+
+
+def test_symlinked_folders_and_files_are_read_alike_and_what_is_left_out_is_named(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    for i in range(5):
+        (outside / "sub" / f"d{i}.txt").write_text(f"linked folder document {i}\n")
+    (outside / "single.txt").write_text("linked file document\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"a{i}.txt").write_text(f"own document {i}\n")
+    (corpus / "linked_dir").symlink_to(outside / "sub", target_is_directory=True)
+    (corpus / "linked_file.txt").symlink_to(outside / "single.txt")
+    docs = load_documents(corpus)
+    assert docs.n_documents == 11  # 5 own + 5 through the linked folder + 1 through the linked file
+    (corpus / "again").symlink_to(outside / "sub", target_is_directory=True)  # the same folder twice
+    (corpus / "README.md").write_text("not a corpus file\n")
+    with pytest.warns(UserWarning, match=r"reading 11 txt file\(s\); 2 entries are left out: .*(again|linked_dir) "
+                                         r"\(the folder .*sub again\); .*README\.md \(not a corpus file\)"):
+        assert load_documents(corpus).n_documents == 11
+    (corpus / "dangling.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match=r"dangling\.txt is a symbolic link to .*missing\.txt.*does not exist"):
+        load_documents(corpus)
+
+
+def test_an_exhausted_iterator_is_refused_like_an_empty_list(tmp_path):
+    from neox_lab import NeoXConfig, NeoXForCausalLM
+    from neox_lab.store.writer import cache_dataset
+    from neox_lab.tokenizer import NeoXTokenizer
+
+    model = NeoXForCausalLM(NeoXConfig(vocab_size=50304, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32)).eval()
+    texts = iter(["def f(x):", "return x"])
+    list(texts)
+    with pytest.raises(ValueError, match=r"iterator yields no documents \(is it already exhausted\?\)"):
+        cache_dataset(model, texts, ["hook_embed"], tmp_path / "out", tokenizer=NeoXTokenizer.default(),
+                      progress=False)
+    assert not (tmp_path / "out").exists()
+    store = cache_dataset(model, iter(["def f(x):", "return x"]), ["hook_embed"], tmp_path / "ok",
+                          tokenizer=NeoXTokenizer.default(), progress=False)
+    assert store.n_documents == 2
+
+
+def test_the_cli_names_a_damaged_corpus_and_exits_2(tmp_path, capsys):
+    from neox_lab.cli import main
+
+    data = gzip.compress(corpus_lines(2000))
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(corpus_lines(2000))[:-100])
+    for name in ("cut.jsonl.gz", "cut.jsonl.zst"):
+        args = ["cache", "--data", str(tmp_path / name), "--hooks", "hook_embed", "--out", str(tmp_path / name[4:]),
+                "--no-progress"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("neox-lab cache: error: data file ") and f"{name} is truncated" in err, err
+        assert "Traceback" not in err

@@ -2,6 +2,7 @@
 attached hooks, empty documents, fp16 overflow, the lock, and a fault-injection run over all of them."""
 
 import fcntl
+import functools
 import json
 import os
 import random
@@ -9,17 +10,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab.store.lock import StoreLock
 from neox_lab.store.manifest import CacheIntegrityError, CacheMismatchError, weights_sha256
 from neox_lab.store.reader import ActivationStore
-from neox_lab.store.shards import _Lock
 from neox_lab.store.writer import cache_dataset
 
 CFG = NeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -140,6 +143,8 @@ def test_truncated_and_zeroed_header_shards_name_the_file(clean, tmp_path):
     (lambda m: m.update(shards=m["shards"][:4], n_tokens=72, n_documents=12), "marked completed but covers"),
     (lambda m: m["shards"][3].update(file="shard-00002.safetensors"), "listed twice"),
     (lambda m: m.pop("shards"), "lacks or garbles a field"),
+    (lambda m: m["settings"].update(dtype="int8"), r"settings\.dtype is 'int8', not one of"),
+    (lambda m: m["settings"].update(hook_names="blocks.0.hook_resid_post"), "settings.hook_names is"),
 ])
 def test_an_edited_manifest_is_refused_on_open(clean, tmp_path, change, message):
     out = copy_of(clean, tmp_path)
@@ -156,6 +161,16 @@ def test_a_wrong_length_boolean_mask_raises(clean):
     for bad in (mask[:10], torch.ones(len(view) + 1, dtype=torch.bool), [True, False]):
         with pytest.raises(IndexError, match=r"one entry per cached token"):
             view[bad]
+
+
+def test_integer_indices_of_any_width_are_positions_and_a_torch_uint8_index_is_refused(clean):
+    view = ActivationStore(clean)["blocks.0.hook_resid_post"]
+    want = view[[1, 0, 1]]
+    for index in (np.array([1, 0, 1], dtype=np.uint8), np.array([1, 0, 1], dtype=np.int16),
+                  torch.tensor([1, 0, 1], dtype=torch.int32)):
+        assert torch.equal(view[index], want)
+    with pytest.raises(TypeError, match=r"torch\.uint8 index is ambiguous .*index\.bool\(\).*index\.long\(\)"):
+        view[torch.tensor([1, 0, 1], dtype=torch.uint8)]
 
 
 # ------------------------------------------------------------------ the store's identity
@@ -220,6 +235,8 @@ def test_empty_documents_are_skipped_with_a_count_and_resume_identically(model, 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     edit_manifest(tmp_path / "b", lambda m: m.update(completed=False, n_tokens=m["shards"][0]["n_tokens"],
                                                      n_documents=3, shards=m["shards"][:1]))
+    for later in sorted((tmp_path / "b").glob("shard-*"))[1:]:
+        later.unlink()  # killed before they were written: the resume computes them
     with pytest.warns(UserWarning, match="document"):
         cache_dataset(model, docs, NAMES, tmp_path / "b", **SMALL)
     assert dir_bytes(tmp_path / "b") == reference
@@ -249,10 +266,10 @@ def test_fp16_overflow_warns_and_suggests_bf16(tmp_path):
 
 # ------------------------------------------------------------------ the lock
 def test_the_lock_file_outlives_release_so_two_holders_are_impossible(tmp_path):
-    first = _Lock(tmp_path)
+    first = StoreLock(tmp_path)
     waiting = os.open(tmp_path / ".lock", os.O_RDWR)  # a second writer, between open() and flock()
     first.release()
-    third = _Lock(tmp_path)  # a third writer takes the lock ...
+    third = StoreLock(tmp_path)  # a third writer takes the lock ...
     try:
         with pytest.raises(BlockingIOError):  # ... and the second must not get it too
             fcntl.flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -269,7 +286,7 @@ def test_the_lock_is_held_until_the_run_ends(model, tmp_path, monkeypatch):
     def probe(self) -> dict:
         result = finish(self)
         with pytest.raises(RuntimeError, match="another process is writing"):
-            _Lock(self.dir)
+            StoreLock(self.dir)
         seen.append(True)
         return result
 
@@ -277,7 +294,7 @@ def test_the_lock_is_held_until_the_run_ends(model, tmp_path, monkeypatch):
     monkeypatch.setattr(shards.ShardWriter, "finish", probe)
     cache_dataset(model, equal_docs(n=3), NAMES, tmp_path, **SMALL)
     assert seen == [True]
-    _Lock(tmp_path).release()  # released after the run
+    StoreLock(tmp_path).release()  # released after the run
 
 
 # ------------------------------------------------------------------ fault injection
@@ -349,3 +366,106 @@ def test_fault_injection_never_serves_a_wrong_read(model, clean, tmp_path):
                 continue
             for name in want:  # served: then it must be exactly the clean store
                 assert torch.equal(got[name], want[name]), f"{fault.__name__} (trial {trial}) served {name}"
+
+
+# ------------------------------------------------------------------ what identifies an attached hook
+def head_ablation(head):
+    def ablate(z, hook):
+        z[:, :, head] = 0
+        return z
+    return ablate
+
+
+def scale_heads(z, hook, head, by=0.0):
+    z[:, :, head] = z[:, :, head] * by
+    return z
+
+
+SCALE = 0.0
+
+
+def scale_by_global(z, hook):
+    return z * SCALE
+
+
+def unfinished(out: Path) -> None:
+    """What a killed run leaves: two shards done, the rest never written."""
+    edit_manifest(out, lambda m: m.update(completed=False, n_tokens=36, n_documents=6, shards=m["shards"][:2]))
+    for later in sorted(out.glob("shard-*"))[2:]:
+        later.unlink()
+
+
+@pytest.mark.parametrize("first, second", [
+    (lambda: head_ablation(0), lambda: head_ablation(3)),  # a closure value
+    (lambda: functools.partial(scale_heads, head=0), lambda: functools.partial(scale_heads, head=3)),
+    (lambda: functools.partial(scale_heads, head=0), lambda: functools.partial(scale_heads, head=0, by=0.5)),
+], ids=["closure", "partial", "partial-keyword"])
+def test_a_resume_with_the_same_hook_function_on_other_arguments_is_refused(model, tmp_path, first, second):
+    """Hooks were identified by qualified name only: "ablate head 0" resumed with "ablate head 3" mixed
+    both in one store."""
+    out = tmp_path / "store"
+
+    def run(fn):
+        model.add_hook("blocks.1.attn.hook_z", fn, permanent=True)
+        try:
+            return cache_dataset(model, equal_docs(), NAMES, out, allow_hooks=True, **SMALL)
+        finally:
+            model.reset_hooks(including_permanent=True)
+
+    reference = run(first())
+    want = read_all(reference)
+    unfinished(out)
+    with pytest.raises(CacheMismatchError, match=r"model\.hooks"):
+        run(second())
+    resumed = run(first())  # the same behaviour in a new function object: resumed
+    for name, t in read_all(resumed).items():
+        assert torch.equal(t, want[name]), name
+
+
+def test_a_changed_global_changes_the_identity_and_unhashable_values_need_a_name(model, tmp_path):
+    global SCALE
+    model.add_hook("blocks.0.hook_resid_post", scale_by_global, permanent=True)
+    try:
+        cache_dataset(model, equal_docs(), NAMES, tmp_path / "a", allow_hooks=True, **SMALL)
+        unfinished(tmp_path / "a")
+        SCALE = 0.5
+        with pytest.raises(CacheMismatchError, match=r"model\.hooks"):
+            cache_dataset(model, equal_docs(), NAMES, tmp_path / "a", allow_hooks=True, **SMALL)
+    finally:
+        SCALE = 0.0
+        model.reset_hooks(including_permanent=True)
+    lock = threading.Lock()
+
+    def guarded(t, hook):
+        with lock:
+            return t
+
+    model.add_hook("blocks.0.hook_resid_post", guarded, permanent=True)
+    try:
+        with pytest.raises(ValueError, match=r"closure variable 'lock' is a _thread\.lock.*allow_hooks='<a string"):
+            cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks=True, **SMALL)
+        assert not (tmp_path / "b").exists()
+        store = cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks="identity, guarded v1",
+                              **SMALL)
+        assert store.manifest["model"]["hooks"]["identity"] == "identity, guarded v1"
+        unfinished(tmp_path / "b")
+        with pytest.raises(CacheMismatchError, match=r"model\.hooks"):
+            cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks="identity, guarded v2", **SMALL)
+        cache_dataset(model, equal_docs(), NAMES, tmp_path / "b", allow_hooks="identity, guarded v1", **SMALL)
+    finally:
+        model.reset_hooks(including_permanent=True)
+
+
+def test_shards_hashed_whole_by_earlier_versions_still_verify(clean, tmp_path):
+    """Shards are hashed tensor by tensor as they are written (no pass over a finished shard); entries
+    without "digest" hold the plain file sha256 of earlier versions, and still verify."""
+    from neox_lab.store.manifest import file_sha256
+
+    out = copy_of(clean, tmp_path)
+    assert {s["digest"] for s in ActivationStore(out).shards} == {"tensors"}
+    edit_manifest(out, lambda m: [s.update(sha256=file_sha256(out / s["file"])) or s.pop("digest")
+                                  for s in m["shards"]])
+    ActivationStore(out).verify()
+    flip(out / "shard-00003.safetensors", -3)
+    with pytest.raises(CacheIntegrityError, match=r"shard-00003\.safetensors does not match its sha256"):
+        ActivationStore(out, check="open")

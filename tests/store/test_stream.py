@@ -2,6 +2,8 @@
 resume mid-epoch, normalisation statistics."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab.store.manifest import CacheIntegrityError
 from neox_lab.store.reader import ActivationStore
 from neox_lab.store.writer import cache_dataset
 
@@ -138,8 +141,8 @@ def test_normalisation_statistics_are_computed_once_and_applied(store, tmp_path)
     torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), x.mean(0), rtol=1e-12, atol=1e-12)
     assert stats["norm"] == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-12)
     assert stats["centered_norm"] == pytest.approx(float((x - x.mean(0)).norm(dim=1).mean()), rel=1e-12)
-    on_disk = json.loads((store.dir / "manifest.json").read_text())["stats"]["blocks.0.hook_resid_post"]
-    assert on_disk == stats
+    on_disk = json.loads((store.dir / "stats.json").read_text())["hooks"]["blocks.0.hook_resid_post"]
+    assert {k: on_disk[k] for k in stats} == stats
     assert ActivationStore(store.dir).normalization_stats("blocks.0.hook_resid_post") == stats
     batch = next(iter(store.stream("blocks.0.hook_resid_post", batch_size=len(store), shuffle=False,
                                    normalize="center_scale")))["blocks.0.hook_resid_post"]
@@ -158,18 +161,23 @@ def test_bad_stream_arguments_are_named(store):
         store.stream(HOOKS, normalize="zscore")
 
 
-def test_statistics_of_a_read_only_store_are_kept_in_memory(store, monkeypatch):
-    import neox_lab.store.stream as stream_module
+def test_statistics_of_a_read_only_store_are_kept_in_memory(store, tmp_path, monkeypatch):
+    import shutil
+
+    import neox_lab.store.stats as stats_module
 
     def read_only(path, obj):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(stream_module, "atomic_write_json", read_only)
-    fresh = ActivationStore(store.dir)
-    fresh.manifest.pop("stats", None)
+    copy = tmp_path / "copy"
+    shutil.copytree(store.dir, copy)
+    (copy / "stats.json").unlink(missing_ok=True)
+    monkeypatch.setattr(stats_module, "atomic_write_json", read_only)
+    fresh = ActivationStore(copy)
     with pytest.warns(UserWarning, match="could not be saved"):
         stats = fresh.normalization_stats("hook_embed")
-    assert stats["n_tokens"] == len(store) and fresh.manifest["stats"]["hook_embed"] == stats
+    assert stats["n_tokens"] == len(store) and fresh.normalization_stats("hook_embed") is stats
+    assert not (copy / "stats.json").exists()
 
 
 def test_a_damaged_shard_is_refused_by_the_stream(store, tmp_path):
@@ -187,3 +195,65 @@ def test_a_damaged_shard_is_refused_by_the_stream(store, tmp_path):
         list(ActivationStore(copy).stream(HOOKS, batch_size=7, buffer_tokens=40, chunk_tokens=10, shuffle=False))
     with pytest.raises(CacheIntegrityError, match=store.shards[2]["file"]):
         list(ActivationStore(copy).stream(HOOKS, batch_size=7, buffer_tokens=40, chunk_tokens=10))
+
+
+def test_set_epoch_and_the_seed_are_checked(store):
+    stream = store.stream(HOOKS, batch_size=4, buffer_tokens=40, chunk_tokens=10)
+    for bad in (dict(start_batch=-2), dict(epoch=-1), dict(epoch=1.5), dict(start_batch=True)):
+        with pytest.raises(ValueError, match=r"(epoch|start_batch) must be a non-negative integer"):
+            stream.set_epoch(**{"epoch": 0, **bad})
+    assert (stream.epoch, stream.start_batch) == (0, 0)  # nothing half-set
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -3"):
+        store.stream(HOOKS, seed=-3)
+
+
+@pytest.mark.parametrize("start_batch", [0, 3])
+def test_set_epoch_reaches_persistent_dataloader_workers(store, start_batch):
+    kw = dict(batch_size=5, buffer_tokens=40, chunk_tokens=10, meta=True)
+    stream = store.stream(HOOKS, **kw)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, persistent_workers=True)
+    epochs = []
+    for epoch in range(3):
+        stream.set_epoch(epoch, start_batch=start_batch)
+        epochs.append([keys(b) for b in loader])
+    for epoch, got in enumerate(epochs):  # each epoch is what a fresh loader of that epoch yields
+        fresh = store.stream(HOOKS, epoch=epoch, start_batch=start_batch, **kw)
+        assert got == [keys(b) for b in DataLoader(fresh, batch_size=None, num_workers=2)]
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def replace_by_rename(path, data):
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("how", ["renamed", "in place"])
+def test_a_shard_changed_after_its_first_read_is_checked_again_by_view_and_stream(store, tmp_path, how):
+    """After a verified shard's file is replaced (write-then-rename) the view served the checked bytes
+    it had mapped and the stream the new, unhashed file; damage in place after the first read was served
+    by both. Now every read compares the file's identity and hashes a changed file again."""
+    copy = tmp_path / "copy"
+    shutil.copytree(store.dir, copy)
+    opened = ActivationStore(copy)
+    kw = dict(batch_size=7, buffer_tokens=40, chunk_tokens=10, meta=True)
+    view = opened["blocks.0.hook_resid_post"]
+    clean, clean_batches = view[:], [keys(b) for b in opened.stream(HOOKS, **kw)]
+    shard = copy / store.shards[2]["file"]
+    good = shard.read_bytes()
+    bad = bytearray(good)
+    bad[-5] ^= 0xFF  # the last token's data: same size, valid header
+    if how == "renamed":
+        replace_by_rename(shard, bytes(bad))
+    else:
+        with open(shard, "r+b") as fh:
+            fh.seek(len(good) - 5)
+            fh.write(bytes(bad[-5:-4]))
+    name = store.shards[2]["file"]
+    with pytest.raises(CacheIntegrityError, match=rf"{name} does not match its sha256"):
+        view[:]
+    with pytest.raises(CacheIntegrityError, match=rf"{name} does not match its sha256"):
+        list(opened.stream(HOOKS, **kw))
+    replace_by_rename(shard, good)  # the right bytes again, in a new file: checked, then served
+    assert torch.equal(view[:], clean)
+    assert [keys(b) for b in opened.stream(HOOKS, **kw)] == clean_batches

@@ -3,18 +3,22 @@
 
 import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from neox_lab import NeoXConfig, NeoXForCausalLM
-from neox_lab.store.manifest import CacheMismatchError, CacheWriteError
+from neox_lab.store import shards
+from neox_lab.store import windows as windows_module
+from neox_lab.store.manifest import CacheMismatchError, CacheWriteError, parse_positions, positions_spec
 from neox_lab.store.sources import Documents
 from neox_lab.store.windows import WindowSpec, count_docs, iter_batches, iter_windows, sample_positions
 from neox_lab.store.writer import cache_dataset
@@ -149,21 +153,21 @@ def test_packed_run_killed_mid_document_resumes_byte_identical(model, tmp_path, 
     docs = texts(n=30)
     names = ["blocks.0.hook_resid_post"]
     cache_dataset(model, docs, names, tmp_path / "clean", **PACKED)
-    real_save, calls = safetensors.torch.save_file, []
+    real_save, calls = shards.write_shard_file, []
 
-    def fail_third(tensors, filename, metadata=None):
+    def fail_third(filename, *rest):
         calls.append(filename)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, filename, metadata=metadata)
+        return real_save(filename, *rest)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail_third)
+    monkeypatch.setattr(shards, "write_shard_file", fail_third)
     with pytest.raises(CacheWriteError):
         cache_dataset(model, docs, names, tmp_path / "broken", **PACKED)
     manifest = json.loads((tmp_path / "broken" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 2
     assert manifest["next_offset"] > 0  # the kill fell inside a document: resuming needs the offset
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(shards, "write_shard_file", real_save)
     cache_dataset(model, docs, names, tmp_path / "broken", **PACKED)
     files = lambda d: {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
     assert files(tmp_path / "broken") == files(tmp_path / "clean")
@@ -199,3 +203,98 @@ def test_cli_caches_a_packed_compressed_corpus_and_names_a_missing_extra(tmp_pat
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "needs the 'zstandard' package" in err and "neox-lab[corpus]" in err
+
+
+# ------------------------------------------------------------------------------------------ positions, long texts
+@pytest.mark.parametrize("positions", ["last", "0:3", "-2:", "1::2"])
+def test_positions_select_each_documents_own_tokens_under_packing(model, tmp_path, positions):
+    """Packing puts several documents in a window and cuts documents across windows; "last" and slices
+    still mean positions of each document (not of each window)."""
+    docs = texts(n=30)
+    ids = [model.tokenizer(t)["input_ids"] for t in docs]
+    full = cache_dataset(model, docs, ["hook_embed"], tmp_path / "all", **PACKED)
+    chosen = cache_dataset(model, docs, ["hook_embed"], tmp_path / positions.replace(":", "_"),
+                           positions=positions, **PACKED)
+    pick = parse_positions(positions_spec(positions))
+    kept = [d for d, row in enumerate(ids) if len(row) >= PACKED["min_tokens"]]
+    want = [(d, ids[d][p]) for d in kept for p in range(len(ids[d]))[pick]]
+    got = list(zip(chosen.doc_ids().tolist(), chosen.tokens().tolist()))
+    assert got == want  # every document's own selection, in order: none lost, no BOS/EOS
+    # ... and each stored row is that token's activation in the packed run (same window, same place)
+    where, seen = {}, {}
+    for row, (d, w_pos) in enumerate(zip(full.doc_ids().tolist(), full.positions().tolist())):
+        if w_pos:  # position 0 of every window is its BOS
+            seen[d] = seen.get(d, -1) + 1
+            where[(d, seen[d])] = row  # (document, place in the document) -> row
+    rows = [where[(d, p)] for d in kept for p in range(len(ids[d]))[pick]]
+    assert torch.equal(chosen["hook_embed"][:], full["hook_embed"][rows])
+
+
+def test_a_long_document_is_tokenized_in_bounded_pieces_with_the_same_tokens(model, monkeypatch):
+    """Texts past LONG_DOCUMENT characters are cut at single spaces and tokenized piece by piece: the
+    tokens are those of the whole text (GPT-NeoX's tokenizer and a word tokenizer), and under truncation
+    only what the window needs is tokenized."""
+    monkeypatch.setattr(windows_module, "LONG_DOCUMENT", 300)
+    monkeypatch.setattr(windows_module, "PIECE_CHARS", 100)
+    rng = np.random.default_rng(0)
+    words = ["def", "f(x):", "return", "x", "  #", "naïve", "\n", "tab\there", "café,", "12.5", "—", "a"]
+    long_text = " ".join(rng.choice(words, 4000))  # ~20,000 characters
+    neox = NeoXTokenizer.default()
+    for tokenizer in (Counting(neox), Counting(model.tokenizer)):
+        spec = WindowSpec(4096, packing=True)
+        whole = tokenizer(long_text)["input_ids"]
+        tokenizer.calls.clear()
+        got = list(windows_module._tokenized(Documents("texts", [long_text, "a b"]), 0, None, spec, tokenizer, True))
+        assert got[0][1].tolist() == whole and got[1][1].tolist() == tokenizer("a b")["input_ids"]
+        assert max(tokenizer.calls) < 300  # no text handed to the tokenizer was longer than a piece
+        first8 = tokenizer(long_text, truncation=True, max_length=8)["input_ids"]
+        tokenizer.calls.clear()
+        truncated = list(windows_module._tokenized(Documents("texts", [long_text]), 0, None, WindowSpec(8),
+                                                   tokenizer, True))
+        assert sum(tokenizer.calls) < 5000  # the probe (~3,000 characters) and one piece: not the text
+        assert truncated[0][1].tolist() == first8
+
+
+class Counting:
+    """A tokenizer that records the length of every text it was handed."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.calls += map(len, [text] if isinstance(text, str) else text)
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_long_line_costs_memory_of_its_own_size(tmp_path):
+    """One 20 MB line with context_size=64 used to cost +4.3 GiB of RSS (the tokenizer's per-token
+    records of the whole line). Now truncation tokenizes one piece, and packing holds the text and 4
+    bytes per token. Measured as the peak RSS of a child process: an 8 MB line truncated (1.7 GiB
+    before) and a 2 MB line packed (0.4 GiB before)."""
+    child = """
+import resource, sys, torch
+from neox_lab import NeoXConfig, NeoXForCausalLM
+from neox_lab.store.writer import cache_dataset
+from neox_lab.tokenizer import NeoXTokenizer
+model = NeoXForCausalLM(NeoXConfig(vocab_size=50304, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32)).eval()
+tok = NeoXTokenizer.default()
+line = ("def f(x): return x * 2  # a line of code " * 200_000)[:8_000_000]
+for packing, text in ((False, line), (True, line[:2_000_000])):
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cache_dataset(model, [text, "short one"], ["hook_embed"], sys.argv[1] + str(packing), context_size=64,
+                  packing=packing, batch_size=64, tokenizer=tok, progress=False, shard_tokens=8192)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", child, str(tmp_path / "s")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    truncated_gib, packed_gib = map(float, out.stdout.split()[-2:])
+    # Truncated: the 8 MB line's utf-8 copy for the fingerprint and one piece: under 64 MiB.
+    assert truncated_gib < 1 / 16, truncated_gib
+    # Packed: ~500k tokens as int32 (2 MB, a few copies), the windows' Python lists (~30 MB at 64 bytes a
+    # token), shards of 8192 tokens: under 96 MiB.
+    assert packed_gib < 3 / 32, packed_gib
