@@ -27,6 +27,16 @@ def test_bench_hooks_quick(capsys):
     assert "idle hook points" in out
 
 
+def test_bench_cache_all_quick(capsys):
+    pytest.importorskip("transformers")
+    bench = load_script("bench_cache_all")
+    assert bench.main(["--quick", "--threads", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("hf_sdpa", "forward", "cache_all", "cache_all_eager"):
+        assert f"| 1x16 | {variant} |" in out
+    assert "max |scores/pattern - eager's|" in out and "run_with_cache() / forward" in out
+
+
 # ------------------------------------------------------------------ scripts run as a user runs them
 def run_script(name: str, *args: str, timeout: float = 120) -> str:
     """Run experiments/<name>.py in a fresh interpreter; return its stdout (fails with its stderr)."""

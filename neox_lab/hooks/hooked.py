@@ -18,6 +18,12 @@ NameOrFilter = str | Callable[[str], bool]
 HookPairs = Iterable[tuple[NameOrFilter, HookFn]]
 
 
+def _flag_property(flag: str) -> property:
+    """`model.<flag>`: whether the stream flag is on; assigning it calls `set_<flag>`."""
+    return property(lambda self: flag in self.stream_flags, lambda self, on: self._set_stream_flag(flag, on),
+                    doc=f"Whether TransformerLens' stream flag {flag} is on (assigning calls set_{flag}).")
+
+
 class HookedMixin:
     """Mixed into `torch.nn.Module`s whose tree holds `HookPoint`s; names them and runs hooks."""
 
@@ -88,29 +94,9 @@ class HookedMixin:
         changes only what the MLP reads). Off by default."""
         self._set_stream_flag("use_hook_mlp_in", use_hook_mlp_in)
 
-    @property
-    def use_split_qkv_input(self) -> bool:
-        return "use_split_qkv_input" in self.stream_flags
-
-    @use_split_qkv_input.setter
-    def use_split_qkv_input(self, on: bool) -> None:
-        self.set_use_split_qkv_input(on)
-
-    @property
-    def use_attn_in(self) -> bool:
-        return "use_attn_in" in self.stream_flags
-
-    @use_attn_in.setter
-    def use_attn_in(self, on: bool) -> None:
-        self.set_use_attn_in(on)
-
-    @property
-    def use_hook_mlp_in(self) -> bool:
-        return "use_hook_mlp_in" in self.stream_flags
-
-    @use_hook_mlp_in.setter
-    def use_hook_mlp_in(self, on: bool) -> None:
-        self.set_use_hook_mlp_in(on)
+    use_split_qkv_input = _flag_property("use_split_qkv_input")
+    use_attn_in = _flag_property("use_attn_in")
+    use_hook_mlp_in = _flag_property("use_hook_mlp_in")
 
     # ------------------------------------------------------------------ lookup
     def set_use_attn_result(self, use_attn_result: bool) -> None:

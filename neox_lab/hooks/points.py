@@ -81,6 +81,23 @@ class HookPoint(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self(x)
 
+    def fire_checked(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(self(x), untouched)``: untouched is True when the hooks left the activation as it was, i.e.
+        returned None or x itself, edited nothing in place (x's version counter, shared by its views,
+        did not move) and no backward hook is attached (that hands on a new view, to be differentiated).
+
+        A caller may then compute what follows from a faster form that never needed x (the fused output
+        projection instead of hook_result's heads, the fast attention kernel instead of hook_pattern's
+        softmax). Edits through `x.data` bypass the version counter and are not seen: edit `x` itself.
+        An inference tensor keeps no version counter, so it is reported touched whenever a hook ran."""
+        if not self.fwd_fns and not self.bwd_fns:
+            return x, True
+        if x.is_inference():
+            return self._fire(x), False
+        version = x._version
+        out = self._fire(x)
+        return out, out is x and x._version == version
+
     def _checked(self, new: Any, old: torch.Tensor, what: str) -> torch.Tensor:
         if new is None:
             return old

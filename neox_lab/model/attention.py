@@ -110,12 +110,11 @@ class Attention(nn.Module, AttentionWeights):
         if self.hook_result.active:
             # Each head's write into the residual stream; large, so only built when someone asks.
             result = einsum(z, self.W_O.to(z.dtype), axes.HEAD_RESULT)
-            version = None if result.is_inference() else result._version  # inference tensors keep none
-            hooked = self.hook_result(result)
+            hooked, untouched = self.hook_result.fire_checked(result)
             # Hooks that only read (run_with_cache) leave `result` untouched: keep the fused projection
-            # so logits stay bit-identical. A replacement, an in-place edit (the version counter moves)
-            # or a backward hook (a new view) makes the heads' sum the output.
-            if hooked is not result or version is None or result._version != version:
+            # so logits stay bit-identical. A replacement, an in-place edit or a backward hook makes the
+            # heads' sum the output.
+            if not untouched:
                 out = hooked.sum(-2)
                 if self.out.bias is not None:
                     out = out + self.out.bias

@@ -16,6 +16,12 @@ backend, so one guard covers them all).
 A padding query that does see real keys (right padding) is computed like any other row by "eager" and
 "sdpa"; the flash-attn package's unpadded kernel drops it and gives 0 there. No real position ever reads
 a padding position, so outputs at real positions never depend on this.
+
+Cost of materialising. "eager" is also what a layer runs when its scores or pattern are hooked (every
+layer under `run_with_cache()`). Without autograd it computes q.k and pattern.v by blocks of query rows,
+skipping the keys the causal mask hides from a block, and fixes the softmax up in place, so the only
+[batch n_heads query_pos key_pos] tensors it allocates are the scores and the pattern the hooks see.
+Hooks that change them (told apart by `HookPoint.fire_checked`) get the dense form from there on.
 """
 
 from __future__ import annotations
@@ -76,6 +82,11 @@ class AttnMask:
         if self.key_mask is not None:
             allowed = allowed & self.key_mask[:, None, None, :]
         return allowed
+
+    @cached_property
+    def forbidden(self) -> torch.Tensor:
+        """~allowed: where the scores are -inf."""
+        return ~self.allowed
 
     @cached_property
     def dead(self) -> torch.Tensor | None:
@@ -143,24 +154,45 @@ class StaticDecodeMask:
         self.leftpad = leftpad
         self.flash_kvcache = flash_kvcache
 
+    @property
+    def forbidden(self) -> torch.Tensor:
+        """~allowed, recomputed per call: the step edits key_mask in place."""
+        return ~self.allowed
 
-def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p=0.0,
-                    hook_scores=None, hook_pattern=None):
-    """Reference attention: scores and pattern materialised, softmax in fp32, -inf masking.
 
-    Returns (z [batch pos n_heads d_head], pattern [batch n_heads query_pos key_pos]).
-    """
+def attention_scores(q, k, mask, scale) -> torch.Tensor:
+    """Scores [batch n_heads query_pos key_pos]: (q * scale) . k, -inf where the mask forbids."""
     # Scaling q before the product keeps fp16 scores in range (NeoX-20B's known QK overflow): the
     # unscaled q.k can pass 65504 where q.k / sqrt(d_head) is far below it.
     scores = einsum(q * scale, k, axes.SCORES)
-    scores = scores.masked_fill(~mask.allowed, float("-inf"))
-    dead = mask.dead
-    if hook_scores is not None:
-        scores = hook_scores(scores)
-        # A hook that masks every key of a row (a common knockout) leaves it no softmax: it attends to
-        # nothing, as a padding row does, instead of turning every later logit into NaN.
-        emptied = torch.isneginf(scores).all(-1, keepdim=True)
-        dead = emptied if dead is None else dead | emptied
+    # In place: the product is a fresh tensor, and every [batch n_heads query_pos key_pos] copy is new
+    # memory the CPU page-faults in (what dominated caching the pattern of every layer).
+    return scores.masked_fill_(mask.forbidden, float("-inf"))
+
+
+def emptied_rows(scores: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+    """`dead` plus the query rows a scores hook masked entirely ([batch n_heads query_pos 1])."""
+    # A hook that masks every key of a row (a common knockout) leaves it no softmax: it attends to
+    # nothing, as a padding row does, instead of turning every later logit into NaN.
+    emptied = torch.isneginf(scores).all(-1, keepdim=True)
+    return emptied if dead is None else dead | emptied
+
+
+def attention_pattern(scores: torch.Tensor, dead: torch.Tensor | None, dtype: torch.dtype,
+                      head_mask=None) -> torch.Tensor:
+    """softmax(scores) in fp32 (at least), cast to `dtype`; `dead` rows attend to nothing (all zero);
+    each head scaled by `head_mask` as transformers does."""
+    if not (torch.is_grad_enabled() and scores.requires_grad):
+        # No graph to keep: fix the softmax's own output up in place. A dead row's softmax is NaN,
+        # overwritten; every other row is computed exactly as below. One new [batch n_heads query_pos
+        # key_pos] tensor instead of up to three.
+        pattern = torch.softmax(scores, -1, dtype=widen(scores[..., :0]).dtype)
+        if dead is not None:
+            pattern.masked_fill_(dead, 0.0)
+        pattern = pattern.to(dtype)
+        if head_mask is not None:
+            pattern.mul_(head_mask[None, :, None, None].to(pattern.dtype))
+        return pattern
     scores32 = widen(scores)
     if dead is not None:
         # A row with every key masked has no softmax; give it zero attention instead of NaN.
@@ -168,15 +200,100 @@ def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p
     pattern = scores32.softmax(-1)
     if dead is not None:
         pattern = pattern.masked_fill(dead, 0.0)
-    pattern = pattern.to(q.dtype)
+    pattern = pattern.to(dtype)
     if head_mask is not None:
         pattern = pattern * head_mask[None, :, None, None].to(pattern.dtype)
+    return pattern
+
+
+#: Query rows per block of the eager kernel's no-grad form, at least: smaller blocks skip more of the
+#: causally masked keys, larger ones keep each matmul efficient.
+MIN_BLOCK_ROWS = 64
+
+
+def causal_blocks(q_len: int, k_len: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, keys) of each block of query rows: a row block sees no key past `keys` (the
+    causal mask, aligned bottom-right), so everything right of it is -inf / zero attention."""
+    rows = max(MIN_BLOCK_ROWS, -(-q_len // 16))
+    offset = k_len - q_len
+    return [(r0, min(r0 + rows, q_len), min(k_len, offset + min(r0 + rows, q_len)))
+            for r0 in range(0, q_len, rows)]
+
+
+class _Blockwise:
+    """The eager kernel's two products without autograd, by blocks of query rows: a block's scores and
+    its pattern . v read only the keys the causal mask lets it see (about half the work on a prefill),
+    writing into the full tensors hooks see, whose part right of each block is -inf. Same values as the
+    dense products to rounding (the skipped terms are exact zeros of the pattern)."""
+
+    def __init__(self, q, k, mask, scale):
+        self.batch, self.q_len, self.n_heads, d_head = q.shape
+        self.k_len = k.shape[1]
+        self.blocks = causal_blocks(self.q_len, self.k_len)
+        self.mask = mask
+        flat = self.batch * self.n_heads
+        # Scaled before the product, as attention_scores does (the fp16 range).
+        self.q = (q * scale).transpose(1, 2).reshape(flat, self.q_len, d_head)
+        self.kt = k.permute(0, 2, 3, 1).reshape(flat, d_head, self.k_len)
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.batch * self.n_heads, *t.shape[2:])
+
+    def scores(self) -> torch.Tensor:
+        """attention_scores(q, k, mask, scale), block by block."""
+        scores = self.q.new_empty(self.batch, self.n_heads, self.q_len, self.k_len)
+        flat, offset = self._flat(scores), self.k_len - self.q_len
+        plain = getattr(self.mask, "key_mask", True) is None  # causal only: masked entries are near the diagonal
+        for r0, r1, keys in self.blocks:
+            torch.bmm(self.q[:, r0:r1], self.kt[:, :, :keys], out=flat[:, r0:r1, :keys])
+            if plain:
+                # Row r sees keys up to offset + r: only the square right of offset + r0 has masked entries.
+                square = torch.ones(r1 - r0, keys - offset - r0, dtype=torch.bool, device=scores.device)
+                scores[:, :, r0:r1, offset + r0:keys].masked_fill_(square.triu(1), float("-inf"))
+            else:
+                scores[:, :, r0:r1, :keys].masked_fill_(self.mask.forbidden[..., r0:r1, :keys], float("-inf"))
+            scores[:, :, r0:r1, keys:] = float("-inf")
+        return scores
+
+    def mix(self, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """pattern . v, z [batch pos n_heads d_head], for a pattern that is zero right of each block."""
+        d_head = v.shape[-1]
+        values = v.transpose(1, 2).reshape(self.batch * self.n_heads, self.k_len, d_head)
+        z = v.new_empty(self.batch, self.n_heads, self.q_len, d_head)
+        flat, weights = self._flat(z), self._flat(pattern)
+        for r0, r1, keys in self.blocks:
+            torch.bmm(weights[:, r0:r1, :keys], values[:, :keys], out=flat[:, r0:r1])
+        return z.transpose(1, 2)
+
+
+def eager_attention(q, k, v, mask: AttnMask, *, scale, head_mask=None, dropout_p=0.0,
+                    hook_scores=None, hook_pattern=None):
+    """Reference attention: scores and pattern materialised, softmax in fp32, -inf masking.
+
+    Returns (z [batch pos n_heads d_head], pattern [batch n_heads query_pos key_pos]).
+
+    Without autograd (and dropout) the two products run by causal blocks (`_Blockwise`), as far as the
+    hooks allow: pattern . v skips the keys right of each block only while neither hook changed its
+    stream (`HookPoint.fire_checked`; a changed score or pattern may sit there). Hooks that only read
+    (run_with_cache) keep it to the end.
+    """
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    blockwise = None if needs_grad or dropout_p else _Blockwise(q, k, mask, scale)
+    scores = attention_scores(q, k, mask, scale) if blockwise is None else blockwise.scores()
+    dead, untouched = mask.dead, True
+    if hook_scores is not None:
+        scores, untouched = hook_scores.fire_checked(scores)
+        if not untouched:  # a hook that only read cannot have emptied a row
+            dead = emptied_rows(scores, dead)
+    pattern = attention_pattern(scores, dead, q.dtype, head_mask)
     if hook_pattern is not None:
-        pattern = hook_pattern(pattern)
+        pattern, pattern_untouched = hook_pattern.fire_checked(pattern)
+        untouched = untouched and pattern_untouched
     if dropout_p:
         pattern = F.dropout(pattern, p=dropout_p, training=True)
-    z = einsum(pattern, v, axes.MIX_VALUES)
-    return z, pattern
+    if blockwise is not None and untouched:
+        return blockwise.mix(pattern, v), pattern
+    return einsum(pattern, v, axes.MIX_VALUES), pattern
 
 
 def finish(z: torch.Tensor, mask, head_mask) -> torch.Tensor:
@@ -241,5 +358,6 @@ def resolve_backend(name: str, x: torch.Tensor) -> str:
     return name
 
 
-__all__ = ["BACKENDS", "AttnMask", "StaticDecodeMask", "eager_attention", "finish",
+__all__ = ["BACKENDS", "AttnMask", "StaticDecodeMask", "attention_pattern", "attention_scores", "eager_attention",
+           "emptied_rows", "finish",
            "resolve_backend", "sdpa_attention", "sdpa_mask"]

@@ -30,6 +30,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from neox_lab import KVCache, NeoXConfig, NeoXForCausalLM
+from neox_lab.model import kernels
 from neox_lab.model.flash import FlashKernel
 from neox_lab.model.kernels import AttnMask, eager_attention, resolve_backend, sdpa_attention
 from neox_lab.testing.strategies import neox_configs, token_batches
@@ -180,6 +181,101 @@ def test_pattern_hook_on_sdpa_runs_eager_for_that_layer_only():
         finite = torch.isfinite(value)
         assert torch.equal(finite, torch.isfinite(cache[name]))
         assert rel(cache[name][finite], value[finite]) < FP32_REL
+
+
+def _scale_in_place(x, *, hook):
+    x[:, 0] *= 0.5
+
+
+#: Hooks on scores / pattern. "read" only looks; the rest change the stream (in place, by a replacement).
+PATTERN_HOOKS = {
+    "read": lambda x, hook: None,
+    "identity": lambda x, hook: x,
+    "in_place": _scale_in_place,
+    "replace": lambda x, hook: x * 0.5,
+}
+
+
+def _as_replacement(fn):
+    """`fn` made to return a new tensor (its edit of a copy): no hook point can then take it as read-only."""
+    def replace(x, *, hook):
+        y = x.clone()
+        out = fn(y, hook=hook)
+        return y if out is None or out is y else out
+    return replace
+
+
+def _recorded(model, ids, names, hooks, **kw):
+    """(logits, {name: activation}) of a forward with `hooks`, recording `names` after them."""
+    store = {}
+    record = [(n, lambda x, hook: store.__setitem__(hook.name, x.detach())) for n in names]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logits = model.run_with_hooks(ids, fwd_hooks=hooks + record, **kw).logits
+    return logits, store
+
+
+@given(cfg=neox_configs(max_layers=2, head_dims=(8, 16)), data=st.data(), seed=st.integers(0, 2**16),
+       grad=st.booleans(), block_rows=st.sampled_from([1, 3, 64]))
+def test_scores_and_pattern_hooks_on_sdpa_equal_eager(cfg, data, seed, grad, block_rows, monkeypatch):
+    """Every kind of scores/pattern hook, with autograd and without (where the eager kernel runs by
+    causal blocks, as far as the hooks leave the streams as they were), on sdpa (its fallback): the
+    streams and logits of the eager kernel's dense, differentiable form with the same edits made as
+    replacements. fp64, 1e-12 relative (the forms reassociate the same sums)."""
+    monkeypatch.setattr(kernels, "MIN_BLOCK_ROWS", block_rows)  # small blocks: several per short input
+    batch = data.draw(token_batches(cfg, max_len=12))
+    kw = dict(attention_mask=batch.attention_mask)
+    sdpa, eager = model_for(cfg, seed, "sdpa").double(), model_for(cfg, seed, "eager").double()
+    names = data.draw(st.lists(st.sampled_from([n for n in sdpa.hook_names() if n.endswith(("scores", "pattern"))]),
+                               min_size=1, unique=True))
+    kinds = {n: data.draw(st.sampled_from(sorted(PATTERN_HOOKS)), label=n) for n in names}
+    hooks = [(n, PATTERN_HOOKS[k]) for n, k in kinds.items()]
+    watched = [n for n in sdpa.hook_names() if n.endswith(("scores", "pattern", "hook_z"))]
+    with torch.set_grad_enabled(grad):
+        logits, got = _recorded(sdpa, batch.input_ids, watched, hooks, **kw)
+    with torch.enable_grad():
+        ref_logits, want = _recorded(eager, batch.input_ids, watched, [(n, _as_replacement(f)) for n, f in hooks], **kw)
+    assert rel(logits, ref_logits) < 1e-12
+    for name, value in want.items():
+        finite = torch.isfinite(value)
+        assert torch.equal(finite, torch.isfinite(got[name])), name
+        assert rel(got[name][finite], value[finite]) < 1e-12, name
+    assert sdpa.attn_kernels() == ["eager (fallback)"] * cfg.num_hidden_layers  # recording reads them all
+
+
+@given(data=st.data(), block_rows=st.sampled_from([1, 2, 5, 64]))
+def test_blockwise_eager_kernel_equals_the_dense_one(data, block_rows, monkeypatch):
+    """The no-grad eager kernel by causal blocks against its differentiable dense form: a KV-cache offset
+    (fewer queries than keys), padding anywhere (dead rows included), head_mask. fp64, 1e-12 relative."""
+    monkeypatch.setattr(kernels, "MIN_BLOCK_ROWS", block_rows)
+    batch, heads, d_head = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), 4
+    k_len = data.draw(st.integers(1, 12))
+    q_len = data.draw(st.integers(1, k_len))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q, k, v = (torch.randn(batch, n, heads, d_head, generator=g, dtype=torch.float64) for n in (q_len, k_len, k_len))
+    key_mask = torch.rand(batch, k_len, generator=g) < data.draw(st.sampled_from([0.5, 1.0]))
+    mask = AttnMask(q_len=q_len, k_len=k_len, device=q.device, key_mask=None if key_mask.all() else key_mask)
+    head_mask = data.draw(st.sampled_from([None, torch.rand(heads, generator=g, dtype=torch.float64)]))
+    with torch.no_grad():
+        z, pattern = eager_attention(q, k, v, mask, scale=0.5, head_mask=head_mask)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_z, ref_pattern = eager_attention(*leaves, mask, scale=0.5, head_mask=head_mask)
+    assert torch.equal(pattern == 0, ref_pattern == 0)  # the same keys masked, the same rows dead
+    assert rel(pattern, ref_pattern) < 1e-12 and rel(z, ref_z) < 1e-12
+
+
+def test_a_backward_hook_on_the_pattern_gets_the_eager_gradient():
+    model = model_for(TINY, 2, "sdpa").double()
+    eager = model_for(TINY, 2, "eager").double()
+    ids = torch.randint(0, 97, (2, 6))
+    grads = {}
+    name = "blocks.0.attn.hook_pattern"
+    for m in (model, eager):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = m.run_with_hooks(ids, labels=ids, bwd_hooks=[(name, lambda g, hook, m=m: grads.__setitem__(m, g))])
+        out.loss.backward()
+    assert rel(grads[model], grads[eager]) < 1e-12
 
 
 def test_output_attentions_on_sdpa_equal_eager():
