@@ -1,7 +1,8 @@
-"""Time and peak memory of the README's CI step (`neox-lab compare` of a checkpoint against itself run
-by transformers, at the defaults: fp64 on the CPU, the left-padded batch, the 512-token probe through
-every layer, the decoding check) on a pythia-160m-shaped checkpoint with trained-like random weights,
-and of three variants (fp32 with its measured floors, neox_lab against itself, a plain-PyTorch port).
+"""Time and peak memory of the CI step of docs/guides/equivalence-testing.md (`neox-lab compare` of a
+checkpoint against itself run by transformers, at the defaults: fp64 on the CPU, the left-padded batch,
+the 512-token probe through every layer, the decoding check) on a pythia-160m-shaped checkpoint with
+trained-like random weights, and of three variants (fp32 with its measured floors, neox_lab against
+itself, a plain-PyTorch port).
 
     python experiments/compare_ci_cost.py [--preset pythia-160m] [--dir DIR]
 

@@ -1,6 +1,6 @@
 """neox_lab: an einops GPT-NeoX with hook points on every stream, for interpretability and equivalence testing.
 
-The folders are the architecture; each imports only what is listed below it (README, "Architecture"):
+The folders are the architecture; each imports only what is listed below it (docs/architecture.md):
 
     cli, commands/        the `neox-lab` command line, one module per subcommand
     demo/, testing/       the demo; equivalence testing (compare, tolerances, the pytest plugin)

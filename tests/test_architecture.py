@@ -1,4 +1,4 @@
-"""The dependency rules import-linter cannot see (README, "Architecture"): no neox_lab module is imported
+"""The dependency rules import-linter cannot see (docs/architecture.md): no neox_lab module is imported
 inside a function, no private name is imported from another file, and the moved modules' old paths
 are the moved modules themselves.
 

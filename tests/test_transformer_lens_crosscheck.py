@@ -2,7 +2,7 @@
 
 Runs only where `transformer_lens` is importable (the optional `tl` extra; it is kept out of the core
 and test dependencies because it pins its own stack): `pip install 'neox-lab[tl]'`, or a venv as in
-the README. Skipped otherwise.
+docs/guides/from-transformerlens.md. Skipped otherwise.
 
 Both models come from one random checkpoint: neox_lab's weights (random biases and LayerNorm parameters,
 sharp attention) are saved, loaded by transformers, and converted by TransformerLens' own
@@ -291,7 +291,7 @@ def test_patching_grids_match(cfg, seed):
 # a wrong position (a BOS too many), a missing LayerNorm weight or a head mix-up moves these by 1e-2 to 1.
 NOTEBOOK_REL = 2e-4
 
-#: Cells whose results differ by design; each is a row of README's table ("Coming from TransformerLens").
+#: Cells whose results differ by design; each is a row of the table in docs/guides/from-transformerlens.md.
 DOCUMENTED_NOTEBOOK_DIFFERENCES = {
     "cache_keys": "neox_lab caches streams TransformerLens has no hook for: ln*.hook_ln_out and hook_logits",
     "stopped_cache_keys": "the same: ln*.hook_ln_out of the blocks run",
@@ -494,7 +494,7 @@ def test_an_attention_view_gets_what_circuitsvis_needs(shipped_models):
 
 def test_cfg_answers_every_transformer_lens_field_as_its_loader_does(shipped_models):
     """Every HookedTransformerConfig field, against TransformerLens' own from_pretrained of the same
-    checkpoint; the one documented exception: neox_lab's tokenizer adds no BOS (README)."""
+    checkpoint; the one documented exception: neox_lab's tokenizer adds no BOS (docs/guides/from-transformerlens.md)."""
     ours, theirs = shipped_models
     fields = [f.name for f in dataclasses.fields(theirs.cfg)]
     assert set(fields) == set(ours.cfg.to_dict()), set(fields) ^ set(ours.cfg.to_dict())

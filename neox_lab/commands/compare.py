@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-map", metavar="MAP",
                         help="place each neox_lab side over several devices with accelerate (neox-lab[big]): "
                              "auto, balanced, balanced_low_0, sequential, or a JSON object of module -> device, "
-                             "e.g. '{\"\": \"cpu\", \"model.blocks.5\": \"disk\"}' (README, Bigger than one GPU)")
+                             "e.g. '{\"\": \"cpu\", \"model.blocks.5\": \"disk\"}' (docs/guides/placement.md)")
     parser.add_argument("--offload-folder", metavar="DIR",
                         help="with --device-map: where .bin checkpoints put their 'disk' parts")
     parser.add_argument("--only-failures", action="store_true", help="print only failing hooks")

@@ -11,7 +11,7 @@ stream switches: a hook added through one fires when the other runs, an in-place
 is seen by the other, and switching costs nothing. What differs is only the convention of the calls:
 `model(tokens)` returns logits here, the output object there; `to_tokens` uses `cfg.default_prepend_bos`
 (False for GPT-NeoX, as TransformerLens' loader sets it); `generate` samples by default; `from_pretrained`
-processes weights as TransformerLens does. README "Coming from TransformerLens" lists what remains
+processes weights as TransformerLens does. docs/guides/from-transformerlens.md lists what remains
 different from TransformerLens itself.
 """
 
@@ -142,7 +142,7 @@ class HookedTransformer(nn.Module, HookedMixin, TextMixin, TokenLookup, ModelWei
         return self._hf.attn_backend
 
     def set_attn_backend(self, name: str) -> None:
-        """"eager" (reference), "sdpa", "flash" (CUDA fp16/bf16) or "auto" (README, "Attention backends")."""
+        """"eager" (reference), "sdpa", "flash" (CUDA fp16/bf16) or "auto" (docs/concepts/attention-paths.md)."""
         self._hf.set_attn_backend(name)
 
     def attn_kernels(self) -> list[str | None]:

@@ -140,7 +140,7 @@ class NeoXPreTrained(nn.Module, HookedMixin):
         split. `max_memory` ({0: "20GiB", "cpu": "60GiB"}) caps a planned map; `offload_folder` is
         needed only when a .bin checkpoint has blocks on "disk" (safetensors files are read in place).
         The result's `device_map` shows the placement (accelerate also sets `hf_device_map`, the same
-        dict); README "Bigger than one GPU".
+        dict); docs/guides/placement.md.
 
         `checkpoint_index` / `checkpoint_value` pick a training checkpoint as TransformerLens does: of a
         Pythia hub id (revision "step{value}"), of "neox-lab/default" (the shipped model's training

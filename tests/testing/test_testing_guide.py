@@ -1,7 +1,8 @@
-"""Every code block of the README's "Equivalence testing in CI" section runs, verbatim, in a temporary
+"""Every code block of the documentation's "Equivalence testing in CI" guide
+(docs/guides/equivalence-testing.md) runs, verbatim, in a temporary
 project holding the checkpoints the blocks name: python blocks are executed in order in one namespace,
 except those that open with a file path comment (`# tests/test_my_port.py`, `# my_port.py`), which are
-written there (the pytest example is run with the command the README gives, the port factory by the
+written there (the pytest example is run with the command the page gives, the port factory by the
 `py:` commands); bash lines and the workflow's `run:` steps that call neox-lab or pytest are executed
 and must exit 0, text blocks are not code."""
 
@@ -22,14 +23,12 @@ from neox_lab.cli import main
 from neox_lab.testing.pairs import make_trained_like, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTION = "## Equivalence testing in CI"
+PAGE = ROOT / "docs" / "guides" / "equivalence-testing.md"
+TEXT = PAGE.read_text(encoding="utf-8")
 
 
 def _blocks() -> list[tuple[str, str]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index(SECTION)
-    end = text.index("\n## ", start + len(SECTION))
-    return re.findall(r"```(\w*)\n(.*?)```", text[start:end], flags=re.S)
+    return re.findall(r"```(\w*)\n(.*?)```", TEXT, flags=re.S)
 
 
 BLOCKS = _blocks()
@@ -74,9 +73,9 @@ def test_the_section_has_the_blocks_this_test_knows():
 
 def test_python_examples_run(project, monkeypatch):
     monkeypatch.chdir(project)
-    namespace = {"__name__": "readme"}
+    namespace = {"__name__": "guide"}
     for code in [c for lang, c in BLOCKS if lang == "python" and not _is_file(c)]:
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, str(PAGE.relative_to(ROOT)), "exec"), namespace)
 
 
 def _write_files(project: Path) -> None:
@@ -85,10 +84,9 @@ def _write_files(project: Path) -> None:
         (project / path).write_text(code)
 
 
-def test_pytest_example_passes_with_the_readme_command(project):
+def test_pytest_example_passes_with_the_page_command(project):
     _write_files(project)
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    command = re.search(r"Run it with `([^`]+)`", text).group(1)
+    command = re.search(r"Run it with `([^`]+)`", TEXT).group(1)
     result = _pytest(command, project)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "3 passed" in result.stdout
@@ -102,18 +100,17 @@ def test_bash_and_workflow_commands_run(project, monkeypatch):
         if lang == "yaml":
             lines += re.findall(r"^\s*(?:- )?run: (?!\|)(.+)$", code, flags=re.M)
             assert any(ln.strip().startswith("pip install") for ln in code.splitlines())  # not repeated here
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    readme_pytest = re.search(r"Run it with `([^`]+)`", text).group(1).split()
+    page_pytest = re.search(r"Run it with `([^`]+)`", TEXT).group(1).split()
     _write_files(project)  # the port factory the py: commands name
     monkeypatch.chdir(project)
     ran = 0
     for line in dict.fromkeys(lines):  # the bash block and the workflow share commands: run each once
         argv = shlex.split(line, comments=True)
         if argv[:3] == ["python", "-m", "pytest"]:
-            # the same run as test_pytest_example_passes_with_the_readme_command, -q aside
-            assert sorted(a for a in argv if a != "-q") == sorted(readme_pytest), line
+            # the same run as test_pytest_example_passes_with_the_page_command, -q aside
+            assert sorted(a for a in argv if a != "-q") == sorted(page_pytest), line
             continue
-        assert argv[0] == "neox-lab", f"README runs an unexpected command: {line}"
+        assert argv[0] == "neox-lab", f"the page runs an unexpected command: {line}"
         assert main(argv[1:]) == 0, line
         ran += 1
     assert ran >= 3 and (project / "reports" / "fp16.json").is_file() and (project / "reports" / "port.json").is_file()
