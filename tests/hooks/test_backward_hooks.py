@@ -15,12 +15,12 @@ O(1), a zero gradient is 100% off).
 
 from __future__ import annotations
 
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from neox_lab import NeoXForCausalLM
 from neox_lab.hooks.registry import FLAG_HOOKS
+from neox_lab.testing.pairs import make_trained_like
 from neox_lab.testing.strategies import neox_configs, token_batches
 
 configs = neox_configs(max_layers=2, max_heads=3, head_dims=(8, 16), vocab=(16, 64))
@@ -30,11 +30,7 @@ ROTARY_STREAMS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q"
 
 
 def make_model(cfg, backend, flags, seed=0):
-    torch.manual_seed(seed)
-    model = NeoXForCausalLM(cfg, attn_backend=backend).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    model = make_trained_like(NeoXForCausalLM(cfg, attn_backend=backend).double().eval(), seed)
     for flag in flags:
         getattr(model, f"set_{flag}")(True)
     return model

@@ -29,6 +29,7 @@ from neox_lab import (
     hook_names,
 )
 from neox_lab.hooks.registry import FLAG_HOOKS
+from neox_lab.testing.pairs import make_trained_like
 from neox_lab.testing.strategies import neox_configs, token_batches
 
 configs = neox_configs(max_layers=2, max_heads=3, head_dims=(8, 16), vocab=(16, 64))
@@ -37,11 +38,7 @@ flag_sets = st.sets(st.sampled_from(FLAGS))
 
 
 def make_model(cfg, seed=0, cls=NeoXForCausalLM, backend="eager", dtype=torch.float64, flags=()):
-    torch.manual_seed(seed)
-    model = cls(cfg, attn_backend=backend).to(dtype).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    model = make_trained_like(cls(cfg, attn_backend=backend).to(dtype).eval(), seed)
     for flag in flags:
         getattr(model, f"set_{flag}")(True)
     return model
