@@ -69,22 +69,27 @@ class Attention(nn.Module, AttentionWeights):
 
         x is ln1's output [batch pos d_model], or per head (the stream flags, see Block.per_head_inputs):
         one [batch pos n_heads d_model] read by q, k and v alike, or a (q, k, v) triple of them."""
+        qkv = None
         if isinstance(x, tuple) or x.dim() == 4:
             q, k, v = self.project_per_head(x)
         else:
             qkv = rearrange(self.qkv(x), axes.QKV_SPLIT, qkv=3, n_heads=self.n_heads)
             # Three separate views (not `unbind`, whose outputs autograd forbids editing in place).
             q, k, v = qkv[0], qkv[1], qkv[2]
-        # With no hook on these five streams, q and k are views of the projection output that nothing else
-        # holds: rotate them there (Rotary.rotate says why). A hooked stream may be cached, replaced or
-        # watched backward, and autograd drops a tensor hook registered on a view once its base is written
-        # in place, even through another view (q's write would silence a backward hook on v): then every
-        # stream is rotated into a new tensor.
-        in_place = not (self.hook_q.active or self.hook_k.active or self.hook_v.active
-                        or self.hook_rot_q.active or self.hook_rot_k.active)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        q = self.hook_rot_q(rotary.rotate(q, cos, sin, in_place=in_place))
-        k = self.hook_rot_k(rotary.rotate(k, cos, sin, in_place=in_place))
+        if self.hook_q.active or self.hook_k.active or self.hook_v.active or self.hook_rot_q.active \
+                or self.hook_rot_k.active:
+            # A hooked stream may be cached, replaced or watched backward, and autograd drops a tensor hook
+            # registered on a view once its base is written in place, even through another view (q's write
+            # would silence a backward hook on v): every stream is rotated into a new tensor.
+            q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+            q = self.hook_rot_q(rotary.rotate(q, cos, sin))
+            k = self.hook_rot_k(rotary.rotate(k, cos, sin))
+        elif qkv is not None:
+            # Nothing watches these streams: rotate q and k where the projection wrote them (Rotary.rotate
+            # says why), both in one pass: [2 batch pos n_heads d_head] under the same tables.
+            rotary.rotate(qkv[:2], cos, sin, in_place=True)
+        else:
+            q, k = rotary.rotate(q, cos, sin, in_place=True), rotary.rotate(k, cos, sin, in_place=True)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.cfg.attention_dropout if self.training else 0.0
@@ -105,7 +110,8 @@ class Attention(nn.Module, AttentionWeights):
             z = kernel(q, k, v, mask, scale=self.scale, head_mask=head_mask, dropout_p=dropout_p)
             if backend == "flash":
                 kernel_name = self.flash.last
-        self.last_kernel = kernel_name
+        if self.last_kernel != kernel_name:  # a module's setattr is slow, and this runs per layer and token
+            self.last_kernel = kernel_name
         z = self.hook_z(z)
         if self.hook_result.active:
             # Each head's write into the residual stream; large, so only built when someone asks.

@@ -145,6 +145,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     decoder = None
     if compile and use_cache:
         decoder = static_decoder(model, ids, total)  # None (with a warning) where it cannot run
+    # Decoding never pads (a finished row's fill token is attended, as in transformers), so an unpadded
+    # prompt stays unpadded: the cached steps then pass no mask, and forward builds none (no running sum,
+    # no all-ones test read back to the host, per token).
+    padded = not bool(mask.all())
     step_ids = ids
     steps = range(total - prompt_len)
     if verbose:
@@ -154,7 +158,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
             logits = decoder(step_ids, mask, prefill=step == 0).float()
         else:
             if use_cache:
-                out = model(step_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = model(step_ids, attention_mask=mask if padded else None, past_key_values=cache,
+                            use_cache=True)
             else:
                 out = model(ids, attention_mask=mask)
             # A placed model's logits come off its last device; the ids and mask stay on its first.

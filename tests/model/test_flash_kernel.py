@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from neox_lab.model import flash as flash_kernel
 from neox_lab.model.flash import FlashKernel
@@ -191,6 +192,34 @@ def test_torch_fused_honours_torch_global_switches(monkeypatch):
     q, k, v = _qkv(1, 4, 4, 2, 8, 3)
     with pytest.raises(RuntimeError, match="every candidate is switched off"):
         FlashKernel().dispatch(q, k, v, AttnMask(4, 4, q.device), scale=0.4)
+
+
+def _sdpa_switches() -> tuple[bool, ...]:
+    cuda = torch.backends.cuda
+    return (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(),
+            cuda.math_sdp_enabled())
+
+
+@pytest.mark.parametrize("name,backend", [("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
+                                          ("cudnn", "CUDNN_ATTENTION")])
+def test_only_sdpa_kernel_sets_what_torchs_sdpa_kernel_sets_and_restores_it(name, backend):
+    """The cheap switch (flash.only_sdpa_kernel) leaves torch's global switches as torch's own context
+    manager does inside the block, and restores the user's settings after it, also when the call raises."""
+    users = _sdpa_switches()
+    torch.backends.cuda.enable_math_sdp(False)  # a user's own setting, to be restored as it was
+    try:
+        outside = _sdpa_switches()
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            expected = _sdpa_switches()
+        with flash_kernel.only_sdpa_kernel(name):
+            assert _sdpa_switches() == expected
+        assert _sdpa_switches() == outside
+        with pytest.raises(RuntimeError, match="refused"), flash_kernel.only_sdpa_kernel(name):
+            raise RuntimeError("refused")
+        assert _sdpa_switches() == outside
+    finally:
+        for (_, set_), on in zip(flash_kernel._SDPA_SWITCHES.values(), users, strict=True):
+            getattr(torch.backends.cuda, set_)(on)
 
 
 # ------------------------------------------------------------------------ the whole model on stand-ins
