@@ -20,11 +20,18 @@ models; ~1% in fp16) however correct the kernels; with a handful of positions pe
 already > 1%. A trained model's margins are far wider. So agreement >= 99% is asserted on the positions
 whose fp32 top-2 margin exceeds 4x the per-logit error the bound allows (a flip there needs an error
 ~10x the measured one); every other position is covered by the norm-wise bound.
+
+Depth. The same count for L blocks: N = 10 L + 5 rounding points, sqrt(N) * u/2, doubled for the
+Jacobians, and the same 1.7x margin, is REL_U * sqrt(N / 35) u: 26.5 u for Pythia's 24 blocks. Measured
+on CPU (sdpa in fp16 and bf16 against fp32 eager, 24 blocks, trained-like weights with attention-score
+rms ~5: widths 128 to 2048, 128 to 2048 tokens): 6.4-7.6 u, i.e. 0.82-0.97 x sqrt(N) u/2, independent
+of width and length, as the count says.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -34,6 +41,7 @@ from hypothesis import strategies as st
 from neox_lab import PRESETS, KVCache, NeoXForCausalLM
 from neox_lab.model.fast_decode import decoder_of
 from neox_lab.model.flash import FLASH_KVCACHE_LEFTPAD, HAVE_FLASH_ATTN
+from neox_lab.testing.pairs import make_trained_like
 from neox_lab.testing.strategies import build_pair, neox_configs, token_batches
 
 pytestmark = pytest.mark.gpu
@@ -86,6 +94,31 @@ def check_logits(half: torch.Tensor, ref: torch.Tensor, dtype, bound_u: float = 
     agree = half.argmax(-1) == ref.argmax(-1)
     if decisive.any():
         assert float(agree[decisive].float().mean()) >= 0.99
+
+
+def depth_bound_u(n_layers: int) -> float:
+    """The bound in units of u for `n_layers` blocks (module docstring, Depth)."""
+    return REL_U * math.sqrt((10 * n_layers + 5) / 35)
+
+
+def check_at_depth(cfg, dtypes, seq: int, seed: int = 0) -> None:
+    """Half-precision logits (each of `dtypes`) of a trained-like `cfg` model over `seq` random tokens, on
+    the flash backend, within the depth bound of the fp32 eager ones. Weights ~N(0, 5 / d_model):
+    attention-score rms ~5 and an MLP gain of a few, whatever the width (make_trained_like's fixed 0.2
+    is for tiny models)."""
+    torch.manual_seed(seed)
+    with torch.device(DEVICE):
+        ref = NeoXForCausalLM(cfg, attn_backend="eager").eval()
+    make_trained_like(ref, seed=seed + 1, std=math.sqrt(5 / cfg.hidden_size), bias_std=0.1)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), device=DEVICE)
+    with torch.no_grad():
+        expected = ref(ids).logits[0]
+        for dtype in dtypes:
+            half = copy.deepcopy(ref).to(dtype)
+            half.set_attn_backend("flash")
+            got = half(ids).logits[0]
+            del half
+            check_logits(got, expected, dtype, bound_u=depth_bound_u(cfg.num_hidden_layers))
 
 
 def cuda_batch(batch):
@@ -281,6 +314,14 @@ def test_no_nan_or_inf_at_2048_tokens_in_fp16(preset):
             assert torch.isfinite(out.logits).all(), backend
             assert all(torch.isfinite(h).all() for h in out.hidden_states), backend
     del model
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("preset", ["pythia-410m", "pythia-1.4b"])
+def test_half_logits_at_2048_tokens_within_the_depth_bound(preset):
+    """Pythia shapes at their full context, fp16 and bf16: not only finite, within the bound against fp32
+    eager."""
+    check_at_depth(PRESETS[preset], (torch.float16, torch.bfloat16), seq=2048)
     torch.cuda.empty_cache()
 
 

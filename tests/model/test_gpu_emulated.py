@@ -30,6 +30,7 @@ from test_gpu import (  # noqa: F401 - collected here as the emulated runs
     test_stream_flags_on_flash,
 )
 
+from neox_lab import PRESETS
 from neox_lab.dtypes import HALF
 from neox_lab.model import base as model_module
 from neox_lab.model import fast_decode
@@ -65,3 +66,12 @@ def emulated_gpu(monkeypatch):
                                                                                    graph=False))
     monkeypatch.setattr(gpu, "DEVICE", "cpu")
     monkeypatch.setattr(gpu, "CAPTURES", False)
+
+
+@gpu.HALVES
+def test_half_logits_at_depth_within_the_bound(dtype):
+    """test_gpu.py's 2048-token Pythia check at Pythia's depth (24 blocks) on a narrow model and 256 tokens:
+    the depth bound holds on the emulated flash path too (width and length do not enter it)."""
+    narrow = PRESETS["pythia-410m"].replace(hidden_size=128, intermediate_size=512, num_attention_heads=2,
+                                            vocab_size=1024)
+    gpu.check_at_depth(narrow, (dtype,), seq=256)
