@@ -42,6 +42,8 @@ from neox_lab.model.loading import hf_to_neox_key
 
 QUICK_CFG = NeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=256, rotary_pct=0.25, max_position_embeddings=64)
+#: Issue 27: the fast path's forward at most this fraction of transformers' sdpa time (8 x 2048, fp16/bf16).
+FORWARD_GOAL = 0.85
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", default=None, help="neox_lab backends (default flash sdpa on "
                    "cuda, sdpa eager on cpu)")
     p.add_argument("--no-hf-eager", action="store_true", help="skip transformers' eager attention")
+    p.add_argument("--forward-only", action="store_true",
+                   help="only the plain forwards: no neox_cache / neox_pattern1 / neox_eager (the bf16 rerun)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
@@ -159,8 +163,9 @@ def bench_preset(name: str, cfg: NeoXConfig, args, timer: Timer, peak: float) ->
         nx.set_attn_backend(first)
         return nx.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: None)])
 
-    variants["neox_cache"] = cache_resid
-    if first != "eager":
+    if not args.forward_only:
+        variants["neox_cache"] = cache_resid
+    if first != "eager" and not args.forward_only:
         variants["neox_pattern1"] = pattern_hook_on_layer_0
         if "eager" not in args.backends:
             variants["neox_eager"] = lambda: (nx.set_attn_backend("eager"), nx(ids))
@@ -217,17 +222,18 @@ def main(argv=None) -> int:
             print(f"| {r['model']} | {r['variant']} | {r['ms']:.2f} | {r['tflops']:.3g} | {r['peak_pct']:.0f} | "
                   f"{r['vs_hf_sdpa']:.3f} | {r['vs_plain']:.3f} | {r['mem']:.2f} | {r['kernels']} |", flush=True)
     first = args.backends[0]
-    print(f"goals: neox_{first} <= 0.9 x hf_sdpa; neox_cache (resid_post) <= 1.10 x neox_{first}; "
+    print(f"goals: neox_{first} <= {FORWARD_GOAL} x hf_sdpa; neox_cache (resid_post) <= 1.10 x neox_{first}; "
           "neox_pattern1 extra <= 1.0 x one layer's eager cost")
     for name in presets:
         rows = {r["variant"]: r for r in all_rows if r["model"] == name}
-        fwd, cache = rows[f"neox_{first}"]["vs_hf_sdpa"], rows["neox_cache"]["vs_plain"]
+        fwd = rows[f"neox_{first}"]["vs_hf_sdpa"]
+        cache = rows.get("neox_cache", {}).get("vs_plain", float("nan"))
         pattern = rows.get("neox_pattern1", {}).get("vs_plain", float("nan"))
         if args.device != "cuda" or args.quick:
             print(f"  {name}: forward {fwd:.3f} x hf_sdpa, resid cache {cache:.3f} x plain, pattern hook "
                   f"{pattern:.2f} x one eager layer (the goals are for the CUDA run)")
             continue
-        print(f"  {name}: forward {fwd:.3f} x hf_sdpa ({'met' if fwd <= 0.9 else 'NOT met'}), "
+        print(f"  {name}: forward {fwd:.3f} x hf_sdpa ({'met' if fwd <= FORWARD_GOAL else 'NOT met'}), "
               f"resid cache {cache:.3f} x plain ({'met' if cache <= 1.10 else 'NOT met'}), pattern hook "
               f"{pattern:.2f} x one eager layer ({'met' if pattern <= 1.0 else 'NOT met'})")
     return 0

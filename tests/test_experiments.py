@@ -109,7 +109,7 @@ def test_bench_generate_cpu_quick():
     for batch in (1, 2):
         for variant in ("hf_eager", "hf_sdpa", "neox"):
             assert f"| {batch} | {variant} |" in out
-    assert "goal: >= 300 tokens/s at batch 1" in out
+    assert "goal: plain neox >= hf_sdpa at batch 1" in out and "goal: plain neox >= hf_sdpa at batch 2" in out
 
 
 def test_equivalence_sweep_reports_fp64_at_machine_precision():
