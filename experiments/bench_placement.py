@@ -3,6 +3,7 @@ speed of an offloaded (CPU RAM + disk) forward relative to the same model held i
 
     python experiments/bench_placement.py                      # pythia-1.4b shapes, fp16 checkpoint
     python experiments/bench_placement.py --preset pythia-160m --tokens 32 --repeats 2   # quick
+    python experiments/bench_placement.py --device cuda       # GPU offload (PCIe-bound), forward only
 
 A random checkpoint with the preset's shapes is written (fp16, one safetensors file, as the hub's
 Pythia checkpoints are) to a temporary directory and deleted at the end. Every measurement runs in a
@@ -15,6 +16,11 @@ fresh interpreter, so one run's memory cannot hide in another's:
 * speed: median forward time of the in-memory model and of a map with half the blocks in CPU RAM and
   half on disk (read from the checkpoint at every forward), both fp32, same input; the ratio is what
   offloading costs on this machine.
+
+With `--device cuda` only the forward table is measured, in fp16 on cuda:0, synchronised: the model
+whole on the GPU, half its blocks in CPU RAM, and a quarter in RAM plus a quarter on disk. Offloaded
+blocks' weights cross PCIe at every forward (accelerate's offload hooks), so the ratio is bound by the
+bus: about 2 bytes x parameters offloaded / PCIe bandwidth a forward.
 """
 
 from __future__ import annotations
@@ -79,17 +85,34 @@ def child(args) -> None:
     elif args.child_map == "half":
         blocks = {f"model.blocks.{i}": "cpu" if i < n_layers // 2 else "disk" for i in range(n_layers)}
         kwargs["device_map"] = {"model.embed": "cpu", **blocks, "model.ln_final": "cpu", "unembed": "cpu"}
+    elif args.child_map == "gpu":
+        kwargs["device"] = "cuda:0"
+    elif args.child_map in ("gpu+cpu", "gpu+cpu+disk"):
+        # The first half of the blocks on the GPU; the second half in RAM (and its last half on disk).
+        def where(i: int):
+            if i < n_layers // 2:
+                return 0
+            return "disk" if args.child_map.endswith("disk") and i >= 3 * n_layers // 4 else "cpu"
+        kwargs["device_map"] = {"model.embed": 0, **{f"model.blocks.{i}": where(i) for i in range(n_layers)},
+                                "model.ln_final": 0, "unembed": 0}
     base = _hwm_bytes()
     t0 = time.perf_counter()
     model = NeoXForCausalLM.from_pretrained(directory, **kwargs)
     load_s = time.perf_counter() - t0
     loaded = _hwm_bytes()
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.input_device)
+    cuda = model.input_device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     with torch.inference_mode():
+        if cuda:
+            model(ids, logits_to_keep=1)  # kernel choice and CUDA context warm-up, untimed
         for _ in range(args.repeats):
+            sync()
             t0 = time.perf_counter()
             model(ids, logits_to_keep=1)
+            sync()
             times.append(time.perf_counter() - t0)
     print(json.dumps({"base": base, "loaded": loaded, "forward_peak": _hwm_bytes(), "load_s": load_s,
                       "forward_s": sorted(times)[len(times) // 2]}))
@@ -112,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", help="where to write the checkpoint (default: a temporary directory)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU offload table only (fp16), module docstring")
     parser.add_argument("--child-dir", help=argparse.SUPPRESS)
     parser.add_argument("--child-map", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float16", help=argparse.SUPPRESS)
@@ -119,10 +144,15 @@ def main(argv=None) -> int:
     if args.child_dir:
         child(args)
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device")
+        return 2
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         directory = Path(tmp)
         shard = write_checkpoint(args.preset, directory)
         gib = 2.0**30
+        if args.device == "cuda":
+            return gpu_table(directory, shard, args)
         print(f"{args.preset}-shaped random checkpoint: one fp16 shard of {shard / gib:.2f} GiB; "
               f"{args.threads} threads, forward over {args.tokens} tokens, median of {args.repeats}\n")
         print("| load (fp16) | load time | peak RSS increase, loading | ratio to shard | "
@@ -142,6 +172,22 @@ def main(argv=None) -> int:
         print(f"| half the blocks in RAM, half on disk | {half['forward_s']:.2f} s | "
               f"{half['forward_s'] / whole['forward_s']:.2f}x |")
         print(f"| every block on disk | {disk['forward_s']:.2f} s | {disk['forward_s'] / whole['forward_s']:.2f}x |")
+    return 0
+
+
+def gpu_table(directory: Path, shard: int, args) -> int:
+    """The forward on cuda:0: whole, and with blocks offloaded to CPU RAM and disk (fp16)."""
+    print(f"{args.preset}-shaped random checkpoint, fp16 ({shard / 2.0**30:.2f} GiB) on "
+          f"{torch.cuda.get_device_name()}; forward over {args.tokens} tokens, median of {args.repeats}\n")
+    print("| forward (fp16, cuda:0) | median time | relative to whole on the GPU |")
+    print("|---|---|---|")
+    labels = {"gpu": "whole on the GPU", "gpu+cpu": "half the blocks in CPU RAM",
+              "gpu+cpu+disk": "a quarter in CPU RAM, a quarter on disk"}
+    whole = None
+    for child_map, label in labels.items():
+        m = measure(directory, child_map, "float16", args)
+        whole = whole or m["forward_s"]
+        print(f"| {label} | {1e3 * m['forward_s']:.1f} ms | {m['forward_s'] / whole:.2f}x |", flush=True)
     return 0
 
 
