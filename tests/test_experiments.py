@@ -112,6 +112,14 @@ def test_bench_generate_cpu_quick():
     assert "goal: plain neox >= hf_sdpa at batch 1" in out and "goal: plain neox >= hf_sdpa at batch 2" in out
 
 
+def test_bench_decode_host_quick():
+    pytest.importorskip("transformers")
+    out = run_script("bench_decode_host", "--preset", "pythia-14m", "--batches", "1", "--new-tokens", "4",
+                     "--rounds", "1")
+    row = next(line for line in out.splitlines() if line.startswith("| 1 |"))
+    assert row.split("|")[-2].strip() == "sdpa.flash", out  # the CUDA path's kernel choice, emulated
+
+
 def test_equivalence_sweep_reports_fp64_at_machine_precision():
     pytest.importorskip("transformers")
     out = run_script("equivalence_sweep", "--examples", "3")
