@@ -8,6 +8,11 @@ perturbations propagate through at most 3 blocks whose Jacobians are O(1) for th
 (weights ~ N(0, 0.02)). So we expect ||a - b|| / ||b|| of order 10-100 u: we assert 2e-5 in fp32
 (~300 u) and 1e-12 in fp64 (~10^4 u, still 7 orders below any real bug). The fp64 test is what proves a
 gap is rounding: a wrong rotary channel, mask or residual would show up at 1e-3 or more.
+
+The task heads are compared in fp64: a head with one or two outputs can land near zero by cancellation
+(terms ~0.2 summing to ~1e-4), where an fp32 relative error of 1e-3 is rounding, not a bug (hypothesis'
+thorough profile found such a token-classification logit). Their losses are compared at fp32 precision:
+transformers casts the logits to fp32 (`.float()`) before its loss functions, an fp64 model included.
 """
 
 from __future__ import annotations
@@ -84,41 +89,41 @@ def test_causal_lm_matches_transformers_fp64(cfg, data, seed, hf_softmax_keeps_f
 
 
 @given(cfg=neox_configs(max_layers=2), data=st.data(), seed=st.integers(0, 2**16))
-def test_sequence_classification_matches_transformers(cfg, data, seed):
+def test_sequence_classification_matches_transformers(cfg, data, seed, hf_softmax_keeps_fp64):
     cfg = cfg.replace(pad_token_id=1)
     batch = data.draw(token_batches(cfg, max_len=16, padding=("none", "left", "right")))
-    hf, nx = build_pair(cfg, seed, "sequence_classification")
-    labels = (torch.randn(batch.input_ids.shape[0], cfg.num_labels) if cfg.num_labels > 1 and seed % 2
-              else torch.randint(0, cfg.num_labels, (batch.input_ids.shape[0],)))
+    hf, nx = build_pair(cfg, seed, "sequence_classification", dtype=torch.float64)
+    labels = (torch.randn(batch.input_ids.shape[0], cfg.num_labels, dtype=torch.float64)
+              if cfg.num_labels > 1 and seed % 2 else torch.randint(0, cfg.num_labels, (batch.input_ids.shape[0],)))
     if cfg.num_labels == 1:
-        labels = torch.randn(batch.input_ids.shape[0])
+        labels = torch.randn(batch.input_ids.shape[0], dtype=torch.float64)
     with torch.no_grad():
         ref = hf(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                  labels=labels)
         out = nx(batch.input_ids, attention_mask=batch.attention_mask, labels=labels)
     assert out.logits.shape == ref.logits.shape == (batch.input_ids.shape[0], cfg.num_labels)
-    assert rel(out.logits, ref.logits) < FP32_REL
+    assert rel(out.logits, ref.logits) < FP64_REL
     assert abs(float(out.loss - ref.loss)) < FP32_REL * max(1.0, abs(float(ref.loss)))
 
 
 @given(cfg=neox_configs(max_layers=2), data=st.data(), seed=st.integers(0, 2**16))
-def test_token_classification_matches_transformers(cfg, data, seed):
+def test_token_classification_matches_transformers(cfg, data, seed, hf_softmax_keeps_fp64):
     batch = data.draw(token_batches(cfg, max_len=16))
-    hf, nx = build_pair(cfg, seed, "token_classification")
+    hf, nx = build_pair(cfg, seed, "token_classification", dtype=torch.float64)
     labels = torch.randint(0, cfg.num_labels, batch.input_ids.shape).masked_fill(batch.attention_mask == 0, -100)
     with torch.no_grad():
         ref = hf(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                  labels=labels)
         out = nx(batch.input_ids, attention_mask=batch.attention_mask, labels=labels)
     valid = batch.attention_mask.bool()
-    assert rel(out.logits[valid], ref.logits[valid]) < FP32_REL
+    assert rel(out.logits[valid], ref.logits[valid]) < FP64_REL
     assert abs(float(out.loss - ref.loss)) < FP32_REL * max(1.0, abs(float(ref.loss)))
 
 
 @given(cfg=neox_configs(max_layers=2), data=st.data(), seed=st.integers(0, 2**16))
-def test_question_answering_matches_transformers(cfg, data, seed):
+def test_question_answering_matches_transformers(cfg, data, seed, hf_softmax_keeps_fp64):
     batch = data.draw(token_batches(cfg, max_len=16, padding=("none", "right")))
-    hf, nx = build_pair(cfg, seed, "question_answering")
+    hf, nx = build_pair(cfg, seed, "question_answering", dtype=torch.float64)
     n, t = batch.input_ids.shape
     # Positions past the end exercise the clamp-and-ignore rule.
     start, end = torch.randint(0, t + 3, (n,)), torch.randint(0, t + 3, (n,))
@@ -127,8 +132,8 @@ def test_question_answering_matches_transformers(cfg, data, seed):
                  start_positions=start, end_positions=end)
         out = nx(batch.input_ids, attention_mask=batch.attention_mask, start_positions=start, end_positions=end)
     valid = batch.attention_mask.bool()
-    assert rel(out.start_logits[valid], ref.start_logits[valid]) < FP32_REL
-    assert rel(out.end_logits[valid], ref.end_logits[valid]) < FP32_REL
+    assert rel(out.start_logits[valid], ref.start_logits[valid]) < FP64_REL
+    assert rel(out.end_logits[valid], ref.end_logits[valid]) < FP64_REL
     if torch.isfinite(ref.loss):
         assert abs(float(out.loss - ref.loss)) < FP32_REL * max(1.0, abs(float(ref.loss)))
 
