@@ -108,7 +108,7 @@ class OffloadCheck(Mapping):
     checked: before every read the file must be the one that was loaded (`file_identity`), and the first
     read of each tensor is checked by `first_read(key, tensor)` (its shape, inf/NaN), so a file that
     changed or damage in an offloaded block is an error naming the file or tensor, not other weights or
-    NaN logits."""
+    NaN logits. Each read is a tensor of its own memory, aligned as torch allocates."""
 
     def __init__(self, loader: Mapping, first_read: Callable[[str, torch.Tensor], None]):
         self.loader, self.first_read = loader, first_read
@@ -142,7 +142,11 @@ class OffloadCheck(Mapping):
                 raise CheckpointError(f"checkpoint file {path} changed (or was removed) since the model was "
                                       f"loaded; the weights offloaded to disk ({key} ...) are read from it at "
                                       "each forward, so load the model again")
-        t = self.loader[key]
+        # accelerate reads a safetensors file through a memory map, so a tensor starts wherever the file puts
+        # it: often off the 64-byte boundary torch's allocator keeps. CPU matmul kernels reduce in an order
+        # that can depend on alignment, and such a weight gave logits 1 ulp off the in-memory model's. A
+        # copy of our own restores the in-memory bits (and leaves the page cache at once).
+        t = self.loader[key].clone()
         if key not in self.checked:
             self.first_read(key, t)
             self.checked.add(key)

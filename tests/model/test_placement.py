@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -18,7 +19,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from neox_lab import CheckpointError, HookedTransformer, NeoXForCausalLM, NeoXForSequenceClassification, NeoXModel
+from neox_lab import (
+    CheckpointError,
+    HookedTransformer,
+    NeoXConfig,
+    NeoXForCausalLM,
+    NeoXForSequenceClassification,
+    NeoXModel,
+)
 from neox_lab.analysis.patching import activation_patch, attribution_patch
 from neox_lab.model.placement import placement_units
 from neox_lab.store.manifest import weights_sha256
@@ -98,6 +106,32 @@ def test_offloaded_model_matches_the_whole_model_bit_for_bit(cfg, data, tmp_path
         for use_cache in (True, False):
             kw = dict(attention_mask=prompt_mask, max_new_tokens=3, eos_token_id=None, use_cache=use_cache)
             assert torch.equal(placed.generate(prompt, **kw), ref.generate(prompt, **kw))
+
+
+def test_a_weight_read_from_disk_computes_the_in_memory_bits(tmp_path):
+    """A disk-offloaded unembedding read through accelerate's memory map sat 56 bytes past a 64-byte
+    boundary, and the CPU matmul gave logits 1 ulp off the in-memory model's (hypothesis' thorough profile
+    found it). Every read is now torch-allocated memory: aligned, and the logits equal bit for bit."""
+    cfg = NeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16,
+                     hidden_act="gelu", rotary_pct=0.0, max_position_embeddings=8, layer_norm_eps=1e-5,
+                     use_parallel_residual=False, attention_bias=False, tie_word_embeddings=False)
+    path = save_random(cfg, tmp_path / "ckpt")
+    ref = NeoXForCausalLM.from_pretrained(path, attn_backend="eager")
+    device_map = {"model.embed": "cpu", "model.blocks.0": "cpu", "model.ln_final": "cpu", "unembed": "disk"}
+    placed = NeoXForCausalLM.from_pretrained(path, device_map=device_map, attn_backend="eager")
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        seen.append(weight.data_ptr() % 64)
+        return real_linear(x, weight, bias)
+
+    ids = torch.tensor([[12], [3]])
+    with torch.no_grad(), mock.patch.object(torch.nn.functional, "linear", spy):
+        logits = placed(ids).logits
+    assert seen and all(offset == 0 for offset in seen), seen
+    with torch.no_grad():
+        assert torch.equal(logits, ref(ids).logits)
 
 
 def test_device_map_is_reported_in_neox_names(tmp_path):
